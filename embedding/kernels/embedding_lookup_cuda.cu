@@ -1,0 +1,479 @@
+// CUDA implementations of the pooled embedding lookup, its sparse backward and COO conversion.
+//
+// Validation: one pass over row_splits and ids records the first offending position of each kind
+// with atomicMin; the host reads those positions back (the one synchronization per call) and
+// fetches the offending values to build the same message the CPU kernels give.
+// Forward: a warp per bag, lanes across the width, rows read in id order (deterministic sums).
+// Backward: a stable radix sort of (id, position) pairs groups occurrences by id in position order;
+// run-length encoding gives the unique ids, and a warp per unique id sums its gradient rows.
+#include <cub/device/device_radix_sort.cuh>
+#include <cub/device/device_run_length_encode.cuh>
+#include <cub/device/device_scan.cuh>
+
+#include <algorithm>
+#include <climits>
+#include <limits>
+#include <string>
+
+#include "embedding/kernels/embedding_lookup_cuda.h"
+#include "embedding/kernels/input_errors.h"
+
+namespace distributed_embeddings {
+namespace {
+
+constexpr int kWarp = 32;
+constexpr int kWarpsPerBlock = 4;
+constexpr size_t kAlign = 256;
+constexpr unsigned long long kNoError = ULLONG_MAX;
+
+// First offending positions found by the validation kernels.
+struct ValidationResult {
+  unsigned long long bad_split;  // b with row_splits[b] > row_splits[b + 1]
+  unsigned long long bad_id;     // j with ids[j] outside [0, num_rows)
+  unsigned long long bad_coo;    // j with indices[j] out of bounds or out of order
+};
+
+size_t AlignUp(size_t bytes) { return (bytes + kAlign - 1) / kAlign * kAlign; }
+
+// Hands out aligned slices of the caller's workspace.
+class Carver {
+ public:
+  explicit Carver(void* base) : base_(static_cast<char*>(base)) {}
+  template <typename U>
+  U* Take(size_t count) {
+    char* p = base_ + used_;
+    used_ += AlignUp(count * sizeof(U));
+    return reinterpret_cast<U*>(p);
+  }
+
+ private:
+  char* base_;
+  size_t used_ = 0;
+};
+
+Status CudaError(cudaError_t error, const char* what) {
+  return Status::Internal(std::string(what) + " failed: " + cudaGetErrorString(error));
+}
+
+#define DE_RETURN_IF_CUDA_ERROR(expr, what)        \
+  do {                                             \
+    cudaError_t de_err_ = (expr);                  \
+    if (de_err_ != cudaSuccess) return CudaError(de_err_, what); \
+  } while (0)
+
+int Blocks(int64_t items, int threads) {
+  const int64_t blocks = (items + threads - 1) / threads;
+  return static_cast<int>(std::min<int64_t>(std::max<int64_t>(blocks, 1), 65535 * 32));
+}
+
+template <typename IdT>
+__device__ __forceinline__ bool InRange(IdT id, int64_t num_rows) {
+  return id >= 0 && static_cast<int64_t>(id) < num_rows;
+}
+
+template <typename IdT, typename OffsetT>
+__global__ void ValidateCsrKernel(CsrIds<IdT, OffsetT> csr, int64_t num_rows, bool check_ids,
+                                  ValidationResult* result) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t b = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; b < csr.batch;
+       b += stride) {
+    if (csr.row_splits[b] > csr.row_splits[b + 1]) {
+      atomicMin(&result->bad_split, static_cast<unsigned long long>(b));
+    }
+  }
+  if (!check_ids) return;
+  for (int64_t j = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; j < csr.nnz;
+       j += stride) {
+    if (!InRange(csr.ids[j], num_rows)) {
+      atomicMin(&result->bad_id, static_cast<unsigned long long>(j));
+    }
+  }
+}
+
+template <typename U>
+Status CopyScalarToHost(const U* device_ptr, U* host_value, cudaStream_t stream) {
+  DE_RETURN_IF_CUDA_ERROR(
+      cudaMemcpyAsync(host_value, device_ptr, sizeof(U), cudaMemcpyDeviceToHost, stream),
+      "cudaMemcpyAsync");
+  DE_RETURN_IF_CUDA_ERROR(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
+  return Status::Ok();
+}
+
+// Runs the validation kernel and turns its findings into the CPU kernels' error messages.
+template <typename IdT, typename OffsetT>
+Status ValidateCsrOnDevice(const CsrIds<IdT, OffsetT>& csr, int64_t num_rows,
+                           BoundsCheck bounds_check, ValidationResult* result,
+                           cudaStream_t stream) {
+  if (csr.nnz > static_cast<int64_t>(std::numeric_limits<OffsetT>::max())) {
+    return NnzTooLargeError(csr.nnz, std::numeric_limits<OffsetT>::max());
+  }
+  OffsetT first = 0, last = 0;
+  DE_RETURN_IF_ERROR(CopyScalarToHost(csr.row_splits, &first, stream));
+  if (first != 0) return RowSplitsStartError(first);
+  DE_RETURN_IF_ERROR(CopyScalarToHost(csr.row_splits + csr.batch, &last, stream));
+  if (static_cast<int64_t>(last) != csr.nnz) return RowSplitsEndError(csr.batch, last, csr.nnz);
+
+  DE_RETURN_IF_CUDA_ERROR(cudaMemsetAsync(result, 0xff, sizeof(ValidationResult), stream),
+                          "cudaMemsetAsync");
+  const int threads = 256;
+  ValidateCsrKernel<<<Blocks(std::max(csr.batch, csr.nnz), threads), threads, 0, stream>>>(
+      csr, num_rows, bounds_check == BoundsCheck::kError, result);
+  DE_RETURN_IF_CUDA_ERROR(cudaGetLastError(), "ValidateCsrKernel launch");
+  ValidationResult host;
+  DE_RETURN_IF_ERROR(CopyScalarToHost(result, &host, stream));
+  if (host.bad_split != kNoError) {
+    const int64_t b = static_cast<int64_t>(host.bad_split);
+    OffsetT value = 0, next = 0;
+    DE_RETURN_IF_ERROR(CopyScalarToHost(csr.row_splits + b, &value, stream));
+    DE_RETURN_IF_ERROR(CopyScalarToHost(csr.row_splits + b + 1, &next, stream));
+    return RowSplitsDecreasingError(b, value, next);
+  }
+  if (host.bad_id != kNoError) {
+    const int64_t j = static_cast<int64_t>(host.bad_id);
+    IdT id = 0;
+    DE_RETURN_IF_ERROR(CopyScalarToHost(csr.ids + j, &id, stream));
+    return IdOutOfRangeError(j, id, num_rows);
+  }
+  return Status::Ok();
+}
+
+// A warp per bag; lane w accumulates columns w, w + 32, ... in id order.
+template <typename T, typename IdT, typename OffsetT>
+__global__ void ForwardKernel(const T* __restrict__ params, int64_t num_rows, int64_t width,
+                              CsrIds<IdT, OffsetT> csr, bool mean, T* __restrict__ output) {
+  const int lane = threadIdx.x;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * blockDim.y;
+  for (int64_t b = blockIdx.x * static_cast<int64_t>(blockDim.y) + threadIdx.y; b < csr.batch;
+       b += warps) {
+    const int64_t begin = csr.row_splits[b];
+    const int64_t end = csr.row_splits[b + 1];
+    int64_t valid = 0;
+    for (int64_t j = begin; j < end; ++j) valid += InRange(csr.ids[j], num_rows);
+    for (int64_t w = lane; w < width; w += kWarp) {
+      T sum = T(0);
+      for (int64_t j = begin; j < end; ++j) {
+        const IdT id = csr.ids[j];
+        if (InRange(id, num_rows)) sum += params[static_cast<int64_t>(id) * width + w];
+      }
+      if (mean && valid > 1) sum /= static_cast<T>(valid);
+      output[b * width + w] = sum;
+    }
+  }
+}
+
+// Sort keys: valid ids as they are, invalid ones (kSkip) as num_rows so they sort last.
+template <typename IdT>
+__global__ void PrepareSortKernel(const IdT* ids, int64_t nnz, int64_t num_rows, IdT* keys,
+                                  int64_t* positions) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t j = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; j < nnz;
+       j += stride) {
+    keys[j] = InRange(ids[j], num_rows) ? ids[j] : static_cast<IdT>(num_rows);
+    positions[j] = j;
+  }
+}
+
+// Writes each position's bag and each bag's number of valid ids.
+template <typename IdT, typename OffsetT>
+__global__ void BagsKernel(CsrIds<IdT, OffsetT> csr, int64_t num_rows, int64_t* bag_of,
+                           int64_t* valid_count) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t b = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; b < csr.batch;
+       b += stride) {
+    int64_t valid = 0;
+    for (int64_t j = csr.row_splits[b]; j < static_cast<int64_t>(csr.row_splits[b + 1]); ++j) {
+      bag_of[j] = b;
+      valid += InRange(csr.ids[j], num_rows);
+    }
+    valid_count[b] = valid;
+  }
+}
+
+// A warp per unique id: sums grad_output rows of the bags its occurrences belong to.
+template <typename T, typename IdT>
+__global__ void AccumulateKernel(const T* __restrict__ grad_output, int64_t width,
+                                 const int64_t* __restrict__ sorted_positions,
+                                 const int64_t* __restrict__ run_starts,
+                                 const int* __restrict__ run_lengths,
+                                 const int64_t* __restrict__ num_unique,
+                                 const int64_t* __restrict__ bag_of,
+                                 const int64_t* __restrict__ valid_count, bool mean,
+                                 T* __restrict__ unique_grad) {
+  const int lane = threadIdx.x;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * blockDim.y;
+  for (int64_t u = blockIdx.x * static_cast<int64_t>(blockDim.y) + threadIdx.y; u < *num_unique;
+       u += warps) {
+    const int64_t begin = run_starts[u];
+    const int64_t end = begin + run_lengths[u];
+    for (int64_t w = lane; w < width; w += kWarp) {
+      T sum = T(0);
+      for (int64_t k = begin; k < end; ++k) {
+        const int64_t b = bag_of[sorted_positions[k]];
+        const T g = grad_output[b * width + w];
+        sum += (mean && valid_count[b] > 1) ? g / static_cast<T>(valid_count[b]) : g;
+      }
+      unique_grad[u * width + w] = sum;
+    }
+  }
+}
+
+// Number of runs that are real ids: a trailing run of the invalid-id sentinel is dropped.
+template <typename IdT>
+__global__ void CountUniqueKernel(const IdT* run_keys, const int* num_runs, int64_t num_rows,
+                                  int64_t* num_unique) {
+  int64_t n = *num_runs;
+  if (n > 0 && static_cast<int64_t>(run_keys[n - 1]) == num_rows) --n;
+  *num_unique = n;
+}
+
+__global__ void ValidateCooKernel(const int64_t* indices, int64_t nnz, int64_t num_rows,
+                                  int64_t num_cols, ValidationResult* result) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t j = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; j < nnz;
+       j += stride) {
+    const int64_t row = indices[2 * j], col = indices[2 * j + 1];
+    bool bad = row < 0 || row >= num_rows || col < 0 || col >= num_cols;
+    if (j > 0) {
+      const int64_t prev_row = indices[2 * j - 2], prev_col = indices[2 * j - 1];
+      bad = bad || row < prev_row || (row == prev_row && col <= prev_col);
+    }
+    if (bad) atomicMin(&result->bad_coo, static_cast<unsigned long long>(j));
+  }
+}
+
+// row_splits[r] = first position whose row is >= r (rows are validated as sorted).
+template <typename OffsetT>
+__global__ void CooSplitsKernel(const int64_t* indices, int64_t nnz, int64_t num_rows,
+                                OffsetT* row_splits) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t r = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; r <= num_rows;
+       r += stride) {
+    int64_t lo = 0, hi = nnz;
+    while (lo < hi) {
+      const int64_t mid = lo + (hi - lo) / 2;
+      if (indices[2 * mid] < r) {
+        lo = mid + 1;
+      } else {
+        hi = mid;
+      }
+    }
+    row_splits[r] = static_cast<OffsetT>(lo);
+  }
+}
+
+int EndBit(int64_t max_key) {
+  int bits = 1;
+  while (bits < 63 && (int64_t{1} << bits) <= max_key) ++bits;
+  return bits;
+}
+
+// Scratch layout of the backward pass; with a null base it only measures.
+template <typename T, typename IdT>
+struct BackwardScratch {
+  ValidationResult* validation;
+  IdT* keys_in;
+  IdT* keys_out;
+  int64_t* positions_in;
+  int64_t* positions_out;
+  IdT* run_keys;
+  int* run_lengths;
+  int* num_runs;
+  int64_t* run_starts;
+  int64_t* num_unique;
+  int64_t* bag_of;
+  int64_t* valid_count;
+  void* cub_temp;
+  size_t cub_temp_bytes;
+  size_t total_bytes;
+
+  BackwardScratch(void* base, size_t bytes, int64_t nnz, int64_t batch) {
+    const int n = static_cast<int>(nnz);
+    size_t sort_bytes = 0, rle_bytes = 0, scan_bytes = 0;
+    cub::DeviceRadixSort::SortPairs(nullptr, sort_bytes, static_cast<const IdT*>(nullptr),
+                                    static_cast<IdT*>(nullptr),
+                                    static_cast<const int64_t*>(nullptr),
+                                    static_cast<int64_t*>(nullptr), n);
+    cub::DeviceRunLengthEncode::Encode(nullptr, rle_bytes, static_cast<const IdT*>(nullptr),
+                                       static_cast<IdT*>(nullptr), static_cast<int*>(nullptr),
+                                       static_cast<int*>(nullptr), n);
+    cub::DeviceScan::ExclusiveSum(nullptr, scan_bytes, static_cast<const int*>(nullptr),
+                                  static_cast<int64_t*>(nullptr), n);
+    cub_temp_bytes = std::max({sort_bytes, rle_bytes, scan_bytes, size_t{1}});
+    Carver carver(base);
+    validation = carver.Take<ValidationResult>(1);
+    keys_in = carver.Take<IdT>(nnz);
+    keys_out = carver.Take<IdT>(nnz);
+    positions_in = carver.Take<int64_t>(nnz);
+    positions_out = carver.Take<int64_t>(nnz);
+    run_keys = carver.Take<IdT>(nnz);
+    run_lengths = carver.Take<int>(nnz);
+    num_runs = carver.Take<int>(1);
+    run_starts = carver.Take<int64_t>(nnz);
+    num_unique = carver.Take<int64_t>(1);
+    bag_of = carver.Take<int64_t>(nnz);
+    valid_count = carver.Take<int64_t>(batch);
+    cub_temp = carver.Take<char>(cub_temp_bytes);
+    total_bytes = reinterpret_cast<char*>(carver.Take<char>(0)) - static_cast<char*>(base);
+  }
+};
+
+}  // namespace
+
+size_t ValidationWorkspaceBytes() { return AlignUp(sizeof(ValidationResult)); }
+
+bool CudaDeviceAvailable() {
+  int count = 0;
+  return cudaGetDeviceCount(&count) == cudaSuccess && count > 0;
+}
+
+template <typename T, typename IdT, typename OffsetT>
+size_t PooledLookupBackwardCudaWorkspaceBytes(int64_t nnz, int64_t batch) {
+  return BackwardScratch<T, IdT>(nullptr, 0, nnz, batch).total_bytes;
+}
+
+template <typename T, typename IdT, typename OffsetT>
+Status PooledLookupForwardCuda(const T* params, int64_t num_rows, int64_t width,
+                               const CsrIds<IdT, OffsetT>& csr, Combiner combiner,
+                               BoundsCheck bounds_check, T* output, void* workspace,
+                               size_t workspace_bytes, cudaStream_t stream) {
+  if (workspace_bytes < ValidationWorkspaceBytes()) {
+    return Status::Internal("PooledLookupForwardCuda: workspace too small");
+  }
+  auto* validation = static_cast<ValidationResult*>(workspace);
+  DE_RETURN_IF_ERROR(ValidateCsrOnDevice(csr, num_rows, bounds_check, validation, stream));
+  if (csr.batch == 0 || width == 0) return Status::Ok();
+  const dim3 block(kWarp, kWarpsPerBlock);
+  ForwardKernel<<<Blocks(csr.batch, kWarpsPerBlock), block, 0, stream>>>(
+      params, num_rows, width, csr, combiner == Combiner::kMean, output);
+  DE_RETURN_IF_CUDA_ERROR(cudaGetLastError(), "ForwardKernel launch");
+  return Status::Ok();
+}
+
+template <typename T, typename IdT, typename OffsetT>
+Status PooledLookupBackwardCuda(const T* grad_output, int64_t num_rows, int64_t width,
+                                const CsrIds<IdT, OffsetT>& csr, Combiner combiner,
+                                BoundsCheck bounds_check, IdT* unique_ids, T* unique_grad,
+                                int64_t* num_unique, void* workspace, size_t workspace_bytes,
+                                cudaStream_t stream) {
+  if (csr.nnz > INT_MAX) {
+    return NnzTooLargeError(csr.nnz, INT_MAX);
+  }
+  BackwardScratch<T, IdT> s(workspace, workspace_bytes, csr.nnz, csr.batch);
+  if (s.total_bytes > workspace_bytes) {
+    return Status::Internal("PooledLookupBackwardCuda: workspace too small");
+  }
+  DE_RETURN_IF_ERROR(ValidateCsrOnDevice(csr, num_rows, bounds_check, s.validation, stream));
+  *num_unique = 0;
+  if (csr.nnz == 0) return Status::Ok();
+  const int n = static_cast<int>(csr.nnz);
+  const int threads = 256;
+
+  PrepareSortKernel<<<Blocks(csr.nnz, threads), threads, 0, stream>>>(
+      csr.ids, csr.nnz, num_rows, s.keys_in, s.positions_in);
+  DE_RETURN_IF_CUDA_ERROR(cudaGetLastError(), "PrepareSortKernel launch");
+  size_t temp_bytes = s.cub_temp_bytes;
+  DE_RETURN_IF_CUDA_ERROR(
+      cub::DeviceRadixSort::SortPairs(s.cub_temp, temp_bytes, s.keys_in, s.keys_out,
+                                      s.positions_in, s.positions_out, n, 0, EndBit(num_rows),
+                                      stream),
+      "DeviceRadixSort::SortPairs");
+  temp_bytes = s.cub_temp_bytes;
+  DE_RETURN_IF_CUDA_ERROR(
+      cub::DeviceRunLengthEncode::Encode(s.cub_temp, temp_bytes, s.keys_out, s.run_keys,
+                                         s.run_lengths, s.num_runs, n, stream),
+      "DeviceRunLengthEncode::Encode");
+  temp_bytes = s.cub_temp_bytes;
+  DE_RETURN_IF_CUDA_ERROR(cub::DeviceScan::ExclusiveSum(s.cub_temp, temp_bytes, s.run_lengths,
+                                                        s.run_starts, n, stream),
+                          "DeviceScan::ExclusiveSum");
+  CountUniqueKernel<<<1, 1, 0, stream>>>(s.run_keys, s.num_runs, num_rows, s.num_unique);
+  DE_RETURN_IF_CUDA_ERROR(cudaGetLastError(), "CountUniqueKernel launch");
+  if (csr.batch > 0) {
+    BagsKernel<<<Blocks(csr.batch, threads), threads, 0, stream>>>(csr, num_rows, s.bag_of,
+                                                                   s.valid_count);
+    DE_RETURN_IF_CUDA_ERROR(cudaGetLastError(), "BagsKernel launch");
+  }
+  DE_RETURN_IF_ERROR(CopyScalarToHost(s.num_unique, num_unique, stream));
+  if (*num_unique == 0) return Status::Ok();
+  DE_RETURN_IF_CUDA_ERROR(cudaMemcpyAsync(unique_ids, s.run_keys, *num_unique * sizeof(IdT),
+                                          cudaMemcpyDeviceToDevice, stream),
+                          "cudaMemcpyAsync");
+  if (width > 0) {
+    const dim3 block(kWarp, kWarpsPerBlock);
+    AccumulateKernel<T, IdT><<<Blocks(*num_unique, kWarpsPerBlock), block, 0, stream>>>(
+        grad_output, width, s.positions_out, s.run_starts, s.run_lengths, s.num_unique,
+        s.bag_of, s.valid_count, combiner == Combiner::kMean, unique_grad);
+    DE_RETURN_IF_CUDA_ERROR(cudaGetLastError(), "AccumulateKernel launch");
+  }
+  return Status::Ok();
+}
+
+template <typename OffsetT>
+Status CooToRowSplitsCuda(const int64_t* indices, int64_t nnz, int64_t num_rows_dense,
+                          int64_t num_cols_dense, OffsetT* row_splits, void* workspace,
+                          size_t workspace_bytes, cudaStream_t stream) {
+  if (nnz > static_cast<int64_t>(std::numeric_limits<OffsetT>::max())) {
+    return NnzTooLargeError(nnz, std::numeric_limits<OffsetT>::max());
+  }
+  if (workspace_bytes < ValidationWorkspaceBytes()) {
+    return Status::Internal("CooToRowSplitsCuda: workspace too small");
+  }
+  auto* result = static_cast<ValidationResult*>(workspace);
+  const int threads = 256;
+  if (nnz > 0) {
+    DE_RETURN_IF_CUDA_ERROR(cudaMemsetAsync(result, 0xff, sizeof(ValidationResult), stream),
+                            "cudaMemsetAsync");
+    ValidateCooKernel<<<Blocks(nnz, threads), threads, 0, stream>>>(indices, nnz, num_rows_dense,
+                                                                     num_cols_dense, result);
+    DE_RETURN_IF_CUDA_ERROR(cudaGetLastError(), "ValidateCooKernel launch");
+    ValidationResult host;
+    DE_RETURN_IF_ERROR(CopyScalarToHost(result, &host, stream));
+    if (host.bad_coo != kNoError) {
+      const int64_t j = static_cast<int64_t>(host.bad_coo);
+      int64_t index[4] = {0, 0, 0, 0};  // previous (row, col), then this (row, col)
+      const int64_t first = j > 0 ? 2 * j - 2 : 2 * j;
+      DE_RETURN_IF_CUDA_ERROR(cudaMemcpyAsync(index, indices + first, 4 * sizeof(int64_t) -
+                                                  (j > 0 ? 0 : 2 * sizeof(int64_t)),
+                                              cudaMemcpyDeviceToHost, stream),
+                              "cudaMemcpyAsync");
+      DE_RETURN_IF_CUDA_ERROR(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
+      const int64_t* here = j > 0 ? index + 2 : index;
+      const bool in_bounds = here[0] >= 0 && here[0] < num_rows_dense && here[1] >= 0 &&
+                             here[1] < num_cols_dense;
+      if (!in_bounds) {
+        return CooIndexOutOfBoundsError(j, here[0], here[1], num_rows_dense, num_cols_dense);
+      }
+      return CooIndexOrderError(j, here[0], here[1], index[0], index[1]);
+    }
+  }
+  CooSplitsKernel<<<Blocks(num_rows_dense + 1, threads), threads, 0, stream>>>(
+      indices, nnz, num_rows_dense, row_splits);
+  DE_RETURN_IF_CUDA_ERROR(cudaGetLastError(), "CooSplitsKernel launch");
+  return Status::Ok();
+}
+
+#define DE_INSTANTIATE_CUDA_LOOKUP(T, IdT, OffsetT)                                            \
+  template size_t PooledLookupBackwardCudaWorkspaceBytes<T, IdT, OffsetT>(int64_t, int64_t);   \
+  template Status PooledLookupForwardCuda(const T*, int64_t, int64_t,                          \
+                                          const CsrIds<IdT, OffsetT>&, Combiner, BoundsCheck,  \
+                                          T*, void*, size_t, cudaStream_t);                    \
+  template Status PooledLookupBackwardCuda(const T*, int64_t, int64_t,                         \
+                                           const CsrIds<IdT, OffsetT>&, Combiner, BoundsCheck, \
+                                           IdT*, T*, int64_t*, void*, size_t, cudaStream_t);
+
+DE_INSTANTIATE_CUDA_LOOKUP(float, int32_t, int32_t)
+DE_INSTANTIATE_CUDA_LOOKUP(float, int32_t, int64_t)
+DE_INSTANTIATE_CUDA_LOOKUP(float, int64_t, int32_t)
+DE_INSTANTIATE_CUDA_LOOKUP(float, int64_t, int64_t)
+DE_INSTANTIATE_CUDA_LOOKUP(double, int32_t, int32_t)
+DE_INSTANTIATE_CUDA_LOOKUP(double, int32_t, int64_t)
+DE_INSTANTIATE_CUDA_LOOKUP(double, int64_t, int32_t)
+DE_INSTANTIATE_CUDA_LOOKUP(double, int64_t, int64_t)
+template Status CooToRowSplitsCuda(const int64_t*, int64_t, int64_t, int64_t, int32_t*, void*,
+                                   size_t, cudaStream_t);
+template Status CooToRowSplitsCuda(const int64_t*, int64_t, int64_t, int64_t, int64_t*, void*,
+                                   size_t, cudaStream_t);
+
+#undef DE_INSTANTIATE_CUDA_LOOKUP
+
+}  // namespace distributed_embeddings

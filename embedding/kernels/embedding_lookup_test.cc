@@ -1,0 +1,234 @@
+// Tests of the CPU kernels against the naive double-precision reference in lookup_test_util.h.
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#include "embedding/kernels/embedding_lookup.h"
+#include "embedding/kernels/lookup_test_util.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+
+namespace distributed_embeddings {
+namespace {
+
+using ::distributed_embeddings::testing::CaseSpec;
+using ::distributed_embeddings::testing::ExpectNear;
+using ::distributed_embeddings::testing::ExpectSparseGradient;
+using ::distributed_embeddings::testing::MakeCase;
+using ::distributed_embeddings::testing::ReferenceForward;
+using ::distributed_embeddings::testing::StandardSpecs;
+using ::distributed_embeddings::testing::ThreadedParallelFor;
+using ::testing::HasSubstr;
+
+template <typename T_, typename IdT_, typename OffsetT_>
+struct Types {
+  using T = T_;
+  using IdT = IdT_;
+  using OffsetT = OffsetT_;
+};
+
+template <typename P>
+class LookupCpuTest : public ::testing::Test {};
+
+using AllTypes = ::testing::Types<Types<float, int32_t, int32_t>, Types<float, int32_t, int64_t>,
+                                  Types<float, int64_t, int32_t>, Types<float, int64_t, int64_t>,
+                                  Types<double, int32_t, int64_t>, Types<double, int64_t, int64_t>>;
+TYPED_TEST_SUITE(LookupCpuTest, AllTypes);
+
+template <typename P>
+void CheckForwardAndBackward(double invalid_fraction, BoundsCheck mode) {
+  using T = typename P::T;
+  using IdT = typename P::IdT;
+  using OffsetT = typename P::OffsetT;
+  for (const CaseSpec& spec : StandardSpecs(invalid_fraction)) {
+    const auto c = MakeCase<T, IdT, OffsetT>(spec);
+    for (Combiner combiner : {Combiner::kSum, Combiner::kMean}) {
+      for (int threads : {1, 3}) {
+        SCOPED_TRACE(::testing::Message() << "seed " << spec.seed << " combiner "
+                                          << static_cast<int>(combiner) << " threads " << threads);
+        const ParallelFor pf = threads > 1 ? ThreadedParallelFor(threads) : ParallelFor();
+        std::vector<T> output(c.batch() * c.width, T(-7));
+        ASSERT_TRUE(PooledLookupForwardCpu(c.params.data(), c.num_rows, c.width, c.Csr(),
+                                           combiner, mode, output.data(), pf)
+                        .ok());
+        ExpectNear(ReferenceForward(c, combiner), output, spec.max_hotness);
+
+        const int64_t capacity = MaxUniqueIds(static_cast<int64_t>(c.ids.size()), c.num_rows);
+        std::vector<IdT> unique_ids(capacity);
+        std::vector<T> unique_grad(capacity * c.width);
+        int64_t num_unique = -1;
+        ASSERT_TRUE(PooledLookupBackwardCpu(c.grad_output.data(), c.num_rows, c.width, c.Csr(),
+                                            combiner, mode, unique_ids.data(),
+                                            unique_grad.data(), &num_unique, pf)
+                        .ok());
+        unique_grad.resize(num_unique * c.width);
+        ExpectSparseGradient(c, combiner, unique_ids, unique_grad, num_unique, spec.max_hotness);
+      }
+    }
+  }
+}
+
+TYPED_TEST(LookupCpuTest, ForwardAndBackwardMatchReference) {
+  CheckForwardAndBackward<TypeParam>(0.0, BoundsCheck::kError);
+}
+
+TYPED_TEST(LookupCpuTest, SkipModeIgnoresInvalidIds) {
+  CheckForwardAndBackward<TypeParam>(0.2, BoundsCheck::kSkip);
+}
+
+TYPED_TEST(LookupCpuTest, SumAccumulatesInIdOrder) {
+  // TensorFlow's CPU reduce_sum over axis 1 adds rows in order from zero; matching that bit for
+  // bit lets users swap tf.reduce_sum(tf.gather(...)) for our op without numeric drift.
+  using T = typename TypeParam::T;
+  using IdT = typename TypeParam::IdT;
+  using OffsetT = typename TypeParam::OffsetT;
+  const auto c = MakeCase<T, IdT, OffsetT>({200, 37, 11, 300, 0.0, 0.0, 77});
+  std::vector<T> output(c.batch() * c.width);
+  ASSERT_TRUE(PooledLookupForwardCpu(c.params.data(), c.num_rows, c.width, c.Csr(),
+                                     Combiner::kSum, BoundsCheck::kError, output.data())
+                  .ok());
+  for (int64_t b = 0; b < c.batch(); ++b) {
+    for (int64_t w = 0; w < c.width; ++w) {
+      T sum = T(0);
+      for (int64_t j = c.row_splits[b]; j < static_cast<int64_t>(c.row_splits[b + 1]); ++j) {
+        sum += c.params[static_cast<int64_t>(c.ids[j]) * c.width + w];
+      }
+      ASSERT_EQ(sum, output[b * c.width + w]);
+    }
+  }
+}
+
+TYPED_TEST(LookupCpuTest, EmptyBagsGiveZerosForBothCombiners) {
+  using T = typename TypeParam::T;
+  using IdT = typename TypeParam::IdT;
+  using OffsetT = typename TypeParam::OffsetT;
+  const std::vector<T> params = {1, 2, 3, 4};
+  const std::vector<IdT> ids = {1};
+  const std::vector<OffsetT> splits = {0, 0, 1, 1};
+  const CsrIds<IdT, OffsetT> csr{ids.data(), 1, splits.data(), 3};
+  for (Combiner combiner : {Combiner::kSum, Combiner::kMean}) {
+    std::vector<T> output(6, T(-1));
+    ASSERT_TRUE(PooledLookupForwardCpu(params.data(), 2, 2, csr, combiner, BoundsCheck::kError,
+                                       output.data())
+                    .ok());
+    EXPECT_EQ(output, (std::vector<T>{0, 0, 3, 4, 0, 0}));
+  }
+}
+
+TYPED_TEST(LookupCpuTest, SkipModeMeanDividesByValidCount) {
+  using T = typename TypeParam::T;
+  using IdT = typename TypeParam::IdT;
+  using OffsetT = typename TypeParam::OffsetT;
+  const std::vector<T> params = {2, 4, 6, 8};
+  const std::vector<IdT> ids = {0, 9, 1, -3};
+  const std::vector<OffsetT> splits = {0, 4};
+  const CsrIds<IdT, OffsetT> csr{ids.data(), 4, splits.data(), 1};
+  std::vector<T> output(2);
+  ASSERT_TRUE(PooledLookupForwardCpu(params.data(), 2, 2, csr, Combiner::kMean,
+                                     BoundsCheck::kSkip, output.data())
+                  .ok());
+  EXPECT_EQ(output, (std::vector<T>{4, 6}));
+}
+
+class LookupCpuErrorTest : public ::testing::Test {
+ protected:
+  // Runs forward and backward on bad input; both must fail with `message` and leave every output
+  // byte untouched.
+  void ExpectRejected(const std::vector<int64_t>& ids, const std::vector<int64_t>& splits,
+                      const std::string& message) {
+    const std::vector<float> params(4 * 2, 1.0f);
+    const CsrIds<int64_t, int64_t> csr{ids.data(), static_cast<int64_t>(ids.size()),
+                                       splits.data(), static_cast<int64_t>(splits.size()) - 1};
+    std::vector<float> output(2 * std::max<int64_t>(csr.batch, 0), 42.0f);
+    const Status forward = PooledLookupForwardCpu(params.data(), 4, 2, csr, Combiner::kSum,
+                                                  BoundsCheck::kError, output.data());
+    EXPECT_EQ(forward.code(), Status::Code::kInvalidArgument);
+    EXPECT_THAT(forward.message(), HasSubstr(message));
+    for (float v : output) EXPECT_EQ(v, 42.0f);
+
+    std::vector<int64_t> unique_ids(ids.size() + 1, 5);
+    std::vector<float> unique_grad(2 * (ids.size() + 1), 42.0f);
+    int64_t num_unique = 0;
+    const Status backward = PooledLookupBackwardCpu(
+        output.data(), 4, 2, csr, Combiner::kMean, BoundsCheck::kError, unique_ids.data(),
+        unique_grad.data(), &num_unique);
+    EXPECT_EQ(backward.code(), Status::Code::kInvalidArgument);
+    EXPECT_THAT(backward.message(), HasSubstr(message));
+    for (int64_t v : unique_ids) EXPECT_EQ(v, 5);
+    for (float v : unique_grad) EXPECT_EQ(v, 42.0f);
+  }
+};
+
+TEST_F(LookupCpuErrorTest, RejectsIdPastVocabulary) {
+  ExpectRejected({0, 4, 1}, {0, 2, 3}, "'ids' must be in [0, 4), the rows of 'params'; got ids[1] = 4.");
+}
+
+TEST_F(LookupCpuErrorTest, RejectsNegativeId) {
+  ExpectRejected({0, 1, -1}, {0, 2, 3}, "got ids[2] = -1.");
+}
+
+TEST_F(LookupCpuErrorTest, RejectsRowSplitsNotStartingAtZero) {
+  ExpectRejected({0, 1, 2}, {1, 2, 3}, "'row_splits' must start at 0; got row_splits[0] = 1.");
+}
+
+TEST_F(LookupCpuErrorTest, RejectsDecreasingRowSplits) {
+  ExpectRejected({0, 1, 2}, {0, 2, 1, 3},
+                 "'row_splits' must be non-decreasing; got row_splits[1] = 2 > row_splits[2] = 1.");
+}
+
+TEST_F(LookupCpuErrorTest, RejectsRowSplitsNotEndingAtNnz) {
+  ExpectRejected({0, 1, 2}, {0, 1, 5}, "'row_splits' must end at 3, the number of 'ids'");
+  ExpectRejected({0, 1, 2}, {0, 1, 2}, "got row_splits[2] = 2.");
+}
+
+TEST(LookupCpuLimitsTest, RejectsNnzBeyondInt32Splits) {
+  // Only the count is inspected, so no buffer of 2^31 ids is needed.
+  const std::vector<int32_t> splits = {0, 0};
+  const CsrIds<int32_t, int32_t> csr{nullptr, int64_t{1} << 31, splits.data(), 1};
+  const Status status = ValidateCsrIds(csr, 10, BoundsCheck::kError);
+  EXPECT_EQ(status.code(), Status::Code::kInvalidArgument);
+  EXPECT_THAT(status.message(), HasSubstr("32-bit row_splits"));
+}
+
+TEST(CooToRowSplitsCpuTest, CountsEntriesPerRow) {
+  // Rows 0, 2, 2, 4 of a 6 x 3 matrix; rows 1, 3 and 5 are empty.
+  const std::vector<int64_t> indices = {0, 1, 2, 0, 2, 2, 4, 1};
+  std::vector<int64_t> splits(7, -1);
+  ASSERT_TRUE(CooToRowSplitsCpu(indices.data(), 4, 6, 3, splits.data()).ok());
+  EXPECT_EQ(splits, (std::vector<int64_t>{0, 1, 1, 3, 3, 4, 4}));
+}
+
+TEST(CooToRowSplitsCpuTest, EmptyInputGivesZeroSplits) {
+  std::vector<int32_t> splits(4, -1);
+  ASSERT_TRUE(CooToRowSplitsCpu<int32_t>(nullptr, 0, 3, 5, splits.data()).ok());
+  EXPECT_EQ(splits, (std::vector<int32_t>{0, 0, 0, 0}));
+}
+
+TEST(CooToRowSplitsCpuTest, RejectsOutOfOrderRows) {
+  const std::vector<int64_t> indices = {1, 0, 0, 2};
+  std::vector<int64_t> splits(3, 0);
+  const Status status = CooToRowSplitsCpu(indices.data(), 2, 2, 3, splits.data());
+  EXPECT_EQ(status.code(), Status::Code::kInvalidArgument);
+  EXPECT_THAT(status.message(), HasSubstr("got indices[1] = [0, 2] after [1, 0]"));
+  EXPECT_THAT(status.message(), HasSubstr("tf.sparse.reorder"));
+}
+
+TEST(CooToRowSplitsCpuTest, RejectsDuplicateIndex) {
+  const std::vector<int64_t> indices = {0, 1, 0, 1};
+  std::vector<int64_t> splits(2, 0);
+  EXPECT_FALSE(CooToRowSplitsCpu(indices.data(), 2, 1, 3, splits.data()).ok());
+}
+
+TEST(CooToRowSplitsCpuTest, RejectsIndexOutsideDenseShape) {
+  std::vector<int64_t> splits(3, 0);
+  for (const std::vector<int64_t>& indices :
+       {std::vector<int64_t>{0, 0, 2, 0}, std::vector<int64_t>{0, 0, 1, 3},
+        std::vector<int64_t>{-1, 0, 1, 0}, std::vector<int64_t>{0, -2, 1, 0}}) {
+    const Status status = CooToRowSplitsCpu(indices.data(), 2, 2, 3, splits.data());
+    EXPECT_EQ(status.code(), Status::Code::kInvalidArgument);
+    EXPECT_THAT(status.message(), HasSubstr("'indices' must lie in [0, 2) x [0, 3)"));
+  }
+}
+
+}  // namespace
+}  // namespace distributed_embeddings
