@@ -76,24 +76,46 @@ TYPED_TEST(LookupCpuTest, SkipModeIgnoresInvalidIds) {
   CheckForwardAndBackward<TypeParam>(0.2, BoundsCheck::kSkip);
 }
 
-TYPED_TEST(LookupCpuTest, SumAccumulatesInIdOrder) {
-  // TensorFlow's CPU reduce_sum over axis 1 adds rows in order from zero; matching that bit for
-  // bit lets users swap tf.reduce_sum(tf.gather(...)) for our op without numeric drift.
+// The documented summation order (TensorFlow's CPU reduce_sum): in id order, except that a bag of
+// at least 16 ids sums its first len / 4 * 4 ids into four interleaved partial sums on the lanes
+// that fill whole 32-byte packets, then combines them, then adds the rest in order.
+template <typename T>
+T EigenOrderSum(const std::vector<T>& terms, int64_t w, int64_t width) {
+  const int64_t n = static_cast<int64_t>(terms.size());
+  const int64_t packet = 32 / sizeof(T);
+  if (n < 16 || w >= width / packet * packet) {
+    T sum = T(0);
+    for (T t : terms) sum += t;
+    return sum;
+  }
+  T partial[4] = {T(0), T(0), T(0), T(0)};
+  const int64_t interleaved = n / 4 * 4;
+  for (int64_t j = 0; j < interleaved; ++j) partial[j % 4] += terms[j];
+  T sum = partial[0];
+  for (int k = 1; k < 4; ++k) sum += partial[k];
+  for (int64_t j = interleaved; j < n; ++j) sum += terms[j];
+  return sum;
+}
+
+TYPED_TEST(LookupCpuTest, SumFollowsTensorFlowReductionOrder) {
   using T = typename TypeParam::T;
   using IdT = typename TypeParam::IdT;
   using OffsetT = typename TypeParam::OffsetT;
-  const auto c = MakeCase<T, IdT, OffsetT>({200, 37, 11, 300, 0.0, 0.0, 77});
-  std::vector<T> output(c.batch() * c.width);
-  ASSERT_TRUE(PooledLookupForwardCpu(c.params.data(), c.num_rows, c.width, c.Csr(),
-                                     Combiner::kSum, BoundsCheck::kError, output.data())
-                  .ok());
-  for (int64_t b = 0; b < c.batch(); ++b) {
-    for (int64_t w = 0; w < c.width; ++w) {
-      T sum = T(0);
-      for (int64_t j = c.row_splits[b]; j < static_cast<int64_t>(c.row_splits[b + 1]); ++j) {
-        sum += c.params[static_cast<int64_t>(c.ids[j]) * c.width + w];
+  for (int64_t width : {3, 8, 37, 64}) {
+    const auto c = MakeCase<T, IdT, OffsetT>({200, width, 40, 60, 0.0, 0.0, 77});
+    std::vector<T> output(c.batch() * c.width);
+    ASSERT_TRUE(PooledLookupForwardCpu(c.params.data(), c.num_rows, c.width, c.Csr(),
+                                       Combiner::kSum, BoundsCheck::kError, output.data())
+                    .ok());
+    for (int64_t b = 0; b < c.batch(); ++b) {
+      for (int64_t w = 0; w < c.width; ++w) {
+        std::vector<T> terms;
+        for (int64_t j = c.row_splits[b]; j < static_cast<int64_t>(c.row_splits[b + 1]); ++j) {
+          terms.push_back(c.params[static_cast<int64_t>(c.ids[j]) * c.width + w]);
+        }
+        ASSERT_EQ(EigenOrderSum(terms, w, c.width), output[b * c.width + w])
+            << "bag " << b << " of length " << terms.size() << ", lane " << w;
       }
-      ASSERT_EQ(sum, output[b * c.width + w]);
     }
   }
 }

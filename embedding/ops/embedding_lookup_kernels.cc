@@ -1,0 +1,180 @@
+// Input checks shared by every device, the CPU functors, and the CPU kernel registrations.
+#include "embedding/ops/embedding_lookup_kernels.h"
+
+#include "tensorflow/core/framework/register_types.h"
+#include "tensorflow/core/framework/tensor_shape.h"
+#include "tensorflow/core/util/work_sharder.h"
+
+namespace distributed_embeddings {
+
+using ::tensorflow::OpKernelContext;
+using ::tensorflow::Tensor;
+using ::tensorflow::TensorShapeUtils;
+using CPUDevice = Eigen::ThreadPoolDevice;
+
+absl::Status ToTfStatus(const Status& status, const std::string& op) {
+  switch (status.code()) {
+    case Status::Code::kOk:
+      return absl::OkStatus();
+    case Status::Code::kInvalidArgument:
+      return absl::InvalidArgumentError(op + ": " + status.message());
+    case Status::Code::kInternal:
+      break;
+  }
+  return absl::InternalError(op + ": " + status.message());
+}
+
+absl::Status CheckCsrInputs(const std::string& op, const Tensor& ids, const Tensor& row_splits) {
+  if (!TensorShapeUtils::IsVector(ids.shape())) {
+    return absl::InvalidArgumentError(op + ": 'ids' must be 1-D; got shape " + ids.shape().DebugString() +
+                                      ".");
+  }
+  if (!TensorShapeUtils::IsVector(row_splits.shape()) || row_splits.NumElements() < 1) {
+    return absl::InvalidArgumentError(op + ": 'row_splits' must be 1-D with at least 1 element; got shape " +
+                                      row_splits.shape().DebugString() + ".");
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CheckParams(const std::string& op, const Tensor& params) {
+  if (!TensorShapeUtils::IsMatrix(params.shape())) {
+    return absl::InvalidArgumentError(op + ": 'params' must be a 2-D table; got shape " +
+                                      params.shape().DebugString() + ".");
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CheckGradInputs(const std::string& op, const Tensor& grad, const Tensor& row_splits,
+                             const Tensor& num_rows) {
+  if (!TensorShapeUtils::IsMatrix(grad.shape()) ||
+      grad.dim_size(0) != row_splits.NumElements() - 1) {
+    return absl::InvalidArgumentError(op + ": 'grad' must be [batch, width] with batch = len(row_splits) - 1 = " +
+        std::to_string(row_splits.NumElements() - 1) + "; got shape " +
+        grad.shape().DebugString() + ".");
+  }
+  if (!TensorShapeUtils::IsScalar(num_rows.shape()) || num_rows.scalar<int64_t>()() < 0) {
+    return absl::InvalidArgumentError(op + ": 'num_rows' must be a non-negative scalar; got " +
+                                      num_rows.DebugString() + ".");
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CheckSparseInputs(const std::string& op, const Tensor& indices,
+                               const Tensor& dense_shape) {
+  if (!TensorShapeUtils::IsMatrix(indices.shape()) || indices.dim_size(1) != 2) {
+    return absl::InvalidArgumentError(op + ": 'indices' must be [nnz, 2] (a 2-D SparseTensor); got shape " +
+                                      indices.shape().DebugString() + ".");
+  }
+  if (!TensorShapeUtils::IsVector(dense_shape.shape()) || dense_shape.NumElements() != 2 ||
+      dense_shape.vec<int64_t>()(0) < 0 || dense_shape.vec<int64_t>()(1) < 0) {
+    return absl::InvalidArgumentError(op + ": 'dense_shape' must hold 2 non-negative sizes; got " + dense_shape.DebugString() + ".");
+  }
+  return absl::OkStatus();
+}
+
+Combiner CombinerFromAttr(const std::string& combiner) {
+  return combiner == "mean" ? Combiner::kMean : Combiner::kSum;  // The op restricts the values.
+}
+
+BoundsCheck BoundsCheckFromAttr(const std::string& bounds_check) {
+  return bounds_check == "skip" ? BoundsCheck::kSkip : BoundsCheck::kError;
+}
+
+namespace {
+
+// Splits kernel-library work across the op's intra-op thread pool.
+ParallelFor CpuParallelFor(OpKernelContext* ctx) {
+  const auto* workers = ctx->device()->tensorflow_cpu_worker_threads();
+  return [workers](int64_t total, int64_t cost_per_unit,
+                   const std::function<void(int64_t, int64_t)>& work) {
+    tensorflow::Shard(workers->num_threads, workers->workers, total, cost_per_unit, work);
+  };
+}
+
+}  // namespace
+
+template <typename T, typename IdT, typename OffsetT>
+struct LookupFunctor<CPUDevice, T, IdT, OffsetT> {
+  static Status Forward(OpKernelContext* ctx, const T* params, int64_t num_rows, int64_t width,
+                        const CsrIds<IdT, OffsetT>& csr, Combiner combiner,
+                        BoundsCheck bounds_check, T* output) {
+    return PooledLookupForwardCpu(params, num_rows, width, csr, combiner, bounds_check, output,
+                                  CpuParallelFor(ctx));
+  }
+
+  static Status Backward(OpKernelContext* ctx, const Tensor& grad, int64_t num_rows,
+                         const CsrIds<IdT, OffsetT>& csr, Combiner combiner,
+                         BoundsCheck bounds_check) {
+    const int64_t width = grad.dim_size(1);
+    const int64_t capacity = MaxUniqueIds(csr.nnz, num_rows);
+    Tensor unique_ids, unique_grad;
+    absl::Status allocated = ctx->allocate_temp(tensorflow::DataTypeToEnum<IdT>::v(),
+                                                tensorflow::TensorShape({capacity}), &unique_ids);
+    if (allocated.ok()) {
+      allocated = ctx->allocate_temp(tensorflow::DataTypeToEnum<T>::v(),
+                                     tensorflow::TensorShape({capacity, width}), &unique_grad);
+    }
+    if (!allocated.ok()) return Status::Internal(std::string(allocated.message()));
+    int64_t num_unique = 0;
+    DE_RETURN_IF_ERROR(PooledLookupBackwardCpu(
+        grad.flat<T>().data(), num_rows, width, csr, combiner, bounds_check,
+        unique_ids.flat<IdT>().data(), unique_grad.flat<T>().data(), &num_unique,
+        CpuParallelFor(ctx)));
+    // Slicing the leading dimension shares the buffer: no copy.
+    ctx->set_output(0, unique_ids.Slice(0, num_unique));
+    ctx->set_output(1, unique_grad.Slice(0, num_unique));
+    return Status::Ok();
+  }
+};
+
+template <typename OffsetT>
+struct SparseRowSplitsFunctor<CPUDevice, OffsetT> {
+  static Status Compute(OpKernelContext* ctx, const int64_t* indices, int64_t nnz,
+                        int64_t num_rows, int64_t num_cols, OffsetT* row_splits) {
+    return CooToRowSplitsCpu(indices, nnz, num_rows, num_cols, row_splits);
+  }
+};
+
+#define DE_REGISTER_CPU_LOOKUP(T, IdT, OffsetT)                                           \
+  REGISTER_KERNEL_BUILDER(Name("DePooledEmbeddingLookup")                                 \
+                              .Device(tensorflow::DEVICE_CPU)                             \
+                              .TypeConstraint<T>("T")                                     \
+                              .TypeConstraint<IdT>("Tindices")                            \
+                              .TypeConstraint<OffsetT>("Tsplits"),                        \
+                          PooledLookupOp<CPUDevice, T, IdT, OffsetT, false>);             \
+  REGISTER_KERNEL_BUILDER(Name("DeResourcePooledEmbeddingLookup")                         \
+                              .Device(tensorflow::DEVICE_CPU)                             \
+                              .TypeConstraint<T>("dtype")                                 \
+                              .TypeConstraint<IdT>("Tindices")                            \
+                              .TypeConstraint<OffsetT>("Tsplits"),                        \
+                          PooledLookupOp<CPUDevice, T, IdT, OffsetT, true>);              \
+  REGISTER_KERNEL_BUILDER(Name("DePooledEmbeddingLookupGrad")                             \
+                              .Device(tensorflow::DEVICE_CPU)                             \
+                              .TypeConstraint<T>("T")                                     \
+                              .TypeConstraint<IdT>("Tindices")                            \
+                              .TypeConstraint<OffsetT>("Tsplits"),                        \
+                          PooledLookupGradOp<CPUDevice, T, IdT, OffsetT>);
+
+#define DE_REGISTER_CPU_LOOKUP_ALL_INDEX_TYPES(T) \
+  DE_REGISTER_CPU_LOOKUP(T, int32_t, int32_t)     \
+  DE_REGISTER_CPU_LOOKUP(T, int32_t, int64_t)     \
+  DE_REGISTER_CPU_LOOKUP(T, int64_t, int32_t)     \
+  DE_REGISTER_CPU_LOOKUP(T, int64_t, int64_t)
+
+DE_REGISTER_CPU_LOOKUP_ALL_INDEX_TYPES(float)
+DE_REGISTER_CPU_LOOKUP_ALL_INDEX_TYPES(double)
+
+#define DE_REGISTER_CPU_SPARSE_ROW_SPLITS(OffsetT)                                       \
+  REGISTER_KERNEL_BUILDER(Name("DeSparseRowSplits")                                      \
+                              .Device(tensorflow::DEVICE_CPU)                            \
+                              .TypeConstraint<OffsetT>("out_type"),                      \
+                          SparseRowSplitsOp<CPUDevice, OffsetT>);
+
+DE_REGISTER_CPU_SPARSE_ROW_SPLITS(int32_t)
+DE_REGISTER_CPU_SPARSE_ROW_SPLITS(int64_t)
+
+#undef DE_REGISTER_CPU_LOOKUP
+#undef DE_REGISTER_CPU_LOOKUP_ALL_INDEX_TYPES
+#undef DE_REGISTER_CPU_SPARSE_ROW_SPLITS
+
+}  // namespace distributed_embeddings

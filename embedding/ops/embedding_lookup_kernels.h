@@ -1,0 +1,174 @@
+// TensorFlow kernels for the pooled embedding lookup ops, shared by the CPU and GPU registrations.
+//
+// Each op kernel validates its inputs' ranks and sizes up front with OP_REQUIRES, then hands raw
+// pointers to a per-device functor that calls the framework-free kernel library, which checks ids
+// and row_splits before touching any memory. Kernel-library errors become InvalidArgument (caller
+// error) or Internal (ours) and are prefixed with the op's name.
+#ifndef DISTRIBUTED_EMBEDDINGS_EMBEDDING_OPS_EMBEDDING_LOOKUP_KERNELS_H_
+#define DISTRIBUTED_EMBEDDINGS_EMBEDDING_OPS_EMBEDDING_LOOKUP_KERNELS_H_
+
+#include <string>
+
+#include "embedding/kernels/embedding_lookup.h"
+#include "tensorflow/core/framework/op_kernel.h"
+#include "tensorflow/core/framework/resource_mgr.h"
+#include "tensorflow/core/framework/resource_var.h"
+#include "tensorflow/core/framework/tensor.h"
+#include "tensorflow/core/framework/tensor_shape.h"
+
+namespace distributed_embeddings {
+
+// Converts a kernel-library status, naming `op` in the message.
+absl::Status ToTfStatus(const Status& status, const std::string& op);
+
+// Shared input checks, each returning InvalidArgument that names `op` and the offending input.
+absl::Status CheckCsrInputs(const std::string& op, const tensorflow::Tensor& ids,
+                            const tensorflow::Tensor& row_splits);
+absl::Status CheckParams(const std::string& op, const tensorflow::Tensor& params);
+absl::Status CheckGradInputs(const std::string& op, const tensorflow::Tensor& grad,
+                             const tensorflow::Tensor& row_splits,
+                             const tensorflow::Tensor& num_rows);
+absl::Status CheckSparseInputs(const std::string& op, const tensorflow::Tensor& indices,
+                               const tensorflow::Tensor& dense_shape);
+
+Combiner CombinerFromAttr(const std::string& combiner);
+BoundsCheck BoundsCheckFromAttr(const std::string& bounds_check);
+
+// The device-specific halves; specialized in embedding_lookup_kernels.cc (CPU) and
+// embedding_lookup_kernels_gpu.cc (GPU).
+template <typename Device, typename T, typename IdT, typename OffsetT>
+struct LookupFunctor {
+  static Status Forward(tensorflow::OpKernelContext* ctx, const T* params, int64_t num_rows,
+                        int64_t width, const CsrIds<IdT, OffsetT>& csr, Combiner combiner,
+                        BoundsCheck bounds_check, T* output);
+  // Computes the sparse gradient into temporaries of capacity MaxUniqueIds rows and sets
+  // outputs 0 (unique ids) and 1 (their gradient rows) to the filled prefix.
+  static Status Backward(tensorflow::OpKernelContext* ctx, const tensorflow::Tensor& grad,
+                         int64_t num_rows, const CsrIds<IdT, OffsetT>& csr, Combiner combiner,
+                         BoundsCheck bounds_check);
+};
+
+template <typename Device, typename OffsetT>
+struct SparseRowSplitsFunctor {
+  static Status Compute(tensorflow::OpKernelContext* ctx, const int64_t* indices, int64_t nnz,
+                        int64_t num_rows, int64_t num_cols, OffsetT* row_splits);
+};
+
+template <typename IdT, typename OffsetT>
+CsrIds<IdT, OffsetT> CsrFromTensors(const tensorflow::Tensor& ids,
+                                    const tensorflow::Tensor& row_splits) {
+  return CsrIds<IdT, OffsetT>{ids.flat<IdT>().data(), ids.NumElements(),
+                              row_splits.flat<OffsetT>().data(), row_splits.NumElements() - 1};
+}
+
+// DePooledEmbeddingLookup (kResource = false) and DeResourcePooledEmbeddingLookup (true).
+template <typename Device, typename T, typename IdT, typename OffsetT, bool kResource>
+class PooledLookupOp : public tensorflow::OpKernel {
+ public:
+  explicit PooledLookupOp(tensorflow::OpKernelConstruction* ctx) : OpKernel(ctx) {
+    std::string combiner, bounds_check;
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("combiner", &combiner));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("bounds_check", &bounds_check));
+    combiner_ = CombinerFromAttr(combiner);
+    bounds_check_ = BoundsCheckFromAttr(bounds_check);
+  }
+
+  void Compute(tensorflow::OpKernelContext* ctx) override {
+    const tensorflow::Tensor& ids = ctx->input(1);
+    const tensorflow::Tensor& row_splits = ctx->input(2);
+    OP_REQUIRES_OK(ctx, CheckCsrInputs(type_string(), ids, row_splits));
+    if constexpr (kResource) {
+      tensorflow::core::RefCountPtr<tensorflow::Var> variable;
+      OP_REQUIRES_OK(ctx, tensorflow::LookupResource(ctx, tensorflow::HandleFromInput(ctx, 0),
+                                                     &variable));
+      // Reading under the shared lock, in place: no copy even in copy-on-read mode.
+      tensorflow::tf_shared_lock lock(*variable->mu());
+      const tensorflow::Tensor& params = *variable->tensor();
+      OP_REQUIRES(ctx, variable->is_initialized && params.IsInitialized(),
+                  absl::FailedPreconditionError(type_string() +
+                                                ": the variable 'resource' is not initialized."));
+      OP_REQUIRES(ctx, params.dtype() == tensorflow::DataTypeToEnum<T>::v(),
+                  absl::InvalidArgumentError(
+                      type_string() + ": 'resource' must hold " +
+                      tensorflow::DataTypeString(tensorflow::DataTypeToEnum<T>::v()) +
+                      " to match 'dtype'; got " + tensorflow::DataTypeString(params.dtype()) +
+                      "."));
+      Run(ctx, params, ids, row_splits);
+    } else {
+      Run(ctx, ctx->input(0), ids, row_splits);
+    }
+  }
+
+ private:
+  void Run(tensorflow::OpKernelContext* ctx, const tensorflow::Tensor& params,
+           const tensorflow::Tensor& ids, const tensorflow::Tensor& row_splits) {
+    OP_REQUIRES_OK(ctx, CheckParams(type_string(), params));
+    const int64_t batch = row_splits.NumElements() - 1;
+    const int64_t width = params.dim_size(1);
+    tensorflow::Tensor* output = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, tensorflow::TensorShape({batch, width}), &output));
+    OP_REQUIRES_OK(ctx, ToTfStatus(LookupFunctor<Device, T, IdT, OffsetT>::Forward(
+                                       ctx, params.flat<T>().data(), params.dim_size(0), width,
+                                       CsrFromTensors<IdT, OffsetT>(ids, row_splits), combiner_,
+                                       bounds_check_, output->flat<T>().data()),
+                                   type_string()));
+  }
+
+  Combiner combiner_;
+  BoundsCheck bounds_check_;
+};
+
+template <typename Device, typename T, typename IdT, typename OffsetT>
+class PooledLookupGradOp : public tensorflow::OpKernel {
+ public:
+  explicit PooledLookupGradOp(tensorflow::OpKernelConstruction* ctx) : OpKernel(ctx) {
+    std::string combiner, bounds_check;
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("combiner", &combiner));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("bounds_check", &bounds_check));
+    combiner_ = CombinerFromAttr(combiner);
+    bounds_check_ = BoundsCheckFromAttr(bounds_check);
+  }
+
+  void Compute(tensorflow::OpKernelContext* ctx) override {
+    const tensorflow::Tensor& grad = ctx->input(0);
+    const tensorflow::Tensor& ids = ctx->input(1);
+    const tensorflow::Tensor& row_splits = ctx->input(2);
+    const tensorflow::Tensor& num_rows = ctx->input(3);
+    OP_REQUIRES_OK(ctx, CheckCsrInputs(type_string(), ids, row_splits));
+    OP_REQUIRES_OK(ctx, CheckGradInputs(type_string(), grad, row_splits, num_rows));
+    OP_REQUIRES_OK(ctx, ToTfStatus(LookupFunctor<Device, T, IdT, OffsetT>::Backward(
+                                       ctx, grad, num_rows.scalar<int64_t>()(),
+                                       CsrFromTensors<IdT, OffsetT>(ids, row_splits), combiner_,
+                                       bounds_check_),
+                                   type_string()));
+  }
+
+ private:
+  Combiner combiner_;
+  BoundsCheck bounds_check_;
+};
+
+template <typename Device, typename OffsetT>
+class SparseRowSplitsOp : public tensorflow::OpKernel {
+ public:
+  explicit SparseRowSplitsOp(tensorflow::OpKernelConstruction* ctx) : OpKernel(ctx) {}
+
+  void Compute(tensorflow::OpKernelContext* ctx) override {
+    const tensorflow::Tensor& indices = ctx->input(0);
+    const tensorflow::Tensor& dense_shape = ctx->input(1);
+    OP_REQUIRES_OK(ctx, CheckSparseInputs(type_string(), indices, dense_shape));
+    const int64_t num_rows = dense_shape.vec<int64_t>()(0);
+    const int64_t num_cols = dense_shape.vec<int64_t>()(1);
+    tensorflow::Tensor* row_splits = nullptr;
+    OP_REQUIRES_OK(ctx,
+                   ctx->allocate_output(0, tensorflow::TensorShape({num_rows + 1}), &row_splits));
+    OP_REQUIRES_OK(ctx, ToTfStatus(SparseRowSplitsFunctor<Device, OffsetT>::Compute(
+                                       ctx, indices.flat<int64_t>().data(), indices.dim_size(0),
+                                       num_rows, num_cols, row_splits->flat<OffsetT>().data()),
+                                   type_string()));
+  }
+};
+
+}  // namespace distributed_embeddings
+
+#endif  // DISTRIBUTED_EMBEDDINGS_EMBEDDING_OPS_EMBEDDING_LOOKUP_KERNELS_H_

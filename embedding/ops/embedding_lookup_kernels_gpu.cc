@@ -1,0 +1,129 @@
+// GPU functors and kernel registrations, built only under --config=cuda.
+//
+// Compiled by the host C++ compiler: the CUDA work lives in the kernel library, which takes the
+// op's stream, so no TensorFlow header ever goes through nvcc. Scratch memory comes from
+// TensorFlow's allocator through allocate_temp.
+#if GOOGLE_CUDA
+#define EIGEN_USE_GPU
+
+#include "embedding/kernels/embedding_lookup_cuda.h"
+#include "embedding/ops/embedding_lookup_kernels.h"
+#include "tensorflow/core/framework/op_kernel.h"
+#include "unsupported/Eigen/CXX11/Tensor"
+
+namespace distributed_embeddings {
+
+using ::tensorflow::OpKernelContext;
+using ::tensorflow::Tensor;
+using GPUDevice = Eigen::GpuDevice;
+
+namespace {
+
+cudaStream_t StreamOf(OpKernelContext* ctx) { return ctx->eigen_gpu_device().stream(); }
+
+Status AllocateBytes(OpKernelContext* ctx, size_t bytes, Tensor* tensor) {
+  const absl::Status status = ctx->allocate_temp(
+      tensorflow::DT_INT8, tensorflow::TensorShape({static_cast<int64_t>(bytes)}), tensor);
+  return status.ok() ? Status::Ok() : Status::Internal(std::string(status.message()));
+}
+
+}  // namespace
+
+template <typename T, typename IdT, typename OffsetT>
+struct LookupFunctor<GPUDevice, T, IdT, OffsetT> {
+  static Status Forward(OpKernelContext* ctx, const T* params, int64_t num_rows, int64_t width,
+                        const CsrIds<IdT, OffsetT>& csr, Combiner combiner,
+                        BoundsCheck bounds_check, T* output) {
+    Tensor workspace;
+    DE_RETURN_IF_ERROR(AllocateBytes(ctx, ValidationWorkspaceBytes(), &workspace));
+    return PooledLookupForwardCuda(params, num_rows, width, csr, combiner, bounds_check, output,
+                                   workspace.flat<int8_t>().data(), ValidationWorkspaceBytes(),
+                                   StreamOf(ctx));
+  }
+
+  static Status Backward(OpKernelContext* ctx, const Tensor& grad, int64_t num_rows,
+                         const CsrIds<IdT, OffsetT>& csr, Combiner combiner,
+                         BoundsCheck bounds_check) {
+    const int64_t width = grad.dim_size(1);
+    const int64_t capacity = MaxUniqueIds(csr.nnz, num_rows);
+    const size_t bytes = PooledLookupBackwardCudaWorkspaceBytes<T, IdT, OffsetT>(csr.nnz, csr.batch);
+    Tensor workspace, unique_ids, unique_grad;
+    DE_RETURN_IF_ERROR(AllocateBytes(ctx, bytes, &workspace));
+    absl::Status allocated = ctx->allocate_temp(tensorflow::DataTypeToEnum<IdT>::v(),
+                                                tensorflow::TensorShape({capacity}), &unique_ids);
+    if (allocated.ok()) {
+      allocated = ctx->allocate_temp(tensorflow::DataTypeToEnum<T>::v(),
+                                     tensorflow::TensorShape({capacity, width}), &unique_grad);
+    }
+    if (!allocated.ok()) return Status::Internal(std::string(allocated.message()));
+    int64_t num_unique = 0;
+    DE_RETURN_IF_ERROR(PooledLookupBackwardCuda(
+        grad.flat<T>().data(), num_rows, width, csr, combiner, bounds_check,
+        unique_ids.flat<IdT>().data(), unique_grad.flat<T>().data(), &num_unique,
+        workspace.flat<int8_t>().data(), bytes, StreamOf(ctx)));
+    ctx->set_output(0, unique_ids.Slice(0, num_unique));
+    ctx->set_output(1, unique_grad.Slice(0, num_unique));
+    return Status::Ok();
+  }
+};
+
+template <typename OffsetT>
+struct SparseRowSplitsFunctor<GPUDevice, OffsetT> {
+  static Status Compute(OpKernelContext* ctx, const int64_t* indices, int64_t nnz,
+                        int64_t num_rows, int64_t num_cols, OffsetT* row_splits) {
+    Tensor workspace;
+    DE_RETURN_IF_ERROR(AllocateBytes(ctx, ValidationWorkspaceBytes(), &workspace));
+    return CooToRowSplitsCuda(indices, nnz, num_rows, num_cols, row_splits,
+                              workspace.flat<int8_t>().data(), ValidationWorkspaceBytes(),
+                              StreamOf(ctx));
+  }
+};
+
+#define DE_REGISTER_GPU_LOOKUP(T, IdT, OffsetT)                                           \
+  REGISTER_KERNEL_BUILDER(Name("DePooledEmbeddingLookup")                                 \
+                              .Device(tensorflow::DEVICE_GPU)                             \
+                              .TypeConstraint<T>("T")                                     \
+                              .TypeConstraint<IdT>("Tindices")                            \
+                              .TypeConstraint<OffsetT>("Tsplits"),                        \
+                          PooledLookupOp<GPUDevice, T, IdT, OffsetT, false>);             \
+  REGISTER_KERNEL_BUILDER(Name("DeResourcePooledEmbeddingLookup")                         \
+                              .Device(tensorflow::DEVICE_GPU)                             \
+                              .HostMemory("resource")                                     \
+                              .TypeConstraint<T>("dtype")                                 \
+                              .TypeConstraint<IdT>("Tindices")                            \
+                              .TypeConstraint<OffsetT>("Tsplits"),                        \
+                          PooledLookupOp<GPUDevice, T, IdT, OffsetT, true>);              \
+  REGISTER_KERNEL_BUILDER(Name("DePooledEmbeddingLookupGrad")                             \
+                              .Device(tensorflow::DEVICE_GPU)                             \
+                              .HostMemory("num_rows")                                     \
+                              .TypeConstraint<T>("T")                                     \
+                              .TypeConstraint<IdT>("Tindices")                            \
+                              .TypeConstraint<OffsetT>("Tsplits"),                        \
+                          PooledLookupGradOp<GPUDevice, T, IdT, OffsetT>);
+
+#define DE_REGISTER_GPU_LOOKUP_ALL_INDEX_TYPES(T) \
+  DE_REGISTER_GPU_LOOKUP(T, int32_t, int32_t)     \
+  DE_REGISTER_GPU_LOOKUP(T, int32_t, int64_t)     \
+  DE_REGISTER_GPU_LOOKUP(T, int64_t, int32_t)     \
+  DE_REGISTER_GPU_LOOKUP(T, int64_t, int64_t)
+
+DE_REGISTER_GPU_LOOKUP_ALL_INDEX_TYPES(float)
+DE_REGISTER_GPU_LOOKUP_ALL_INDEX_TYPES(double)
+
+#define DE_REGISTER_GPU_SPARSE_ROW_SPLITS(OffsetT)                                       \
+  REGISTER_KERNEL_BUILDER(Name("DeSparseRowSplits")                                      \
+                              .Device(tensorflow::DEVICE_GPU)                            \
+                              .HostMemory("dense_shape")                                 \
+                              .TypeConstraint<OffsetT>("out_type"),                      \
+                          SparseRowSplitsOp<GPUDevice, OffsetT>);
+
+DE_REGISTER_GPU_SPARSE_ROW_SPLITS(int32_t)
+DE_REGISTER_GPU_SPARSE_ROW_SPLITS(int64_t)
+
+#undef DE_REGISTER_GPU_LOOKUP
+#undef DE_REGISTER_GPU_LOOKUP_ALL_INDEX_TYPES
+#undef DE_REGISTER_GPU_SPARSE_ROW_SPLITS
+
+}  // namespace distributed_embeddings
+
+#endif  // GOOGLE_CUDA

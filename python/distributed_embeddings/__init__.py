@@ -1,0 +1,7 @@
+"""distributed-embeddings: fast pooled embedding lookups and model-parallel embeddings for TF 2."""
+
+from distributed_embeddings.python.ops.embedding_lookup_ops import embedding_lookup
+
+__version__ = "0.1.0"
+
+__all__ = ["embedding_lookup"]

@@ -1,0 +1,1 @@
+"""TensorFlow ops: the pooled embedding lookup and its gradient."""

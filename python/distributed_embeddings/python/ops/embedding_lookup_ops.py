@@ -1,0 +1,182 @@
+"""Pooled embedding lookups backed by the library's own CPU and CUDA kernels.
+
+Every input format (dense 2-D ids, `tf.RaggedTensor`, `tf.SparseTensor`) is brought to CSR form
+(flat ids plus row_splits) and looked up by one op. A variable table is read in place through its
+resource handle: no dense read, hence no whole-table copy after sparse optimizer updates have put
+the variable in copy-on-read mode. Gradients are `tf.IndexedSlices` holding each distinct id once.
+"""
+
+import os
+
+import tensorflow as tf
+from tensorflow.python.framework import ops as framework_ops
+from tensorflow.python.ops import resource_variable_ops
+
+_ops = tf.load_op_library(os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                       "_embedding_ops.so"))
+
+_COMBINERS = (None, "sum", "mean")
+_BOUNDS_CHECKS = ("error", "skip")
+_KERNEL_DTYPES = (tf.float32, tf.float64)
+
+
+def _resource_variable(param):
+  """Returns the `tf.Variable` holding `param`'s table, or None if `param` is no variable."""
+  if isinstance(param, tf.Variable):
+    return param
+  # A Keras 3 variable (TensorFlow backend) keeps its storage in a tf.Variable.
+  inner = getattr(param, "_value", None)
+  if isinstance(inner, tf.Variable) and hasattr(param, "path"):
+    return inner
+  return None
+
+
+def _pooled_lookup(param, ids, row_splits, combiner, bounds_check):
+  """Runs the pooled lookup op on flat `ids` and `row_splits`; returns [batch, width]."""
+  variable = _resource_variable(param)
+  if variable is not None and variable.dtype in _KERNEL_DTYPES:
+    resource_variable_ops.variable_accessed(variable)
+    return _ops.de_resource_pooled_embedding_lookup(variable.handle, ids, row_splits,
+                                                    combiner=combiner, bounds_check=bounds_check,
+                                                    dtype=variable.dtype)
+  table = tf.convert_to_tensor(variable if variable is not None else param)
+  if table.dtype in _KERNEL_DTYPES:
+    return _ops.de_pooled_embedding_lookup(table, ids, row_splits, combiner=combiner,
+                                           bounds_check=bounds_check)
+  # Half-precision tables: accumulate in float32, hand back the table's dtype.
+  output = _ops.de_pooled_embedding_lookup(tf.cast(table, tf.float32), ids, row_splits,
+                                           combiner=combiner, bounds_check=bounds_check)
+  return tf.cast(output, table.dtype)
+
+
+def _unit_splits(count, dtype):
+  """row_splits of `count` bags holding one id each."""
+  return tf.range(tf.cast(count, dtype) + 1, dtype=dtype)
+
+
+def _check_ids_dtype(dtype):
+  if dtype not in (tf.int32, tf.int64):
+    raise TypeError(f"embedding_lookup: 'ids' must be int32 or int64; got {dtype.name}.")
+
+
+def _lookup_dense(param, ids, width, combiner, bounds_check):
+  ids_shape = tf.shape(ids, out_type=ids.dtype)
+  flat_ids = tf.reshape(ids, [-1])
+  if combiner is None:
+    output = _pooled_lookup(param, flat_ids, _unit_splits(tf.size(flat_ids), ids.dtype), "sum",
+                            bounds_check)
+    output = tf.reshape(output, tf.concat([tf.cast(ids_shape, tf.int32), tf.shape(output)[1:]], 0))
+    output.set_shape(ids.shape.concatenate([width]))
+    return output
+  # Fixed hotness h: bag b holds ids[b, :], so row_splits = [0, h, 2h, ...].
+  row_splits = tf.range(ids_shape[0] + 1, dtype=ids.dtype) * ids_shape[1]
+  output = _pooled_lookup(param, flat_ids, row_splits, combiner, bounds_check)
+  output.set_shape(ids.shape[:1].concatenate([width]))
+  return output
+
+
+def _lookup_ragged(param, ids, width, combiner, bounds_check):
+  if ids.ragged_rank != 1:
+    raise ValueError("embedding_lookup: 'ids' must be a 2-D RaggedTensor with one ragged "
+                     f"dimension; got ragged_rank {ids.ragged_rank}.")
+  _check_ids_dtype(ids.values.dtype)
+  if combiner is None:
+    splits = _unit_splits(tf.size(ids.values), ids.row_splits.dtype)
+    values = _pooled_lookup(param, ids.values, splits, "sum", bounds_check)
+    values.set_shape(ids.values.shape.concatenate([width]))
+    return ids.with_values(values)
+  output = _pooled_lookup(param, ids.values, ids.row_splits, combiner, bounds_check)
+  output.set_shape(ids.shape[:1].concatenate([width]))
+  return output
+
+
+def _lookup_sparse(param, ids, width, combiner, bounds_check):
+  _check_ids_dtype(ids.values.dtype)
+  # Validates bounds and canonical order of the indices, and gives the CSR row_splits.
+  row_splits = _ops.de_sparse_row_splits(ids.indices, ids.dense_shape, out_type=tf.int64)
+  if combiner is None:
+    values = _pooled_lookup(param, ids.values, _unit_splits(tf.size(ids.values), tf.int64), "sum",
+                            bounds_check)
+    with tf.control_dependencies([row_splits]):
+      dense_shape = tf.concat([ids.dense_shape, tf.shape(values, out_type=tf.int64)[1:]], axis=0)
+      output = tf.scatter_nd(ids.indices, values, dense_shape)
+    output.set_shape(ids.shape.concatenate([width]))
+    return output
+  output = _pooled_lookup(param, ids.values, row_splits, combiner, bounds_check)
+  output.set_shape(ids.shape[:1].concatenate([width]))
+  return output
+
+
+def embedding_lookup(param, ids, combiner=None, bounds_check="error"):
+  """Looks up embeddings of `ids` in `param`, optionally pooling each row of ids.
+
+  Args:
+    param: The whole table, [num_rows, width]: a `tf.Tensor`, a `tf.Variable` (read in place
+      through its handle, never copied) or a Keras variable.
+    ids: 2-D int32 or int64 ids: a dense `tf.Tensor` (fixed hotness), a `tf.RaggedTensor` whose
+      values and row_splits are the CSR form of the id matrix, or a `tf.SparseTensor` in canonical
+      row-major order.
+    combiner: None, 'sum' or 'mean'. With None the result has shape `ids.shape + [width]` (ragged
+      for ragged ids; for sparse ids a dense tensor with zeros where `ids` has no entry). With
+      'sum' or 'mean' each row of ids is reduced and the result is [batch, width]; an empty row
+      gives zeros for both combiners.
+    bounds_check: 'error' (default) fails on an id outside [0, num_rows); 'skip' lets such ids
+      contribute nothing, and a mean then divides by the number of valid ids.
+
+  Returns:
+    A tensor of `param`'s dtype. Its gradient with respect to `param` is a `tf.IndexedSlices` with
+    each distinct id once.
+
+  Raises:
+    TypeError: If `param` is not a tensor or variable, or `ids` is not of an integer type.
+    ValueError: If `ids` is not 2-D, or `combiner` or `bounds_check` is not a known value.
+  """
+  if combiner not in _COMBINERS:
+    raise ValueError("embedding_lookup: 'combiner' must be None, 'sum' or 'mean'; "
+                     f"got {combiner!r}.")
+  if bounds_check not in _BOUNDS_CHECKS:
+    raise ValueError("embedding_lookup: 'bounds_check' must be 'error' or 'skip'; "
+                     f"got {bounds_check!r}.")
+  if _resource_variable(param) is None and not tf.is_tensor(param):
+    raise TypeError("embedding_lookup: 'param' must be a tf.Tensor or a variable; "
+                    f"got {type(param).__name__}.")
+  if param.shape.rank is not None and param.shape.rank != 2:
+    raise ValueError(f"embedding_lookup: 'param' must be 2-D; got shape {param.shape}.")
+  width = param.shape[-1] if param.shape.rank is not None else None
+
+  if isinstance(ids, (tf.RaggedTensor, tf.SparseTensor)):
+    rank = ids.shape.rank
+  else:
+    ids = tf.convert_to_tensor(ids)
+    rank = ids.shape.rank
+  if rank != 2:
+    raise ValueError(f"embedding_lookup: 'ids' must be 2-D; got shape {ids.shape}.")
+
+  if isinstance(ids, tf.RaggedTensor):
+    return _lookup_ragged(param, ids, width, combiner, bounds_check)
+  if isinstance(ids, tf.SparseTensor):
+    return _lookup_sparse(param, ids, width, combiner, bounds_check)
+  _check_ids_dtype(ids.dtype)
+  return _lookup_dense(param, ids, width, combiner, bounds_check)
+
+
+def _sparse_gradient(op, grad, dense_shape):
+  unique_ids, unique_grad = _ops.de_pooled_embedding_lookup_grad(
+      grad, op.inputs[1], op.inputs[2], dense_shape[0], combiner=op.get_attr("combiner"),
+      bounds_check=op.get_attr("bounds_check"))
+  return [tf.IndexedSlices(unique_grad, unique_ids, dense_shape), None, None]
+
+
+@framework_ops.RegisterGradient("DePooledEmbeddingLookup")
+def _pooled_lookup_grad(op, grad):
+  return _sparse_gradient(op, grad, tf.shape(op.inputs[0], out_type=tf.int64))
+
+
+@framework_ops.RegisterGradient("DeResourcePooledEmbeddingLookup")
+def _resource_pooled_lookup_grad(op, grad):
+  return _sparse_gradient(op, grad,
+                          resource_variable_ops.variable_shape(op.inputs[0], out_type=tf.int64))
+
+
+framework_ops.NotDifferentiable("DePooledEmbeddingLookupGrad")
+framework_ops.NotDifferentiable("DeSparseRowSplits")
