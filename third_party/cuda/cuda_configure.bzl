@@ -49,7 +49,7 @@ package(default_visibility = ["//visibility:public"])
 # is linked into each sandboxed compile. nvcc finds its own headers (CCCL included) itself.
 cc_library(
     name = "cuda_headers",
-    hdrs = glob(["include/*.h", "include/crt/*.h", "include/crt/*.hpp"]),
+    hdrs = glob(["include/*.h", "include/*.hpp", "include/crt/*.h", "include/crt/*.hpp"]),
     includes = ["include"],
 )
 
