@@ -1,0 +1,171 @@
+"""Keras 3 embedding layers backed by the library's pooled lookup kernels.
+
+`Embedding` is a drop-in for `keras.layers.Embedding` with an optional `combiner` that pools the
+last input dimension; its table is read in place (no copy) and its gradient is sparse.
+"""
+
+import keras
+import tensorflow as tf
+
+from distributed_embeddings.python.ops import embedding_lookup_ops
+
+_COMBINERS = (None, "sum", "mean")
+
+# Keys a stock keras.layers.Embedding config may hold that this layer has no use for.
+_UNSUPPORTED_KERAS_KEYS = ("mask_zero", "input_length", "lora_rank", "lora_alpha", "sparse",
+                           "quantization_config", "embeddings_dtype")
+
+
+def _native_lookup(table, ids, combiner):
+  """The same lookup with TensorFlow's own ops (use_custom_kernel=False)."""
+  if isinstance(ids, tf.SparseTensor):
+    ids = tf.RaggedTensor.from_sparse(ids)
+  if combiner is None:
+    if isinstance(ids, tf.RaggedTensor):
+      return tf.ragged.map_flat_values(tf.gather, table, ids)
+    return tf.gather(table, ids)
+  rows = tf.gather(table, ids) if not isinstance(ids, tf.RaggedTensor) else \
+      tf.ragged.map_flat_values(tf.gather, table, ids)
+  total = tf.reduce_sum(rows, axis=1)
+  if combiner == "sum":
+    return total
+  if isinstance(ids, tf.RaggedTensor):
+    count = tf.cast(tf.maximum(ids.row_lengths(), 1), total.dtype)[:, None]
+    return total / count
+  return tf.reduce_mean(rows, axis=1)
+
+
+@keras.saving.register_keras_serializable(package="distributed_embeddings")
+class Embedding(keras.layers.Layer):
+  """Turns ids into embedding vectors, optionally pooling the last dimension.
+
+  Args:
+    input_dim: Size of the vocabulary (largest id + 1); must be positive.
+    output_dim: Width of each embedding vector; must be positive.
+    embeddings_initializer: Initializer of the table (a `keras.initializers` name or object).
+    embeddings_regularizer: Regularizer of the table.
+    activity_regularizer: Regularizer of the layer's output.
+    embeddings_constraint: Constraint on the table.
+    combiner: None, 'sum' or 'mean'. With a combiner the last input dimension is pooled:
+      an N-D tensor (d1..dn), N >= 2, gives (d1..dn-1, output_dim); a 2-D RaggedTensor or
+      SparseTensor (batch, hotness) gives (batch, output_dim). Without one the output is
+      `inputs.shape + (output_dim,)` and ragged inputs stay ragged.
+    use_custom_kernel: True (default) to use this library's kernels; False for TensorFlow's own
+      ops, e.g. to compare against them.
+    weights: Optional `[table]` to start from instead of the initializer.
+    **kwargs: Standard layer arguments (`name`, `dtype`, `trainable`, ...).
+
+  Under a mixed precision policy the table stays in the variable dtype (float32) and the output
+  comes in the compute dtype. Float ids are cast to integers.
+  """
+
+  def __init__(self, input_dim, output_dim, embeddings_initializer="uniform",
+               embeddings_regularizer=None, activity_regularizer=None,
+               embeddings_constraint=None, combiner=None, use_custom_kernel=True, weights=None,
+               **kwargs):
+    for arg, value in (("input_dim", input_dim), ("output_dim", output_dim)):
+      if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"Embedding: '{arg}' must be a positive integer; got {value!r}.")
+    if combiner not in _COMBINERS:
+      raise ValueError(f"Embedding: 'combiner' must be None, 'sum' or 'mean'; got {combiner!r}.")
+    # The table is never cast to the compute dtype: only the pooled output is.
+    kwargs["autocast"] = False
+    super().__init__(activity_regularizer=activity_regularizer, **kwargs)
+    self.input_dim = input_dim
+    self.output_dim = output_dim
+    self.embeddings_initializer = keras.initializers.get(embeddings_initializer)
+    self.embeddings_regularizer = keras.regularizers.get(embeddings_regularizer)
+    self.embeddings_constraint = keras.constraints.get(embeddings_constraint)
+    self.combiner = combiner
+    self.use_custom_kernel = use_custom_kernel
+    self.supports_masking = False
+    if weights is not None:
+      # Built now, as keras.layers.Embedding does, so the values hold whenever the layer is first
+      # called (also inside a tf.function).
+      self.build()
+      self.set_weights(weights)
+
+  def build(self, input_shape=None):
+    if self.built:
+      return
+    self.embeddings = self.add_weight(shape=(self.input_dim, self.output_dim),
+                                      initializer=self.embeddings_initializer, name="embeddings",
+                                      regularizer=self.embeddings_regularizer,
+                                      constraint=self.embeddings_constraint, trainable=True)
+    self.built = True
+
+  def _lookup(self, ids, combiner):
+    if self.use_custom_kernel:
+      return embedding_lookup_ops.embedding_lookup(self.embeddings, ids, combiner=combiner)
+    return _native_lookup(self.embeddings.value, ids, combiner)
+
+  def call(self, inputs):
+    if isinstance(inputs, tf.SparseTensor):
+      if not inputs.dtype.is_integer:
+        inputs = tf.SparseTensor(inputs.indices, tf.cast(inputs.values, tf.int64),
+                                 inputs.dense_shape)
+    elif isinstance(inputs, tf.RaggedTensor):
+      if not inputs.dtype.is_integer:
+        inputs = tf.cast(inputs, tf.int64)
+    else:
+      inputs = tf.convert_to_tensor(inputs)
+      if not inputs.dtype.is_integer:
+        inputs = tf.cast(inputs, tf.int64)
+      elif inputs.dtype not in (tf.int32, tf.int64):
+        inputs = tf.cast(inputs, tf.int64)
+
+    rank = inputs.shape.rank
+    if isinstance(inputs, (tf.RaggedTensor, tf.SparseTensor)):
+      if rank != 2:
+        raise ValueError(f"Embedding: ragged and sparse inputs must be 2-D; got shape "
+                         f"{inputs.shape}.")
+      output = self._lookup(inputs, self.combiner)
+    elif rank is None:
+      raise ValueError("Embedding: inputs must have a known rank.")
+    elif self.combiner is not None and rank < 2:
+      raise ValueError(f"Embedding: a combiner pools the last dimension, so inputs must be at "
+                       f"least 2-D; got shape {inputs.shape}. Add a batch dimension.")
+    else:
+      # Fold every leading dimension into the batch: 2-D ids of (rows, last dimension).
+      last = 1 if (rank < 2 or self.combiner is None) else -1
+      ids_2d = tf.reshape(inputs, [-1, tf.shape(inputs)[-1] if last == -1 else 1])
+      output = self._lookup(ids_2d, self.combiner)
+      leading = tf.shape(inputs) if self.combiner is None else tf.shape(inputs)[:-1]
+      output = tf.reshape(output, tf.concat([leading, [self.output_dim]], axis=0))
+      output.set_shape(self.compute_output_shape(inputs.shape))
+    if output.dtype != self.compute_dtype:
+      output = tf.cast(output, self.compute_dtype)
+    return output
+
+  def compute_output_shape(self, input_shape):
+    input_shape = tuple(input_shape)
+    if self.combiner is None:
+      return input_shape + (self.output_dim,)
+    return input_shape[:-1] + (self.output_dim,)
+
+  def compute_output_spec(self, inputs):
+    ragged = getattr(inputs, "ragged", False) and self.combiner is None
+    return keras.KerasTensor(self.compute_output_shape(inputs.shape), dtype=self.compute_dtype,
+                             ragged=ragged)
+
+  def get_config(self):
+    config = super().get_config()
+    config.update({
+        "input_dim": self.input_dim,
+        "output_dim": self.output_dim,
+        "embeddings_initializer": keras.initializers.serialize(self.embeddings_initializer),
+        "embeddings_regularizer": keras.regularizers.serialize(self.embeddings_regularizer),
+        "activity_regularizer": keras.regularizers.serialize(self.activity_regularizer),
+        "embeddings_constraint": keras.constraints.serialize(self.embeddings_constraint),
+        "combiner": self.combiner,
+        "use_custom_kernel": self.use_custom_kernel,
+    })
+    return config
+
+  @classmethod
+  def from_config(cls, config):
+    """Creates the layer from its config, or from a stock `keras.layers.Embedding` config."""
+    config = dict(config)
+    for key in _UNSUPPORTED_KERAS_KEYS:
+      config.pop(key, None)
+    return super().from_config(config)
