@@ -1,8 +1,9 @@
 """distributed-embeddings: fast pooled embedding lookups and model-parallel embeddings for TF 2."""
 
 from distributed_embeddings.python.layers.embedding import Embedding
+from distributed_embeddings.python.layers.embedding import IntegerLookup
 from distributed_embeddings.python.ops.embedding_lookup_ops import embedding_lookup
 
 __version__ = "0.1.0"
 
-__all__ = ["Embedding", "embedding_lookup"]
+__all__ = ["Embedding", "IntegerLookup", "embedding_lookup"]

@@ -169,3 +169,74 @@ class Embedding(keras.layers.Layer):
     for key in _UNSUPPORTED_KERAS_KEYS:
       config.pop(key, None)
     return super().from_config(config)
+
+
+@keras.saving.register_keras_serializable(package="distributed_embeddings")
+class IntegerLookup(keras.layers.Layer):
+  """Maps arbitrary integer keys to contiguous ids, building the vocabulary on the fly.
+
+  Each new key met while training (or in a direct call) gets the next id in [1, max_tokens];
+  0 is the out-of-vocabulary id: key -1 (the OOV token, as in keras.layers.IntegerLookup), keys
+  met once the vocabulary is full (they stay OOV), and unknown keys in inference
+  (`training=False`, as in `model.predict`). Dense inputs of any shape and ragged inputs keep
+  their shape; sparse inputs keep their indices.
+
+  The vocabulary is a non-trainable int64 weight, so it is saved and restored with the model
+  (`model.save`, `tf.train.Checkpoint`). It lives in a hash table of this library's kernels:
+  on the CPU, or on the GPU when `use_gpu` is true and a GPU is present.
+
+  Args:
+    max_tokens: the largest id, so at most max_tokens keys have ids; a positive integer.
+    use_gpu: whether the lookup may run on a GPU.
+  """
+
+  def __init__(self, max_tokens, use_gpu=True, **kwargs):
+    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens <= 0:
+      raise ValueError(f"IntegerLookup: 'max_tokens' must be a positive integer; got "
+                       f"{max_tokens!r}.")
+    kwargs["autocast"] = False
+    super().__init__(**kwargs)
+    self.max_tokens = max_tokens
+    self.use_gpu = use_gpu
+    initial = embedding_lookup_ops.initial_integer_lookup_state(max_tokens)
+    self.state = self.add_weight(name="vocabulary", shape=initial.shape, dtype="int64",
+                                 initializer=lambda shape, dtype=None: initial, trainable=False)
+    self.built = True
+
+  def call(self, inputs, training=None):
+    insert = training is not False
+
+    def lookup(keys):
+      if not keys.dtype.is_integer:
+        raise TypeError(f"IntegerLookup: keys must be integers; got {keys.dtype.name}.")
+      if keys.dtype not in (tf.int32, tf.int64):
+        keys = tf.cast(keys, tf.int64)
+      with tf.device(None if self.use_gpu else "/CPU:0"):
+        return embedding_lookup_ops.integer_lookup(self.state, keys, self.max_tokens, insert)
+
+    if isinstance(inputs, tf.RaggedTensor):
+      return inputs.with_flat_values(lookup(inputs.flat_values))
+    if isinstance(inputs, tf.SparseTensor):
+      return tf.SparseTensor(inputs.indices, lookup(inputs.values), inputs.dense_shape)
+    return lookup(tf.convert_to_tensor(inputs))
+
+  def compute_output_spec(self, inputs):
+    return keras.KerasTensor(inputs.shape, dtype="int64", sparse=getattr(inputs, "sparse", False),
+                             ragged=getattr(inputs, "ragged", False))
+
+  def vocabulary_size(self):
+    """Ids in use, the OOV id included."""
+    return int(self.state.numpy()[0]) + 1
+
+  def get_vocabulary(self):
+    """The keys in id order, starting with the OOV token -1 (id 0)."""
+    state = self.state.numpy()
+    pairs = state[1:].reshape(-1, 2)
+    in_vocabulary = pairs[:, 1] > 0
+    keys, ids = pairs[in_vocabulary, 0], pairs[in_vocabulary, 1]
+    return [-1] + keys[ids.argsort()].tolist()
+
+  def get_config(self):
+    config = super().get_config()
+    config.update({"max_tokens": self.max_tokens, "use_gpu": self.use_gpu})
+    return config

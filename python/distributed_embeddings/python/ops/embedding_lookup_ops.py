@@ -180,3 +180,43 @@ def _resource_pooled_lookup_grad(op, grad):
 
 framework_ops.NotDifferentiable("DePooledEmbeddingLookupGrad")
 framework_ops.NotDifferentiable("DeSparseRowSplits")
+
+framework_ops.NotDifferentiable("DeIntegerLookup")
+
+
+def integer_lookup(state, keys, max_tokens, insert=True):
+  """Maps int32/int64 `keys` (any shape) to int64 ids in [0, max_tokens] through `state`.
+
+  Args:
+    state: the int64 variable holding the vocabulary, of integer_lookup_state_size(max_tokens)
+      elements, initialized by initial_integer_lookup_state(max_tokens).
+    keys: an integer tensor of any shape.
+    max_tokens: the largest id.
+    insert: whether unknown keys join the vocabulary (while there is room).
+
+  Returns:
+    int64 ids shaped like `keys`: 1..max_tokens for keys in the vocabulary, 0 for the rest.
+  """
+  variable = _resource_variable(state)
+  if variable is None:
+    raise TypeError(f"integer_lookup: 'state' must be a variable; got {type(state).__name__}.")
+  resource_variable_ops.variable_accessed(variable)
+  return _ops.de_integer_lookup(variable.handle, keys, max_tokens=max_tokens, insert=insert)
+
+
+def integer_lookup_state_size(max_tokens):
+  """Elements of the vocabulary state: the count plus a (key, id) pair per slot."""
+  slots = 16
+  while slots < 2 * max_tokens:
+    slots *= 2
+  return 1 + 2 * slots
+
+
+def initial_integer_lookup_state(max_tokens):
+  """The state of an empty vocabulary: count 0, every slot (empty key, pending id)."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  state = np.empty(integer_lookup_state_size(max_tokens), np.int64)
+  state[0] = 0
+  state[1::2] = np.iinfo(np.int64).min
+  state[2::2] = -1
+  return state

@@ -1,0 +1,44 @@
+// CPU functor and registration of DeIntegerLookup.
+#include <cstring>
+
+#include "embedding/ops/integer_lookup_kernels.h"
+#include "tensorflow/core/util/work_sharder.h"
+
+namespace distributed_embeddings {
+
+using ::tensorflow::OpKernelContext;
+using ::tensorflow::Tensor;
+using CPUDevice = Eigen::ThreadPoolDevice;
+
+template <typename KeyT>
+struct IntegerLookupFunctor<CPUDevice, KeyT> {
+  static Status Copy(OpKernelContext* ctx, const Tensor& from, Tensor* to) {
+    std::memcpy(to->flat<int64_t>().data(), from.flat<int64_t>().data(),
+                from.NumElements() * sizeof(int64_t));
+    return Status::Ok();
+  }
+
+  static Status Lookup(OpKernelContext* ctx, int64_t* state, int64_t state_size,
+                       int64_t max_tokens, const KeyT* keys, int64_t n, bool insert,
+                       int64_t* ids) {
+    const auto* workers = ctx->device()->tensorflow_cpu_worker_threads();
+    ParallelFor parallel_for = [workers](int64_t total, int64_t cost,
+                                         const std::function<void(int64_t, int64_t)>& work) {
+      tensorflow::Shard(workers->num_threads, workers->workers, total, cost, work);
+    };
+    return IntegerLookupCpu(state, state_size, max_tokens, keys, n, insert, ids, parallel_for);
+  }
+};
+
+#define DE_REGISTER_CPU_INTEGER_LOOKUP(KeyT)                                         \
+  REGISTER_KERNEL_BUILDER(Name("DeIntegerLookup")                                    \
+                              .Device(tensorflow::DEVICE_CPU)                        \
+                              .TypeConstraint<KeyT>("Tkeys"),                        \
+                          IntegerLookupOp<CPUDevice, KeyT>);
+
+DE_REGISTER_CPU_INTEGER_LOOKUP(int32_t)
+DE_REGISTER_CPU_INTEGER_LOOKUP(int64_t)
+
+#undef DE_REGISTER_CPU_INTEGER_LOOKUP
+
+}  // namespace distributed_embeddings
