@@ -107,6 +107,17 @@ class ForwardTest(test_util.TestCase):
     if combiner is not None:
       self.assertAllClose(native(ragged), ours(ragged))
 
+  def test_negative_and_out_of_range_ids_raise_invalid_argument(self):
+    layer = de.Embedding(10, 4, combiner="sum")
+    with self.assertRaisesRegex(tf.errors.InvalidArgumentError, r"got ids\[1\] = -2\."):
+      layer(tf.constant([[1, -2]]))
+    with self.assertRaisesRegex(tf.errors.InvalidArgumentError, r"'ids' must be in \[0, 10\)"):
+      de.Embedding(10, 4)(tf.ragged.constant([[3, 10]]))
+
+  def test_nested_ragged_input_is_rejected(self):
+    with self.assertRaisesRegex(ValueError, "ragged and sparse inputs must be 2-D"):
+      de.Embedding(10, 4, combiner="sum")(tf.ragged.constant([[[1], [2, 3]]]))
+
   def test_tf_function(self):
     ours, stock, _ = _pair(combiner="mean")
     fn = tf.function(ours, input_signature=[tf.TensorSpec([None, None], tf.int64)])
@@ -201,6 +212,15 @@ class TrainingTest(test_util.TestCase):
     loss = model.evaluate(data, verbose=0)
     self.assertAlmostEqual(history.history["loss"][-1], loss, delta=0.2)
     self.assertEqual((n, 1), model.predict(data, verbose=0).shape)
+
+  def test_sequential_model_fit_matches_stock_keras_forward(self):
+    ours, stock, table = _pair(input_dim=30, output_dim=4, combiner="mean")
+    model = keras.Sequential([keras.Input(shape=(5,), dtype="int64"), ours, keras.layers.Dense(1)])
+    model.compile(optimizer="sgd", loss="mse")
+    ids = np.random.default_rng(9).integers(0, 30, size=(64, 5))
+    self.assertAllClose(_reduce(stock(ids), "mean"), ours(ids))
+    history = model.fit(ids, np.ones((64, 1)), epochs=3, batch_size=16, verbose=1)
+    self.assertLess(history.history["loss"][-1], history.history["loss"][0])
 
   @parameterized.parameters("mixed_float16", "mixed_bfloat16")
   def test_mixed_precision_keeps_a_float32_table(self, policy):
