@@ -25,11 +25,24 @@ inline bool InRange(IdT id, int64_t num_rows) {
   return id >= 0 && static_cast<int64_t>(id) < num_rows;
 }
 
+inline void PrefetchLine(const char* address) {
+#if defined(__x86_64__)
+  // Volatile asm: GCC deletes a loop whose only statement is __builtin_prefetch as dead code.
+  asm volatile("prefetcht0 %0" : : "m"(*address));
+#else
+  __builtin_prefetch(address, /*rw=*/0, /*locality=*/3);
+#endif
+}
+
+// Prefetches every cache line the row touches (a row need not start on a line boundary): the row
+// is read a few iterations later.
 template <typename T>
 inline void PrefetchRow(const T* row, int64_t row_bytes) {
   const char* bytes = reinterpret_cast<const char*>(row);
-  for (int64_t offset = 0; offset < row_bytes; offset += kCacheLineBytes) {
-    __builtin_prefetch(bytes + offset, /*rw=*/0, /*locality=*/0);
+  const int64_t misalignment = static_cast<int64_t>(reinterpret_cast<uintptr_t>(bytes) %
+                                                    kCacheLineBytes);
+  for (int64_t offset = -misalignment; offset < row_bytes; offset += kCacheLineBytes) {
+    PrefetchLine(bytes + offset);
   }
 }
 
@@ -45,11 +58,6 @@ inline void AddRow(const T* __restrict src, int64_t width, T* __restrict dst) {
 constexpr int64_t kEigenUnrollMinLength = 16;
 constexpr int64_t kEigenPacketBytes = 32;
 
-template <typename T, typename IdT>
-inline const T* RowOrNull(const T* params, int64_t num_rows, int64_t width, IdT id) {
-  return InRange(id, num_rows) ? params + static_cast<int64_t>(id) * width : nullptr;
-}
-
 // Sums (or averages) the rows of bags [bag_begin, bag_end). `scratch` holds 3 * width values for
 // the interleaved partial sums. Division, not multiplication by a reciprocal, keeps the mean
 // identical to tf.reduce_mean.
@@ -61,12 +69,12 @@ void ForwardBags(const T* __restrict params, int64_t num_rows, int64_t width,
   const int64_t range_end = static_cast<int64_t>(csr.row_splits[bag_end]);
   const int64_t packet_lanes = width / (kEigenPacketBytes / sizeof(T)) * (kEigenPacketBytes / sizeof(T));
   std::vector<T> scratch(3 * packet_lanes);
-  int64_t next_prefetch = static_cast<int64_t>(csr.row_splits[bag_begin]) + kPrefetchDistance;
-  auto prefetch_up_to = [&](int64_t j) {
-    for (const int64_t limit = std::min(j + kPrefetchDistance, range_end); next_prefetch < limit;
-         ++next_prefetch) {
-      if (const T* row = RowOrNull(params, num_rows, width, csr.ids[next_prefetch])) {
-        PrefetchRow(row, row_bytes);
+  // Issues the loads of the row kPrefetchDistance ids ahead of position j.
+  const auto prefetch_ahead = [&](int64_t j) {
+    if (j + kPrefetchDistance < range_end) {
+      const IdT ahead = csr.ids[j + kPrefetchDistance];
+      if (InRange(ahead, num_rows)) {
+        PrefetchRow(params + static_cast<int64_t>(ahead) * width, row_bytes);
       }
     }
   };
@@ -80,9 +88,10 @@ void ForwardBags(const T* __restrict params, int64_t num_rows, int64_t width,
     int64_t valid = 0;
     if (interleave) std::fill(scratch.begin(), scratch.end(), T(0));
     for (int64_t j = begin; j < interleaved_end; ++j) {
-      prefetch_up_to(j);
-      const T* row = RowOrNull(params, num_rows, width, csr.ids[j]);
-      if (row == nullptr) continue;  // Only reachable with BoundsCheck::kSkip.
+      prefetch_ahead(j);
+      const IdT id = csr.ids[j];
+      if (!InRange(id, num_rows)) continue;  // Only reachable with BoundsCheck::kSkip.
+      const T* row = params + static_cast<int64_t>(id) * width;
       const int64_t k = (j - begin) % 4;
       AddRow(row, packet_lanes, k == 0 ? out : scratch.data() + (k - 1) * packet_lanes);
       AddRow(row + packet_lanes, width - packet_lanes, out + packet_lanes);
@@ -92,10 +101,10 @@ void ForwardBags(const T* __restrict params, int64_t num_rows, int64_t width,
       for (int64_t k = 0; k < 3; ++k) AddRow(scratch.data() + k * packet_lanes, packet_lanes, out);
     }
     for (int64_t j = interleaved_end; j < end; ++j) {
-      prefetch_up_to(j);
-      const T* row = RowOrNull(params, num_rows, width, csr.ids[j]);
-      if (row == nullptr) continue;
-      AddRow(row, width, out);
+      prefetch_ahead(j);
+      const IdT id = csr.ids[j];
+      if (!InRange(id, num_rows)) continue;
+      AddRow(params + static_cast<int64_t>(id) * width, width, out);
       ++valid;
     }
     if (combiner == Combiner::kMean && valid > 1) {
