@@ -1,0 +1,321 @@
+"""Model-parallel embeddings: tables sharded across workers, activations moved with all-to-all.
+
+`DistributedEmbedding` wraps a list of embedding layers. The planner (planner.py) places each
+table whole, in column slices, in row slices or replicated; every worker then holds only its own
+shards. Forward, with data-parallel input (`dp_input=True`, each worker has its local batch of
+every feature): ids of sharded tables are all-gathered, each worker looks up its shards for the
+global batch, and one all-to-all returns to every worker the rows of its local batch. Row slices
+produce partial sums that are all-reduced. Backward runs the same exchanges in reverse, so each
+shard receives its sparse gradient locally. Replicated (data-parallel) tables are looked up
+locally and their gradients are averaged by `DistributedGradientTape`.
+
+Workers communicate through a `Communicator` (TensorFlow collective ops); with one worker the
+layer is a plain set of lookups. Limits of this version: with more than one worker, ids must be
+dense (fixed hotness) tensors when `dp_input=True`; `dp_input=False` supports whole and
+column-sliced tables only.
+"""
+
+import weakref
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from distributed_embeddings.python.layers import planner as planner_lib
+from distributed_embeddings.python.ops import embedding_lookup_ops
+from distributed_embeddings.python.parallel import communicator as comm_lib
+
+# Variables whose gradients are already complete on their owner (sharded tables):
+# DistributedGradientTape scales rather than all-reduces them. Keyed by id() with a weak
+# reference to check identity, since the id of a dead variable can be reused.
+_MODEL_PARALLEL_VARIABLES = {}
+
+
+def _tf_variable(variable):
+  inner = getattr(variable, "_value", None)
+  return inner if isinstance(inner, tf.Variable) else variable
+
+
+def _mark_model_parallel(variable):
+  variable = _tf_variable(variable)
+  _MODEL_PARALLEL_VARIABLES[id(variable)] = weakref.ref(variable)
+
+
+def is_model_parallel(variable):
+  """True for the shard variables of a DistributedEmbedding with more than one worker."""
+  variable = _tf_variable(variable)
+  ref = _MODEL_PARALLEL_VARIABLES.get(id(variable))
+  return ref is not None and ref() is variable
+
+
+class DistributedEmbedding(keras.layers.Layer):
+  """Shards `embeddings` across the workers of `communicator` (one worker if None).
+
+  Args:
+    embeddings: list of embedding layers (ours, keras.layers.Embedding, or any layer whose
+      get_config has input_dim and output_dim; a 'combiner' entry pools the last input axis).
+    strategy: 'basic', 'memory_balanced' or 'memory_optimized' (see planner.py).
+    column_slice_threshold: largest column slice, in elements; None slices only when there are
+      more workers than tables.
+    row_slice_threshold: tables larger than this (elements) are split by rows across all workers.
+    dp_input: True if every worker passes its local batch of every input; False if it passes the
+      global batch of its own inputs only (`local_input_indices`).
+    input_table_map: table index of each input (several inputs may share a table); default one
+      input per table.
+    data_parallel_threshold: tables smaller than this (elements) are replicated on every worker.
+    gpu_embedding_size: accepted for compatibility with the reference API; unused on CPU.
+    communicator: the worker's Communicator.
+  """
+
+  def __init__(self, embeddings, strategy="basic", column_slice_threshold=None,
+               row_slice_threshold=None, dp_input=True, input_table_map=None,
+               data_parallel_threshold=None, gpu_embedding_size=None, communicator=None,
+               **kwargs):
+    super().__init__(autocast=False, **kwargs)
+    self.communicator = communicator or comm_lib.Communicator(0, 1)
+    self.world_size = self.communicator.world_size
+    self.rank = self.communicator.rank
+    self.dp_input = dp_input
+    self.gpu_embedding_size = gpu_embedding_size
+    configs = []
+    for i, layer in enumerate(embeddings):
+      config = layer.get_config()
+      if "input_dim" not in config or "output_dim" not in config:
+        raise ValueError(f"embeddings[{i}] ({type(layer).__name__}) must have input_dim and "
+                         "output_dim in its config.")
+      configs.append(config)
+    self.table_configs = configs
+    self.combiners = [c.get("combiner") for c in configs]
+    specs = [planner_lib.TableSpec(int(c["input_dim"]), int(c["output_dim"])) for c in configs]
+    self.plan = planner_lib.make_plan(specs, self.world_size, strategy, column_slice_threshold,
+                                      row_slice_threshold, data_parallel_threshold,
+                                      input_table_map)
+    if not dp_input and self.world_size > 1 and (
+        self.plan.data_parallel_tables or
+        any(s.kind == "row_slice" for w in self.plan.shards for s in w)):
+      raise ValueError("dp_input=False supports whole and column-sliced tables only; drop "
+                       "row_slice_threshold and data_parallel_threshold.")
+    self.local_shards = self.plan.shards[self.rank]
+    inputs_of = {}
+    for i, t in enumerate(self.plan.input_table_map):
+      inputs_of.setdefault(t, []).append(i)
+    self._inputs_of_table = inputs_of
+    # Inputs this worker must be fed with dp_input=False: those of its shards' tables.
+    self.local_input_indices = sorted({i for s in self.local_shards for i in inputs_of[s.table]})
+    self._shard_vars = []
+    self._replicated_vars = {}
+
+  def build(self, input_shape=None):
+    if self.built:
+      return
+    for s in self.local_shards:
+      init = keras.initializers.get(self.table_configs[s.table].get("embeddings_initializer",
+                                                                    "uniform"))
+      var = self.add_weight(shape=(s.rows, s.width), initializer=init,
+                            name=f"table{s.table}_r{s.row_begin}_c{s.col_begin}")
+      self._shard_vars.append(var)
+      if self.world_size > 1:
+        _mark_model_parallel(var)
+    for t in self.plan.data_parallel_tables:
+      spec = self.plan.tables[t]
+      init = keras.initializers.get(self.table_configs[t].get("embeddings_initializer",
+                                                              "uniform"))
+      self._replicated_vars[t] = self.add_weight(shape=(spec.input_dim, spec.output_dim),
+                                                 initializer=init, name=f"table{t}_replicated")
+    self.built = True
+
+  # ---- forward ----------------------------------------------------------------------------
+
+  def _lookup(self, variable, ids, combiner, bounds_check="error"):
+    return embedding_lookup_ops.embedding_lookup(variable, ids, combiner=combiner,
+                                                 bounds_check=bounds_check)
+
+  @staticmethod
+  def _flatten(out):
+    """[batch, ...] -> [batch, features], so pieces concatenate along axis 1."""
+    return tf.reshape(out, [tf.shape(out)[0], -1])
+
+  def call(self, inputs):
+    inputs = list(inputs)
+    n_inputs = len(self.plan.input_table_map)
+    if self.dp_input and len(inputs) != n_inputs:
+      raise ValueError(f"DistributedEmbedding: expected {n_inputs} inputs; got {len(inputs)}.")
+    if not self.dp_input and len(inputs) != len(self.local_input_indices):
+      raise ValueError(f"DistributedEmbedding: with dp_input=False worker {self.rank} takes "
+                       f"inputs {self.local_input_indices}; got {len(inputs)} tensors.")
+    if self.world_size == 1:
+      by_input = dict(zip(range(n_inputs) if self.dp_input else self.local_input_indices, inputs))
+      return [self._lookup(self._shard_vars[self._shard_index(self.plan.input_table_map[i])],
+                           by_input[i], self.combiners[self.plan.input_table_map[i]])
+              for i in range(n_inputs)]
+
+    comm = self.communicator
+    outputs = [None] * n_inputs
+    if self.dp_input:
+      local_ids = [tf.convert_to_tensor(x) for x in inputs]
+      for i, x in enumerate(local_ids):
+        if isinstance(x, (tf.RaggedTensor, tf.SparseTensor)) or x.shape.rank != 2:
+          raise ValueError("DistributedEmbedding: with several workers, dp_input=True takes "
+                           f"dense 2-D ids; input {i} is {type(x).__name__} {x.shape}.")
+      local_batch = tf.shape(local_ids[0])[0]
+      global_ids = {}
+      for i, t in enumerate(self.plan.input_table_map):
+        if t in self.plan.data_parallel_tables:
+          outputs[i] = self._lookup(self._replicated_vars[t], local_ids[i], self.combiners[t])
+        else:
+          global_ids[i] = comm.all_gather(local_ids[i])
+    else:
+      global_ids = dict(zip(self.local_input_indices, inputs))
+      local_batch = tf.shape(inputs[0])[0] // self.world_size if inputs else None
+
+    # Row slices: partial sums over this worker's rows, summed across workers.
+    for s, var in zip(self.local_shards, self._shard_vars):
+      if s.kind != "row_slice":
+        continue
+      for i in self._inputs_of_table[s.table]:
+        ids = global_ids[i]
+        combiner = self.combiners[s.table]
+        partial = self._lookup(var, ids - tf.cast(s.row_begin, ids.dtype),
+                               "sum" if combiner == "mean" else combiner, bounds_check="skip")
+        total = comm.all_reduce(partial)
+        if combiner == "mean":
+          count = tf.cast(tf.maximum(tf.shape(ids)[1], 1), total.dtype)
+          total = total / count
+        start = self.rank * local_batch
+        outputs[i] = total[start:start + local_batch]
+
+    # Whole tables and column slices: look up the global batch, one all-to-all back.
+    pieces = self._exchange_layout()
+    if pieces["max_width"] > 0:
+      sends = []
+      for s, i in pieces["per_worker"][self.rank]:
+        var = self._shard_vars[self.local_shards.index(s)]
+        sends.append(self._flatten(self._lookup(var, global_ids[i], self.combiners[s.table])))
+      width = sum(pieces["widths"][self.rank])
+      send = tf.concat(sends, axis=1) if sends else tf.zeros(
+          [local_batch * self.world_size, 0], self.compute_dtype)
+      send = tf.pad(send, [[0, 0], [0, pieces["max_width"] - width]])
+      send = tf.reshape(send, [self.world_size, local_batch, pieces["max_width"]])
+      received = comm.all_to_all(send)
+      assembled = {}
+      for source in range(self.world_size):
+        offset = 0
+        for (s, i), w in zip(pieces["per_worker"][source], pieces["widths"][source]):
+          assembled.setdefault(i, []).append((s.col_begin, received[source, :, offset:offset + w]))
+          offset += w
+      for i, parts in assembled.items():
+        parts.sort(key=lambda p: p[0])
+        outputs[i] = self._unflatten(i, [p[1] for p in parts], local_batch)
+    return outputs
+
+  def _shard_index(self, table):
+    for k, s in enumerate(self.local_shards):
+      if s.table == table:
+        return k
+    raise ValueError(f"table {table} is not on worker {self.rank}")
+
+  def _exchange_layout(self):
+    """Per worker, the (shard, input) pieces it sends, their flattened widths, the widest."""
+    per_worker, widths = [], []
+    for worker in self.plan.shards:
+      entries, w = [], []
+      for s in worker:
+        if s.kind == "row_slice":
+          continue
+        for i in self._inputs_of_table[s.table]:
+          entries.append((s, i))
+          w.append(s.width * self._hotness_factor(i))
+      per_worker.append(entries)
+      widths.append(w)
+    return {"per_worker": per_worker, "widths": widths,
+            "max_width": max((sum(w) for w in widths), default=0)}
+
+  def _hotness_factor(self, i):
+    """Values per id row in a flattened output: 1 with a combiner, the hotness without."""
+    if self.combiners[self.plan.input_table_map[i]] is not None:
+      return 1
+    hotness = self._input_hotness.get(i)
+    if hotness is None:
+      raise ValueError(f"DistributedEmbedding: input {i} has no combiner, so its hotness "
+                       "(last dimension) must be static.")
+    return hotness
+
+  def _unflatten(self, i, parts, local_batch):
+    t = self.plan.input_table_map[i]
+    if self.combiners[t] is not None:
+      return tf.concat(parts, axis=1)
+    hotness = self._input_hotness[i]
+    parts = [tf.reshape(p, [local_batch, hotness, -1]) for p in parts]
+    return tf.concat(parts, axis=2)
+
+  def __call__(self, inputs, *args, **kwargs):
+    inputs = list(inputs)
+    indices = range(len(inputs)) if self.dp_input else self.local_input_indices
+    self._input_hotness = {i: (x.shape[-1] if not isinstance(x, (tf.RaggedTensor, tf.SparseTensor))
+                               else None) for i, x in zip(indices, inputs)}
+    return super().__call__(inputs, *args, **kwargs)
+
+  # ---- weights ----------------------------------------------------------------------------
+
+  def get_weights(self):
+    """The full global tables, in table order, on every worker (collective: call on all)."""
+    if not self.built:
+      self.build()
+    tables = []
+    for t, spec in enumerate(self.plan.tables):
+      if t in self._replicated_vars:
+        tables.append(self._replicated_vars[t].numpy())
+        continue
+      full = np.zeros((spec.input_dim, spec.output_dim), np.float32)
+      for s, var in zip(self.local_shards, self._shard_vars):
+        if s.table == t:
+          full[s.row_begin:s.row_end, s.col_begin:s.col_end] = var.numpy()
+      tables.append(self.communicator.all_reduce(tf.constant(full)).numpy())
+    return tables
+
+  def set_weights(self, weights):
+    """Takes the full global tables (any worker count wrote them); keeps this worker's shards."""
+    if not self.built:
+      self.build()
+    if len(weights) != len(self.plan.tables):
+      raise ValueError(f"set_weights: expected {len(self.plan.tables)} tables; got "
+                       f"{len(weights)}.")
+    for t, (table, spec) in enumerate(zip(weights, self.plan.tables)):
+      if tuple(np.shape(table)) != (spec.input_dim, spec.output_dim):
+        raise ValueError(f"set_weights: table {t} must be {(spec.input_dim, spec.output_dim)}; "
+                         f"got {np.shape(table)}.")
+    for s, var in zip(self.local_shards, self._shard_vars):
+      var.assign(np.asarray(weights[s.table])[s.row_begin:s.row_end, s.col_begin:s.col_end])
+    for t, var in self._replicated_vars.items():
+      var.assign(weights[t])
+
+
+class DistributedGradientTape:
+  """Wraps a tf.GradientTape: gradients of sharded tables are complete on their owner (scaled by
+  1 / world_size, as each worker's loss is a mean over its local batch); every other gradient is
+  averaged over the workers."""
+
+  def __init__(self, tape, communicator):
+    self._tape = tape
+    self._comm = communicator
+
+  def gradient(self, target, sources):
+    grads = self._tape.gradient(target, sources)
+    n = self._comm.world_size
+    out = []
+    for g, v in zip(grads, sources):
+      if g is None or n == 1:
+        out.append(g)
+      elif is_model_parallel(v):
+        out.append(tf.IndexedSlices(g.values / n, g.indices, g.dense_shape)
+                   if isinstance(g, tf.IndexedSlices) else g / n)
+      else:
+        out.append(self._comm.all_reduce(tf.convert_to_tensor(g), op="mean"))
+    return out
+
+
+def broadcast_variables(variables, communicator, root=0):
+  """Gives every worker `root`'s values of `variables` (for data-parallel weights)."""
+  for v in variables:
+    if not is_model_parallel(v):
+      v.assign(communicator.broadcast(tf.convert_to_tensor(v), root))

@@ -1,0 +1,1 @@
+"""Communication among workers: TensorFlow collective ops, launch helpers."""

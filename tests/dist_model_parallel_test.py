@@ -1,0 +1,153 @@
+"""DistributedEmbedding with 2 and 4 workers against one worker training the same global batch.
+
+Workers are threads on logical CPU devices, communicating with TensorFlow's collective ops.
+"""
+
+from absl.testing import absltest
+from absl.testing import parameterized
+import numpy as np
+import tensorflow as tf
+
+import distributed_embeddings as de
+from distributed_embeddings.python.layers import dist_model_parallel as dmp
+from distributed_embeddings.python.parallel import communicator as comm_lib
+import test_util
+
+comm_lib.configure_logical_devices(4)
+
+TABLES = [(50, 8), (30, 4), (64, 16), (10, 8), (100, 4)]  # (rows, width)
+GLOBAL_BATCH = 8
+HOTNESS = [3, 1, 2, 4, 5]
+
+MODES = {
+    "table_wise": dict(),
+    "memory_optimized": dict(strategy="memory_optimized"),
+    "column_sliced": dict(column_slice_threshold=100),
+    "row_sliced": dict(row_slice_threshold=300),
+    "data_parallel": dict(data_parallel_threshold=200),
+    "mixed": dict(column_slice_threshold=200, row_slice_threshold=500,
+                  data_parallel_threshold=100, strategy="memory_balanced"),
+    "shared_tables": dict(input_table_map=[0, 1, 2, 3, 4, 0, 2]),
+    "model_parallel_input": dict(dp_input=False, column_slice_threshold=150),
+}
+
+
+def _inputs(seed, input_table_map):
+  rng = np.random.default_rng(seed)
+  return [rng.integers(0, TABLES[t][0], size=(GLOBAL_BATCH, HOTNESS[i % len(HOTNESS)]))
+          for i, t in enumerate(input_table_map)]
+
+
+def _train(world_size, mode, combiner, steps=3, lr=0.5):
+  """Returns, per worker, (first-step outputs, tables after `steps` SGD steps)."""
+  input_table_map = mode.get("input_table_map", list(range(len(TABLES))))
+  rng = np.random.default_rng(42)
+  weights = [rng.standard_normal(shape).astype(np.float32) for shape in TABLES]
+  coefs = [rng.standard_normal((GLOBAL_BATCH, w)).astype(np.float32)
+           for w in (TABLES[t][1] for t in input_table_map)]
+  batches = [_inputs(100 + s, input_table_map) for s in range(steps)]
+
+  def work(comm):
+    layers = [de.Embedding(r, w, combiner=combiner) for r, w in TABLES]
+    layer = dmp.DistributedEmbedding(layers, communicator=comm, **mode)
+    layer.build()
+    layer.set_weights(weights)
+    n, rank = comm.world_size, comm.rank
+    local = slice(rank * GLOBAL_BATCH // n, (rank + 1) * GLOBAL_BATCH // n)
+    first = None
+    for ids in batches:
+      if layer.dp_input:
+        feed = [tf.constant(x[local]) for x in ids]
+      else:
+        feed = [tf.constant(ids[i]) for i in layer.local_input_indices]
+      with tf.GradientTape() as tape:
+        outs = layer(feed)
+        # Each worker's loss is a mean over its local batch, as in data-parallel training.
+        loss = sum(tf.reduce_sum(tf.reshape(o, [o.shape[0], -1])[:, :c.shape[1]] * c[local])
+                   for o, c in zip(outs, coefs)) / (GLOBAL_BATCH // n)
+      variables = layer.trainable_variables
+      grads = dmp.DistributedGradientTape(tape, comm).gradient(loss, variables)
+      for v, g in zip(variables, grads):
+        if isinstance(g, tf.IndexedSlices):
+          dmp._tf_variable(v).scatter_sub(  # pylint: disable=protected-access
+              tf.IndexedSlices(lr * g.values, g.indices, g.dense_shape))
+        else:
+          v.assign_sub(lr * g)
+      if first is None:
+        first = [o.numpy() for o in outs]
+    return first, layer.get_weights()
+
+  if world_size == 1:
+    return [work(comm_lib.Communicator(0, 1))]
+  return comm_lib.run_in_threads(world_size, work)
+
+
+class DistributedEmbeddingTest(test_util.TestCase):
+
+  @parameterized.product(mode=list(MODES), world_size=[2, 4], combiner=["sum", "mean"])
+  def test_matches_single_worker(self, mode, world_size, combiner):
+    (ref_out, ref_tables), = _train(1, MODES[mode], combiner)
+    results = _train(world_size, MODES[mode], combiner)
+    local = GLOBAL_BATCH // world_size
+    for rank, (outs, tables) in enumerate(results):
+      for o, r in zip(outs, ref_out):
+        self.assertAllClose(r[rank * local:(rank + 1) * local], o, rtol=1e-5, atol=1e-6)
+      for t, r in zip(tables, ref_tables):
+        self.assertAllClose(r, t, rtol=1e-5, atol=1e-6)
+
+  def test_forward_matches_numpy(self):
+    rng = np.random.default_rng(3)
+    weights = [rng.standard_normal(shape).astype(np.float32) for shape in TABLES]
+    ids = _inputs(5, list(range(len(TABLES))))
+
+    def work(comm):
+      layer = dmp.DistributedEmbedding([de.Embedding(r, w, combiner="sum") for r, w in TABLES],
+                                       communicator=comm, column_slice_threshold=100)
+      layer.build()
+      layer.set_weights(weights)
+      local = slice(comm.rank * 4, comm.rank * 4 + 4)
+      return [o.numpy() for o in layer([tf.constant(x[local]) for x in ids])]
+
+    for rank, outs in enumerate(comm_lib.run_in_threads(2, work)):
+      for t, o in enumerate(outs):
+        self.assertAllClose(weights[t][ids[t][rank * 4:rank * 4 + 4]].sum(1), o, rtol=1e-6)
+
+  def test_weights_move_between_worker_counts(self):
+    rng = np.random.default_rng(4)
+    weights = [rng.standard_normal(shape).astype(np.float32) for shape in TABLES]
+
+    def roundtrip(world_size, mode, tables):
+      def work(comm):
+        layer = dmp.DistributedEmbedding([de.Embedding(r, w) for r, w in TABLES],
+                                         communicator=comm, **mode)
+        layer.set_weights(tables)
+        return layer.get_weights()
+      if world_size == 1:
+        return [work(comm_lib.Communicator(0, 1))]
+      return comm_lib.run_in_threads(world_size, work)
+
+    from_four = roundtrip(4, MODES["mixed"], weights)
+    for tables in from_four:
+      for t, w in zip(tables, weights):
+        self.assertAllEqual(w, t)
+    on_two = roundtrip(2, MODES["column_sliced"], from_four[0])
+    on_one = roundtrip(1, {}, on_two[1])
+    for t, w in zip(on_one[0], weights):
+      self.assertAllEqual(w, t)
+
+  def test_package_exports(self):
+    self.assertIs(de.dist_model_parallel.DistributedEmbedding, dmp.DistributedEmbedding)
+    self.assertIs(de.DistributedGradientTape, dmp.DistributedGradientTape)
+
+  def test_plan_and_bad_arguments(self):
+    layers = [de.Embedding(r, w) for r, w in TABLES]
+    layer = dmp.DistributedEmbedding(layers)
+    self.assertIn("worker 0", str(layer.plan))
+    with self.assertRaisesRegex(ValueError, "'strategy' must be one of"):
+      dmp.DistributedEmbedding(layers, strategy="fastest")
+    with self.assertRaisesRegex(ValueError, "expected 5 inputs; got 1"):
+      layer([tf.constant([[1]])])
+
+
+if __name__ == "__main__":
+  absltest.main()
