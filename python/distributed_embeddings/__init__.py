@@ -5,11 +5,13 @@ from distributed_embeddings.python.layers.embedding import IntegerLookup
 from distributed_embeddings.python.ops.embedding_lookup_ops import embedding_lookup
 from distributed_embeddings import dist_model_parallel
 from distributed_embeddings.dist_model_parallel import broadcast_variables
+from distributed_embeddings.dist_model_parallel import BroadcastGlobalVariablesCallback
 from distributed_embeddings.dist_model_parallel import DistributedGradientTape
+from distributed_embeddings.dist_model_parallel import DistributedOptimizer
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Embedding", "IntegerLookup", "embedding_lookup", "dist_model_parallel", "broadcast_variables",
-    "DistributedGradientTape"
+    "BroadcastGlobalVariablesCallback", "DistributedGradientTape", "DistributedOptimizer"
 ]

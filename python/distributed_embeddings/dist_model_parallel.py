@@ -1,12 +1,16 @@
 """Model-parallel embeddings: `distributed_embeddings.dist_model_parallel`."""
 
 from distributed_embeddings.python.layers.dist_model_parallel import broadcast_variables
+from distributed_embeddings.python.layers.dist_model_parallel import BroadcastGlobalVariablesCallback
 from distributed_embeddings.python.layers.dist_model_parallel import DistributedEmbedding
 from distributed_embeddings.python.layers.dist_model_parallel import DistributedGradientTape
+from distributed_embeddings.python.layers.dist_model_parallel import DistributedOptimizer
 from distributed_embeddings.python.layers.dist_model_parallel import is_model_parallel
 from distributed_embeddings.python.layers.planner import make_plan
 from distributed_embeddings.python.layers.planner import Plan
 from distributed_embeddings.python.layers.planner import TableSpec
 from distributed_embeddings.python.parallel.communicator import Communicator
 from distributed_embeddings.python.parallel.communicator import configure_logical_devices
+from distributed_embeddings.python.parallel.communicator import default_communicator
+from distributed_embeddings.python.parallel.communicator import init_from_env
 from distributed_embeddings.python.parallel.communicator import run_in_threads

@@ -72,7 +72,8 @@ class DistributedEmbedding(keras.layers.Layer):
                data_parallel_threshold=None, gpu_embedding_size=None, communicator=None,
                **kwargs):
     super().__init__(autocast=False, **kwargs)
-    self.communicator = communicator or comm_lib.Communicator(0, 1)
+    self.supports_jit = False  # Custom ops and collectives: no XLA.
+    self.communicator = communicator or comm_lib.default_communicator()
     self.world_size = self.communicator.world_size
     self.rank = self.communicator.rank
     self.dp_input = dp_input
@@ -290,32 +291,71 @@ class DistributedEmbedding(keras.layers.Layer):
       var.assign(weights[t])
 
 
-class DistributedGradientTape:
-  """Wraps a tf.GradientTape: gradients of sharded tables are complete on their owner (scaled by
-  1 / world_size, as each worker's loss is a mean over its local batch); every other gradient is
-  averaged over the workers."""
+def _reduce_gradients(grads, variables, communicator):
+  """Sharded-table gradients scaled by 1 / world_size (complete on their owner, and each worker's
+  loss is a mean over its local batch); every other gradient averaged over the workers."""
+  n = communicator.world_size
+  out = []
+  for g, v in zip(grads, variables):
+    if g is None or n == 1:
+      out.append(g)
+    elif is_model_parallel(v):
+      out.append(tf.IndexedSlices(g.values / n, g.indices, g.dense_shape)
+                 if isinstance(g, tf.IndexedSlices) else g / n)
+    else:
+      out.append(communicator.all_reduce(tf.convert_to_tensor(g), op="mean"))
+  return out
 
-  def __init__(self, tape, communicator):
+
+class DistributedGradientTape:
+  """Wraps a tf.GradientTape so that `gradient` returns the gradients of the global batch:
+  sharded tables' gradients scaled, every other gradient averaged over the workers."""
+
+  def __init__(self, tape, communicator=None):
     self._tape = tape
-    self._comm = communicator
+    self._comm = communicator or comm_lib.default_communicator()
 
   def gradient(self, target, sources):
-    grads = self._tape.gradient(target, sources)
-    n = self._comm.world_size
-    out = []
-    for g, v in zip(grads, sources):
-      if g is None or n == 1:
-        out.append(g)
-      elif is_model_parallel(v):
-        out.append(tf.IndexedSlices(g.values / n, g.indices, g.dense_shape)
-                   if isinstance(g, tf.IndexedSlices) else g / n)
-      else:
-        out.append(self._comm.all_reduce(tf.convert_to_tensor(g), op="mean"))
-    return out
+    return _reduce_gradients(self._tape.gradient(target, sources), sources, self._comm)
 
 
-def broadcast_variables(variables, communicator, root=0):
-  """Gives every worker `root`'s values of `variables` (for data-parallel weights)."""
+def DistributedOptimizer(optimizer, communicator=None):  # pylint: disable=invalid-name
+  """Makes a Keras optimizer reduce gradients across workers before applying them (as
+  DistributedGradientTape does), so `model.fit` trains on the global batch. Returns the same
+  optimizer object, state kept."""
+  comm = communicator or comm_lib.default_communicator()
+  base = type(optimizer)
+
+  class _DistributedOptimizer(base):
+
+    def apply(self, grads, trainable_variables=None):  # pylint: disable=missing-function-docstring
+      variables = trainable_variables if trainable_variables is not None else \
+          self._trainable_variables
+      return super().apply(_reduce_gradients(list(grads), list(variables), comm),
+                           trainable_variables)
+
+  _DistributedOptimizer.__name__ = base.__name__
+  optimizer.__class__ = _DistributedOptimizer
+  return optimizer
+
+
+def broadcast_variables(variables, communicator=None, root=0):
+  """Gives every worker `root`'s values of `variables`, skipping sharded tables (each worker
+  owns different shards). Call on every worker."""
+  comm = communicator or comm_lib.default_communicator()
   for v in variables:
     if not is_model_parallel(v):
-      v.assign(communicator.broadcast(tf.convert_to_tensor(v), root))
+      v.assign(comm.broadcast(tf.convert_to_tensor(v), root))
+
+
+class BroadcastGlobalVariablesCallback(keras.callbacks.Callback):
+  """Broadcasts the model's replicated weights from `root_rank` when training begins, so every
+  worker starts from the same dense layers and replicated tables."""
+
+  def __init__(self, root_rank=0, communicator=None):
+    super().__init__()
+    self.root_rank = root_rank
+    self.communicator = communicator
+
+  def on_train_begin(self, logs=None):
+    broadcast_variables(self.model.weights, self.communicator, self.root_rank)

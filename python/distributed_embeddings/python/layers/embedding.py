@@ -79,6 +79,7 @@ class Embedding(keras.layers.Layer):
     self.combiner = combiner
     self.use_custom_kernel = use_custom_kernel
     self.supports_masking = False
+    self.supports_jit = False  # Custom ops: no XLA.
     if weights is not None:
       # Built now, as keras.layers.Embedding does, so the values hold whenever the layer is first
       # called (also inside a tf.function).

@@ -167,3 +167,54 @@ def configure_logical_devices(count):
   cpus = tf.config.list_physical_devices("CPU")
   tf.config.set_logical_device_configuration(
       cpus[0], [tf.config.LogicalDeviceConfiguration() for _ in range(count)])
+
+
+_DEFAULT = None
+
+
+def default_communicator():
+  """The communicator set by `init_from_env` (or `set_default_communicator`), else one worker."""
+  return _DEFAULT if _DEFAULT is not None else Communicator(0, 1)
+
+
+def set_default_communicator(communicator):
+  global _DEFAULT  # pylint: disable=global-statement
+  _DEFAULT = communicator
+
+
+def init_from_env():
+  """Joins the workers named by TF_CONFIG (as `distributed_embeddings.launch` sets it).
+
+  Each process calls this once, before creating variables. It connects the processes over gRPC
+  for TensorFlow's collective ops, makes the resulting communicator the default one, and returns
+  it. Without TF_CONFIG the process is the only worker.
+  """
+  import json  # pylint: disable=import-outside-toplevel
+  import os  # pylint: disable=import-outside-toplevel
+  from tensorflow.core.protobuf import config_pb2  # pylint: disable=import-outside-toplevel
+  from tensorflow.core.protobuf import tensorflow_server_pb2  # pylint: disable=import-outside-toplevel
+  from tensorflow.python.eager import context  # pylint: disable=import-outside-toplevel
+
+  config = json.loads(os.environ.get("TF_CONFIG", "{}"))
+  workers = config.get("cluster", {}).get("worker", [])
+  if len(workers) <= 1:
+    communicator = Communicator(0, 1)
+  else:
+    rank = int(config["task"]["index"])
+    leader = "/job:worker/replica:0/task:0"
+    cluster = tf.train.ClusterSpec({"worker": workers})
+    # The group leader must be in the server's session config: configure_collective_ops alone
+    # leaves every task believing it leads, and the first collective then waits forever.
+    session_config = config_pb2.ConfigProto()
+    session_config.experimental.collective_group_leader = leader
+    server_def = tensorflow_server_pb2.ServerDef(cluster=cluster.as_cluster_def(),
+                                                 default_session_config=session_config,
+                                                 job_name="worker", task_index=rank,
+                                                 protocol="grpc")
+    context.context().configure_collective_ops(collective_leader=leader)
+    context.context().enable_collective_ops(server_def)
+    hint = "nccl" if tf.config.list_physical_devices("GPU") else "auto"
+    communicator = Communicator(rank, len(workers), new_group_key(),
+                                f"/job:worker/replica:0/task:{rank}/device:CPU:0", hint)
+  set_default_communicator(communicator)
+  return communicator
