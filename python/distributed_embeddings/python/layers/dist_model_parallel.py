@@ -10,9 +10,9 @@ shard receives its sparse gradient locally. Replicated (data-parallel) tables ar
 locally and their gradients are averaged by `DistributedGradientTape`.
 
 Workers communicate through a `Communicator` (TensorFlow collective ops); with one worker the
-layer is a plain set of lookups. Limits of this version: with more than one worker, ids must be
-dense (fixed hotness) tensors when `dp_input=True`; `dp_input=False` supports whole and
-column-sliced tables only.
+layer is a plain set of lookups. Limits of this version: with more than one worker and
+`dp_input=True`, ids of sharded tables must be dense (fixed hotness); ragged and sparse ids work
+for replicated tables. `dp_input=False` supports whole and column-sliced tables only.
 """
 
 import weakref
@@ -29,6 +29,15 @@ from distributed_embeddings.python.parallel import communicator as comm_lib
 # DistributedGradientTape scales rather than all-reduces them. Keyed by id() with a weak
 # reference to check identity, since the id of a dead variable can be reused.
 _MODEL_PARALLEL_VARIABLES = {}
+
+
+def _rows(ids):
+  """Batch size of dense, ragged or sparse ids."""
+  if isinstance(ids, tf.RaggedTensor):
+    return ids.nrows(out_type=tf.int32)
+  if isinstance(ids, tf.SparseTensor):
+    return tf.cast(ids.dense_shape[0], tf.int32)
+  return tf.shape(ids)[0]
 
 
 def _tf_variable(variable):
@@ -153,12 +162,17 @@ class DistributedEmbedding(keras.layers.Layer):
     comm = self.communicator
     outputs = [None] * n_inputs
     if self.dp_input:
-      local_ids = [tf.convert_to_tensor(x) for x in inputs]
+      local_ids = [x if isinstance(x, (tf.RaggedTensor, tf.SparseTensor)) else
+                   tf.convert_to_tensor(x) for x in inputs]
       for i, x in enumerate(local_ids):
-        if isinstance(x, (tf.RaggedTensor, tf.SparseTensor)) or x.shape.rank != 2:
+        replicated = self.plan.input_table_map[i] in self.plan.data_parallel_tables
+        if not replicated and (isinstance(x, (tf.RaggedTensor, tf.SparseTensor)) or
+                               x.shape.rank != 2):
           raise ValueError("DistributedEmbedding: with several workers, dp_input=True takes "
-                           f"dense 2-D ids; input {i} is {type(x).__name__} {x.shape}.")
-      local_batch = tf.shape(local_ids[0])[0]
+                           f"dense 2-D ids for sharded tables; input {i} is "
+                           f"{type(x).__name__} {x.shape} (ragged and sparse ids work for "
+                           "replicated tables: see data_parallel_threshold).")
+      local_batch = _rows(local_ids[0])
       global_ids = {}
       for i, t in enumerate(self.plan.input_table_map):
         if t in self.plan.data_parallel_tables:
