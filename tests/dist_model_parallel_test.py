@@ -135,6 +135,17 @@ class DistributedEmbeddingTest(test_util.TestCase):
     for t, w in zip(on_one[0], weights):
       self.assertAllEqual(w, t)
 
+  def test_global_batch_must_divide_among_workers(self):
+
+    def work(comm):
+      layer = dmp.DistributedEmbedding([de.Embedding(r, w, combiner="sum") for r, w in TABLES],
+                                       communicator=comm, dp_input=False)
+      feed = [tf.zeros([7, HOTNESS[i]], tf.int64) for i in layer.local_input_indices]
+      with self.assertRaisesRegex(ValueError, r"global batch \(7\) must divide evenly among 2"):
+        layer(feed)
+
+    comm_lib.run_in_threads(2, work)
+
   def test_package_exports(self):
     self.assertIs(de.dist_model_parallel.DistributedEmbedding, dmp.DistributedEmbedding)
     self.assertIs(de.DistributedGradientTape, dmp.DistributedGradientTape)

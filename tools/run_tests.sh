@@ -4,7 +4,8 @@
 #   cpu   the default build (CPU kernels, op library, Python package, wheel);
 #   cuda  --config=cuda: also compiles and links every CUDA target; GPU cases skip without a GPU
 #         (only when nvcc is installed);
-#   asan  --config=asan: the C++ kernel tests under AddressSanitizer + UBSan.
+#   asan  --config=asan: the C++ kernel tests under AddressSanitizer + UBSan;
+#   fuzz  the kernel library's libFuzzer target for FUZZ_SECONDS (default 60).
 # Exits non-zero if anything failed to build or any case failed.
 set -uo pipefail
 
@@ -36,6 +37,10 @@ if [[ -x "${CUDA_PATH:-/usr/local/cuda}/bin/nvcc" ]]; then
   run cuda //... --config=cuda
 fi
 run asan //embedding/kernels/... --config=asan
+
+echo "=== tools/fuzz/run_fuzzer.sh ${FUZZ_SECONDS:-60}" >&2
+tools/fuzz/run_fuzzer.sh "${FUZZ_SECONDS:-60}" "${events}/fuzz.xml" || status=1
+runs+=("fuzz=xml:${events}/fuzz.xml")
 
 .venv/bin/python3 tools/ci/summarize_tests.py "${runs[@]}" || status=1
 exit ${status}

@@ -213,6 +213,7 @@ Status PooledLookupBackwardCpu(const T* grad_output, int64_t num_rows, int64_t w
     }
   }
   const int64_t n_unique = *num_unique;
+  if (n_unique == 0) return Status::Ok();  // Every id skipped (BoundsCheck::kSkip).
 
   // 2. The gradient each occurrence contributes: the bag's output gradient, divided by the bag's
   //    valid length for mean (once per bag, as tf.reduce_mean's gradient does).

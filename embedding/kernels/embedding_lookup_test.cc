@@ -152,6 +152,24 @@ TYPED_TEST(LookupCpuTest, SkipModeMeanDividesByValidCount) {
   EXPECT_EQ(output, (std::vector<T>{4, 6}));
 }
 
+TYPED_TEST(LookupCpuTest, SkipModeWithEveryIdInvalidGivesEmptyGradient) {
+  // Found by the fuzzer: the backward pass divided by the number of unique ids.
+  using T = typename TypeParam::T;
+  using IdT = typename TypeParam::IdT;
+  using OffsetT = typename TypeParam::OffsetT;
+  const std::vector<IdT> ids = {-1, 7, 9};
+  const std::vector<OffsetT> splits = {0, 2, 3};
+  const CsrIds<IdT, OffsetT> csr{ids.data(), 3, splits.data(), 2};
+  const std::vector<T> grad(4, T(1));
+  std::vector<IdT> unique_ids(2);
+  std::vector<T> unique_grad(4);
+  int64_t num_unique = -1;
+  ASSERT_TRUE(PooledLookupBackwardCpu(grad.data(), 2, 2, csr, Combiner::kMean, BoundsCheck::kSkip,
+                                      unique_ids.data(), unique_grad.data(), &num_unique)
+                  .ok());
+  EXPECT_EQ(num_unique, 0);
+}
+
 class LookupCpuErrorTest : public ::testing::Test {
  protected:
   // Runs forward and backward on bad input; both must fail with `message` and leave every output

@@ -6,7 +6,8 @@ it) of the results that run produced, so stale XML from earlier runs is never co
 target with no XML (it failed to build, crashed or timed out) counts as one failed case; a target
 skipped as incompatible with the configuration (CUDA tests outside --config=cuda) counts as nothing.
 
-Usage: summarize_tests.py NAME=BEP.json [NAME=BEP.json ...]
+Usage: summarize_tests.py NAME=BEP.json [NAME=xml:TEST.xml ...]
+  (an `xml:` entry is a JUnit XML written outside Bazel, such as the fuzzer's)
 """
 
 import collections
@@ -80,7 +81,11 @@ def main(argv):
   total, all_failures = collections.Counter(), []
   for arg in argv[1:]:
     name, _, path = arg.partition("=")
-    counts, failures = summarize(path)
+    if path.startswith("xml:"):
+      counts, failures = collections.Counter(), []
+      _count_xml(path[len("xml:"):], counts, failures, name)
+    else:
+      counts, failures = summarize(path)
     print(f"[{name}] {counts['passed']} passed, {counts['failed']} failed, "
           f"{counts['skipped']} skipped")
     total.update(counts)

@@ -181,6 +181,10 @@ class DistributedEmbedding(keras.layers.Layer):
           global_ids[i] = comm.all_gather(local_ids[i])
     else:
       global_ids = dict(zip(self.local_input_indices, inputs))
+      global_batch = inputs[0].shape[0] if inputs else None
+      if global_batch is not None and global_batch % self.world_size:
+        raise ValueError(f"DistributedEmbedding: the global batch ({global_batch}) must divide "
+                         f"evenly among {self.world_size} workers.")
       local_batch = tf.shape(inputs[0])[0] // self.world_size if inputs else None
 
     # Row slices: partial sums over this worker's rows, summed across workers.
