@@ -90,7 +90,31 @@ def slice_rows(features, begin, end):
   return out
 
 
-def build_model(cards, width, communicator, data_parallel_threshold):
+class StockEmbeddings:
+  """The same tables as stock keras.layers.Embedding + keras.ops pooling (--embeddings stock),
+  for comparing throughput; one worker only."""
+
+  def __init__(self, cards, width, initializer):
+    import keras  # pylint: disable=import-outside-toplevel
+    self.layers = [keras.layers.Embedding(c, width, embeddings_initializer=initializer)
+                   for c in cards]
+    self.plan = "stock keras.layers.Embedding tables, one worker"
+
+  def __call__(self, inputs):
+    import keras  # pylint: disable=import-outside-toplevel
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+    outputs = []
+    for f, (layer, ids) in enumerate(zip(self.layers, inputs)):
+      rows = layer(ids)
+      if f in MULTI_HOT:  # ragged [batch, None, width] -> mean over each row's ids
+        rows = keras.layers.Lambda(lambda r: tf.reduce_mean(r, axis=1))(rows)
+      else:
+        rows = keras.ops.sum(rows, axis=1)
+      outputs.append(rows)
+    return outputs
+
+
+def build_model(cards, width, communicator, data_parallel_threshold, stock=False):
   import keras  # pylint: disable=import-outside-toplevel
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
   import distributed_embeddings as de  # pylint: disable=import-outside-toplevel
@@ -102,12 +126,15 @@ def build_model(cards, width, communicator, data_parallel_threshold):
             for f in range(len(cards))]
   bottom = keras.Sequential([keras.layers.Dense(64, activation="relu"),
                              keras.layers.Dense(width, activation="relu")], name="bottom_mlp")
-  embeddings = dmp.DistributedEmbedding(
-      [de.Embedding(c, width, combiner="sum" if f not in MULTI_HOT else "mean",
-                    embeddings_initializer=keras.initializers.RandomUniform(-0.05, 0.05))
-       for f, c in enumerate(cards)],
-      strategy="memory_optimized", data_parallel_threshold=data_parallel_threshold,
-      communicator=communicator, name="embeddings")
+  initializer = keras.initializers.RandomUniform(-0.05, 0.05)
+  if stock:
+    embeddings = StockEmbeddings(cards, width, initializer)
+  else:
+    embeddings = dmp.DistributedEmbedding(
+        [de.Embedding(c, width, combiner="sum" if f not in MULTI_HOT else "mean",
+                      embeddings_initializer=initializer) for f, c in enumerate(cards)],
+        strategy="memory_optimized", data_parallel_threshold=data_parallel_threshold,
+        communicator=communicator, name="embeddings")
   x = bottom(dense_in)
   pooled = embeddings(cat_in)
   # DLRM interaction: dot products of every pair among the bottom output and the embeddings.
@@ -169,7 +196,10 @@ def train(args):
   dp_threshold = None
   if n > 1:
     dp_threshold = max(cards[f] for f in MULTI_HOT) * preset["width"] + 1
-  model, embeddings = build_model(cards, preset["width"], comm, dp_threshold)
+  if args.embeddings == "stock" and n > 1:
+    raise ValueError("--embeddings stock runs on one worker only.")
+  model, embeddings = build_model(cards, preset["width"], comm, dp_threshold,
+                                  stock=args.embeddings == "stock")
   if rank == 0:
     print(embeddings.plan, flush=True)
   model.compile(optimizer=dmp.DistributedOptimizer(keras.optimizers.Adagrad(0.1), comm),
@@ -204,7 +234,8 @@ def train(args):
   # Median step time, so tracing and the first steps do not skew throughput.
   steady = float(np.median(log.seconds[len(log.seconds) // 10:]))
   summary = {
-      "preset": args.preset, "workers": n, "steps": len(log.losses),
+      "preset": args.preset, "workers": n, "embeddings": args.embeddings,
+      "steps": len(log.losses),
       "global_batch": preset["batch"], "tables": len(cards), "table_rows": cards,
       "width": preset["width"], "samples_per_second": preset["batch"] / steady,
       "wall_seconds": elapsed, "first_loss": float(np.mean(log.losses[:10])),
@@ -256,6 +287,8 @@ def main(argv):
   parser.add_argument("--workers", type=int, default=1, help="local worker processes")
   parser.add_argument("--steps", type=int, default=0, help="override the preset's steps")
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--embeddings", choices=["ours", "stock"], default="ours",
+                      help="'stock': keras.layers.Embedding tables, for throughput comparison")
   # `bazel run` starts in the runfiles tree: write next to the checkout (or in a test's tmpdir).
   base = os.environ.get("BUILD_WORKSPACE_DIRECTORY", os.environ.get("TEST_TMPDIR", os.getcwd()))
   parser.add_argument("--out_dir", default=os.path.join(base, "runs", "dlrm"))

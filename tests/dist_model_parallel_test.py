@@ -148,6 +148,13 @@ class DistributedEmbeddingTest(test_util.TestCase):
 
   def test_package_exports(self):
     self.assertIs(de.dist_model_parallel.DistributedEmbedding, dmp.DistributedEmbedding)
+    for name in ("DistEmbeddingStrategy", "broadcast_variables", "DistributedGradientTape",
+                 "DistributedOptimizer", "BroadcastGlobalVariablesCallback"):
+      self.assertTrue(hasattr(de, name), name)
+    strategy = de.DistEmbeddingStrategy([de.Embedding(r, w) for r, w in TABLES], 4,
+                                        "memory_optimized")
+    self.assertEqual(4, len(strategy.plan.shards))
+    self.assertIn("worker 3", str(strategy))
     self.assertIs(de.DistributedGradientTape, dmp.DistributedGradientTape)
 
   def test_plan_and_bad_arguments(self):

@@ -72,12 +72,15 @@ absl::Status CheckSparseInputs(const std::string& op, const Tensor& indices,
   return absl::OkStatus();
 }
 
-Combiner CombinerFromAttr(const std::string& combiner) {
-  return combiner == "mean" ? Combiner::kMean : Combiner::kSum;  // The op restricts the values.
-}
-
-BoundsCheck BoundsCheckFromAttr(const std::string& bounds_check) {
-  return bounds_check == "skip" ? BoundsCheck::kSkip : BoundsCheck::kError;
+absl::Status ReadLookupAttrs(tensorflow::OpKernelConstruction* ctx, Combiner* combiner,
+                             BoundsCheck* bounds_check) {
+  std::string combiner_attr, bounds_check_attr;
+  TF_RETURN_IF_ERROR(ctx->GetAttr("combiner", &combiner_attr));
+  TF_RETURN_IF_ERROR(ctx->GetAttr("bounds_check", &bounds_check_attr));
+  // The op definitions restrict both attrs to these values.
+  *combiner = combiner_attr == "mean" ? Combiner::kMean : Combiner::kSum;
+  *bounds_check = bounds_check_attr == "skip" ? BoundsCheck::kSkip : BoundsCheck::kError;
+  return absl::OkStatus();
 }
 
 namespace {

@@ -31,8 +31,9 @@ absl::Status CheckGradInputs(const std::string& op, const tensorflow::Tensor& gr
 absl::Status CheckSparseInputs(const std::string& op, const tensorflow::Tensor& indices,
                                const tensorflow::Tensor& dense_shape);
 
-Combiner CombinerFromAttr(const std::string& combiner);
-BoundsCheck BoundsCheckFromAttr(const std::string& bounds_check);
+// Reads the 'combiner' and 'bounds_check' attrs every lookup op has.
+absl::Status ReadLookupAttrs(tensorflow::OpKernelConstruction* ctx, Combiner* combiner,
+                             BoundsCheck* bounds_check);
 
 // The device-specific halves; specialized in embedding_lookup_kernels.cc (CPU) and
 // embedding_lookup_kernels_gpu.cc (GPU).
@@ -66,11 +67,7 @@ template <typename Device, typename T, typename IdT, typename OffsetT, bool kRes
 class PooledLookupOp : public tensorflow::OpKernel {
  public:
   explicit PooledLookupOp(tensorflow::OpKernelConstruction* ctx) : OpKernel(ctx) {
-    std::string combiner, bounds_check;
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("combiner", &combiner));
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("bounds_check", &bounds_check));
-    combiner_ = CombinerFromAttr(combiner);
-    bounds_check_ = BoundsCheckFromAttr(bounds_check);
+    OP_REQUIRES_OK(ctx, ReadLookupAttrs(ctx, &combiner_, &bounds_check_));
   }
 
   void Compute(tensorflow::OpKernelContext* ctx) override {
@@ -122,11 +119,7 @@ template <typename Device, typename T, typename IdT, typename OffsetT>
 class PooledLookupGradOp : public tensorflow::OpKernel {
  public:
   explicit PooledLookupGradOp(tensorflow::OpKernelConstruction* ctx) : OpKernel(ctx) {
-    std::string combiner, bounds_check;
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("combiner", &combiner));
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("bounds_check", &bounds_check));
-    combiner_ = CombinerFromAttr(combiner);
-    bounds_check_ = BoundsCheckFromAttr(bounds_check);
+    OP_REQUIRES_OK(ctx, ReadLookupAttrs(ctx, &combiner_, &bounds_check_));
   }
 
   void Compute(tensorflow::OpKernelContext* ctx) override {

@@ -2,6 +2,7 @@
 
 from distributed_embeddings.python.layers.dist_model_parallel import broadcast_variables
 from distributed_embeddings.python.layers.dist_model_parallel import BroadcastGlobalVariablesCallback
+from distributed_embeddings.python.layers.dist_model_parallel import DistEmbeddingStrategy
 from distributed_embeddings.python.layers.dist_model_parallel import DistributedEmbedding
 from distributed_embeddings.python.layers.dist_model_parallel import DistributedGradientTape
 from distributed_embeddings.python.layers.dist_model_parallel import DistributedOptimizer

@@ -57,6 +57,35 @@ def is_model_parallel(variable):
   return ref is not None and ref() is variable
 
 
+def _table_configs(embeddings):
+  """The layers' configs and the planner's view of their tables."""
+  configs = []
+  for i, layer in enumerate(embeddings):
+    config = layer.get_config()
+    if "input_dim" not in config or "output_dim" not in config:
+      raise ValueError(f"embeddings[{i}] ({type(layer).__name__}) must have input_dim and "
+                       "output_dim in its config.")
+    configs.append(config)
+  return configs, [planner_lib.TableSpec(int(c["input_dim"]), int(c["output_dim"]))
+                   for c in configs]
+
+
+class DistEmbeddingStrategy:
+  """The placement of `embeddings` (embedding layers) on `world_size` workers, without building
+  anything: `.plan` (planner.Plan, printable) is what DistributedEmbedding would execute."""
+
+  def __init__(self, embeddings, world_size, strategy="basic", input_table_map=None,
+               column_slice_threshold=None, row_slice_threshold=None,
+               data_parallel_threshold=None):
+    _, specs = _table_configs(embeddings)
+    self.plan = planner_lib.make_plan(specs, world_size, strategy, column_slice_threshold,
+                                      row_slice_threshold, data_parallel_threshold,
+                                      input_table_map)
+
+  def __str__(self):
+    return str(self.plan)
+
+
 class DistributedEmbedding(keras.layers.Layer):
   """Shards `embeddings` across the workers of `communicator` (one worker if None).
 
@@ -87,16 +116,9 @@ class DistributedEmbedding(keras.layers.Layer):
     self.rank = self.communicator.rank
     self.dp_input = dp_input
     self.gpu_embedding_size = gpu_embedding_size
-    configs = []
-    for i, layer in enumerate(embeddings):
-      config = layer.get_config()
-      if "input_dim" not in config or "output_dim" not in config:
-        raise ValueError(f"embeddings[{i}] ({type(layer).__name__}) must have input_dim and "
-                         "output_dim in its config.")
-      configs.append(config)
+    configs, specs = _table_configs(embeddings)
     self.table_configs = configs
     self.combiners = [c.get("combiner") for c in configs]
-    specs = [planner_lib.TableSpec(int(c["input_dim"]), int(c["output_dim"])) for c in configs]
     self.plan = planner_lib.make_plan(specs, self.world_size, strategy, column_slice_threshold,
                                       row_slice_threshold, data_parallel_threshold,
                                       input_table_map)
