@@ -138,46 +138,6 @@ struct SparseRowSplitsFunctor<CPUDevice, OffsetT> {
   }
 };
 
-#define DE_REGISTER_CPU_LOOKUP(T, IdT, OffsetT)                                           \
-  REGISTER_KERNEL_BUILDER(Name("DePooledEmbeddingLookup")                                 \
-                              .Device(tensorflow::DEVICE_CPU)                             \
-                              .TypeConstraint<T>("T")                                     \
-                              .TypeConstraint<IdT>("Tindices")                            \
-                              .TypeConstraint<OffsetT>("Tsplits"),                        \
-                          PooledLookupOp<CPUDevice, T, IdT, OffsetT, false>);             \
-  REGISTER_KERNEL_BUILDER(Name("DeResourcePooledEmbeddingLookup")                         \
-                              .Device(tensorflow::DEVICE_CPU)                             \
-                              .TypeConstraint<T>("dtype")                                 \
-                              .TypeConstraint<IdT>("Tindices")                            \
-                              .TypeConstraint<OffsetT>("Tsplits"),                        \
-                          PooledLookupOp<CPUDevice, T, IdT, OffsetT, true>);              \
-  REGISTER_KERNEL_BUILDER(Name("DePooledEmbeddingLookupGrad")                             \
-                              .Device(tensorflow::DEVICE_CPU)                             \
-                              .TypeConstraint<T>("T")                                     \
-                              .TypeConstraint<IdT>("Tindices")                            \
-                              .TypeConstraint<OffsetT>("Tsplits"),                        \
-                          PooledLookupGradOp<CPUDevice, T, IdT, OffsetT>);
-
-#define DE_REGISTER_CPU_LOOKUP_ALL_INDEX_TYPES(T) \
-  DE_REGISTER_CPU_LOOKUP(T, int32_t, int32_t)     \
-  DE_REGISTER_CPU_LOOKUP(T, int32_t, int64_t)     \
-  DE_REGISTER_CPU_LOOKUP(T, int64_t, int32_t)     \
-  DE_REGISTER_CPU_LOOKUP(T, int64_t, int64_t)
-
-DE_REGISTER_CPU_LOOKUP_ALL_INDEX_TYPES(float)
-DE_REGISTER_CPU_LOOKUP_ALL_INDEX_TYPES(double)
-
-#define DE_REGISTER_CPU_SPARSE_ROW_SPLITS(OffsetT)                                       \
-  REGISTER_KERNEL_BUILDER(Name("DeSparseRowSplits")                                      \
-                              .Device(tensorflow::DEVICE_CPU)                            \
-                              .TypeConstraint<OffsetT>("out_type"),                      \
-                          SparseRowSplitsOp<CPUDevice, OffsetT>);
-
-DE_REGISTER_CPU_SPARSE_ROW_SPLITS(int32_t)
-DE_REGISTER_CPU_SPARSE_ROW_SPLITS(int64_t)
-
-#undef DE_REGISTER_CPU_LOOKUP
-#undef DE_REGISTER_CPU_LOOKUP_ALL_INDEX_TYPES
-#undef DE_REGISTER_CPU_SPARSE_ROW_SPLITS
+DE_REGISTER_ALL_LOOKUP_KERNELS(DEVICE_CPU, CPUDevice)
 
 }  // namespace distributed_embeddings

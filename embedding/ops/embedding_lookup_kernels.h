@@ -162,6 +162,51 @@ class SparseRowSplitsOp : public tensorflow::OpKernel {
   }
 };
 
+// Registers every lookup kernel for one device (DEVICE_CPU with Eigen::ThreadPoolDevice, or
+// DEVICE_GPU with Eigen::GpuDevice). Scalars the kernels read on the host are HostMemory, which
+// is a no-op on the CPU.
+#define DE_REGISTER_LOOKUP_KERNELS(DEVICE, EigenDevice, T, IdT, OffsetT)                           \
+  REGISTER_KERNEL_BUILDER(Name("DePooledEmbeddingLookup")                                          \
+                              .Device(tensorflow::DEVICE)                                          \
+                              .TypeConstraint<T>("T")                                              \
+                              .TypeConstraint<IdT>("Tindices")                                     \
+                              .TypeConstraint<OffsetT>("Tsplits"),                                 \
+                          PooledLookupOp<EigenDevice, T, IdT, OffsetT, false>);                    \
+  REGISTER_KERNEL_BUILDER(Name("DeResourcePooledEmbeddingLookup")                                  \
+                              .Device(tensorflow::DEVICE)                                          \
+                              .HostMemory("resource")                                              \
+                              .TypeConstraint<T>("dtype")                                          \
+                              .TypeConstraint<IdT>("Tindices")                                     \
+                              .TypeConstraint<OffsetT>("Tsplits"),                                 \
+                          PooledLookupOp<EigenDevice, T, IdT, OffsetT, true>);                     \
+  REGISTER_KERNEL_BUILDER(Name("DePooledEmbeddingLookupGrad")                                      \
+                              .Device(tensorflow::DEVICE)                                          \
+                              .HostMemory("num_rows")                                              \
+                              .TypeConstraint<T>("T")                                              \
+                              .TypeConstraint<IdT>("Tindices")                                     \
+                              .TypeConstraint<OffsetT>("Tsplits"),                                 \
+                          PooledLookupGradOp<EigenDevice, T, IdT, OffsetT>);
+
+#define DE_REGISTER_ALL_LOOKUP_KERNELS(DEVICE, EigenDevice)                                        \
+  DE_REGISTER_LOOKUP_KERNELS(DEVICE, EigenDevice, float, int32_t, int32_t)                         \
+  DE_REGISTER_LOOKUP_KERNELS(DEVICE, EigenDevice, float, int32_t, int64_t)                         \
+  DE_REGISTER_LOOKUP_KERNELS(DEVICE, EigenDevice, float, int64_t, int32_t)                         \
+  DE_REGISTER_LOOKUP_KERNELS(DEVICE, EigenDevice, float, int64_t, int64_t)                         \
+  DE_REGISTER_LOOKUP_KERNELS(DEVICE, EigenDevice, double, int32_t, int32_t)                        \
+  DE_REGISTER_LOOKUP_KERNELS(DEVICE, EigenDevice, double, int32_t, int64_t)                        \
+  DE_REGISTER_LOOKUP_KERNELS(DEVICE, EigenDevice, double, int64_t, int32_t)                        \
+  DE_REGISTER_LOOKUP_KERNELS(DEVICE, EigenDevice, double, int64_t, int64_t)                        \
+  REGISTER_KERNEL_BUILDER(Name("DeSparseRowSplits")                                                \
+                              .Device(tensorflow::DEVICE)                                          \
+                              .HostMemory("dense_shape")                                           \
+                              .TypeConstraint<int32_t>("out_type"),                                \
+                          SparseRowSplitsOp<EigenDevice, int32_t>);                                \
+  REGISTER_KERNEL_BUILDER(Name("DeSparseRowSplits")                                                \
+                              .Device(tensorflow::DEVICE)                                          \
+                              .HostMemory("dense_shape")                                           \
+                              .TypeConstraint<int64_t>("out_type"),                                \
+                          SparseRowSplitsOp<EigenDevice, int64_t>);
+
 }  // namespace distributed_embeddings
 
 #endif  // DISTRIBUTED_EMBEDDINGS_EMBEDDING_OPS_EMBEDDING_LOOKUP_KERNELS_H_

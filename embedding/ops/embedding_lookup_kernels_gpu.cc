@@ -79,50 +79,7 @@ struct SparseRowSplitsFunctor<GPUDevice, OffsetT> {
   }
 };
 
-#define DE_REGISTER_GPU_LOOKUP(T, IdT, OffsetT)                                           \
-  REGISTER_KERNEL_BUILDER(Name("DePooledEmbeddingLookup")                                 \
-                              .Device(tensorflow::DEVICE_GPU)                             \
-                              .TypeConstraint<T>("T")                                     \
-                              .TypeConstraint<IdT>("Tindices")                            \
-                              .TypeConstraint<OffsetT>("Tsplits"),                        \
-                          PooledLookupOp<GPUDevice, T, IdT, OffsetT, false>);             \
-  REGISTER_KERNEL_BUILDER(Name("DeResourcePooledEmbeddingLookup")                         \
-                              .Device(tensorflow::DEVICE_GPU)                             \
-                              .HostMemory("resource")                                     \
-                              .TypeConstraint<T>("dtype")                                 \
-                              .TypeConstraint<IdT>("Tindices")                            \
-                              .TypeConstraint<OffsetT>("Tsplits"),                        \
-                          PooledLookupOp<GPUDevice, T, IdT, OffsetT, true>);              \
-  REGISTER_KERNEL_BUILDER(Name("DePooledEmbeddingLookupGrad")                             \
-                              .Device(tensorflow::DEVICE_GPU)                             \
-                              .HostMemory("num_rows")                                     \
-                              .TypeConstraint<T>("T")                                     \
-                              .TypeConstraint<IdT>("Tindices")                            \
-                              .TypeConstraint<OffsetT>("Tsplits"),                        \
-                          PooledLookupGradOp<GPUDevice, T, IdT, OffsetT>);
-
-#define DE_REGISTER_GPU_LOOKUP_ALL_INDEX_TYPES(T) \
-  DE_REGISTER_GPU_LOOKUP(T, int32_t, int32_t)     \
-  DE_REGISTER_GPU_LOOKUP(T, int32_t, int64_t)     \
-  DE_REGISTER_GPU_LOOKUP(T, int64_t, int32_t)     \
-  DE_REGISTER_GPU_LOOKUP(T, int64_t, int64_t)
-
-DE_REGISTER_GPU_LOOKUP_ALL_INDEX_TYPES(float)
-DE_REGISTER_GPU_LOOKUP_ALL_INDEX_TYPES(double)
-
-#define DE_REGISTER_GPU_SPARSE_ROW_SPLITS(OffsetT)                                       \
-  REGISTER_KERNEL_BUILDER(Name("DeSparseRowSplits")                                      \
-                              .Device(tensorflow::DEVICE_GPU)                            \
-                              .HostMemory("dense_shape")                                 \
-                              .TypeConstraint<OffsetT>("out_type"),                      \
-                          SparseRowSplitsOp<GPUDevice, OffsetT>);
-
-DE_REGISTER_GPU_SPARSE_ROW_SPLITS(int32_t)
-DE_REGISTER_GPU_SPARSE_ROW_SPLITS(int64_t)
-
-#undef DE_REGISTER_GPU_LOOKUP
-#undef DE_REGISTER_GPU_LOOKUP_ALL_INDEX_TYPES
-#undef DE_REGISTER_GPU_SPARSE_ROW_SPLITS
+DE_REGISTER_ALL_LOOKUP_KERNELS(DEVICE_GPU, GPUDevice)
 
 }  // namespace distributed_embeddings
 
