@@ -38,8 +38,7 @@ PRESETS = {
 
 
 def cardinalities(cap):
-  """Criteo's cardinalities capped at `cap`; multi-hot features at cap / 10, so that with several
-  workers their (replicated) tables stay small."""
+  """Criteo's cardinalities capped at `cap`; multi-hot features at cap / 10 (fewer, hotter ids)."""
   return [max(2, min(c, cap // 10 if f in MULTI_HOT else cap))
           for f, c in enumerate(CRITEO_CARDINALITIES)]
 
@@ -191,11 +190,7 @@ def train(args):
                     num_train + (rank + 1) * preset["eval_samples"] // n)
   eval_inputs = to_inputs(dense[eval_rows], slice_rows(features, eval_rows.start, eval_rows.stop))
 
-  # Multi-hot features are ragged, which sharded tables do not take yet with several workers:
-  # their tables are replicated (data parallel) instead.
-  dp_threshold = None
-  if n > 1:
-    dp_threshold = max(cards[f] for f in MULTI_HOT) * preset["width"] + 1
+  dp_threshold = args.data_parallel_threshold
   if args.embeddings == "stock" and n > 1:
     raise ValueError("--embeddings stock runs on one worker only.")
   model, embeddings = build_model(cards, preset["width"], comm, dp_threshold,
@@ -287,6 +282,8 @@ def main(argv):
   parser.add_argument("--workers", type=int, default=1, help="local worker processes")
   parser.add_argument("--steps", type=int, default=0, help="override the preset's steps")
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--data_parallel_threshold", type=int, default=None,
+                      help="replicate tables smaller than this many elements on every worker")
   parser.add_argument("--embeddings", choices=["ours", "stock"], default="ours",
                       help="'stock': keras.layers.Embedding tables, for throughput comparison")
   # `bazel run` starts in the runfiles tree: write next to the checkout (or in a test's tmpdir).

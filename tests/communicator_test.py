@@ -57,6 +57,43 @@ class CommunicatorTest(test_util.TestCase):
     for rank, (grad, x) in enumerate(results):
       self.assertAllClose(2 * c * x, grad)
 
+  @parameterized.parameters(2, 4)
+  def test_all_gather_v_with_sizes_changing_every_step(self, n):
+    # Sizes per (step, rank), including empty pieces and sizes that cross powers of two.
+    sizes = np.random.default_rng(n).integers(0, 40, size=(6, n))
+    sizes[1] = 0
+    sizes[2, 0] = 0
+
+    def piece(step, rank):
+      return np.arange(sizes[step, rank] * 2, dtype=np.int64).reshape(-1, 2) + 1000 * rank + step
+
+    def work(comm):
+      traced = tf.function(comm.all_gather_v,
+                           input_signature=[tf.TensorSpec([None, 2], tf.int64)])
+      eager = [comm.all_gather_v(tf.constant(piece(s, comm.rank))).numpy() for s in range(6)]
+      graph = [traced(tf.constant(piece(s, comm.rank))).numpy() for s in range(6)]
+      return eager, graph
+
+    for eager, graph in comm_lib.run_in_threads(n, work):
+      for step in range(6):
+        expected = np.concatenate([piece(step, w) for w in range(n)])
+        self.assertAllEqual(expected, eager[step])
+        self.assertAllEqual(expected, graph[step])
+
+  def test_eager_instance_keys_stay_bounded(self):
+
+    def work(comm):
+      before = comm._next_key  # pylint: disable=protected-access
+      for step in range(50):
+        comm.all_reduce(tf.fill([3], float(step)))
+        comm.all_gather_v(tf.zeros([step % 7, 2], tf.int32))
+      return comm._next_key - before  # pylint: disable=protected-access
+
+    used = comm_lib.run_in_threads(2, work)
+    # One key for the all-reduce, one for the size exchange, one block for the padded gather.
+    self.assertEqual(used[0], used[1])
+    self.assertLessEqual(used[0], 2 + comm_lib._SIZE_BUCKETS)  # pylint: disable=protected-access
+
 
 if __name__ == "__main__":
   absltest.main()

@@ -32,20 +32,33 @@ MODES = {
 }
 
 
-def _inputs(seed, input_table_map):
+def _inputs(seed, input_table_map, id_format="dense"):
+  """Global-batch ids per input: dense [batch, hotness], or (for 'ragged' and 'sparse') lists of
+  bags of 0 to 2 * hotness ids, empty bags included."""
   rng = np.random.default_rng(seed)
-  return [rng.integers(0, TABLES[t][0], size=(GLOBAL_BATCH, HOTNESS[i % len(HOTNESS)]))
-          for i, t in enumerate(input_table_map)]
+  if id_format == "dense":
+    return [rng.integers(0, TABLES[t][0], size=(GLOBAL_BATCH, HOTNESS[i % len(HOTNESS)]))
+            for i, t in enumerate(input_table_map)]
+  return [[list(rng.integers(0, TABLES[t][0], size=rng.integers(0, 2 * HOTNESS[i % 5] + 1)))
+           for _ in range(GLOBAL_BATCH)] for i, t in enumerate(input_table_map)]
 
 
-def _train(world_size, mode, combiner, steps=3, lr=0.5):
+def _feed(ids, rows, id_format):
+  """Rows `rows` (a slice) of one input's ids, as the tensor type of `id_format`."""
+  if id_format == "dense":
+    return tf.constant(ids[rows])
+  ragged = tf.ragged.constant(ids[rows], dtype=tf.int64, ragged_rank=1)
+  return ragged if id_format == "ragged" else ragged.to_sparse()
+
+
+def _train(world_size, mode, combiner, steps=3, lr=0.5, id_format="dense", compiled=False):
   """Returns, per worker, (first-step outputs, tables after `steps` SGD steps)."""
   input_table_map = mode.get("input_table_map", list(range(len(TABLES))))
   rng = np.random.default_rng(42)
   weights = [rng.standard_normal(shape).astype(np.float32) for shape in TABLES]
   coefs = [rng.standard_normal((GLOBAL_BATCH, w)).astype(np.float32)
            for w in (TABLES[t][1] for t in input_table_map)]
-  batches = [_inputs(100 + s, input_table_map) for s in range(steps)]
+  batches = [_inputs(100 + s, input_table_map, id_format) for s in range(steps)]
 
   def work(comm):
     layers = [de.Embedding(r, w, combiner=combiner) for r, w in TABLES]
@@ -55,15 +68,12 @@ def _train(world_size, mode, combiner, steps=3, lr=0.5):
     n, rank = comm.world_size, comm.rank
     local = slice(rank * GLOBAL_BATCH // n, (rank + 1) * GLOBAL_BATCH // n)
     first = None
-    for ids in batches:
-      if layer.dp_input:
-        feed = [tf.constant(x[local]) for x in ids]
-      else:
-        feed = [tf.constant(ids[i]) for i in layer.local_input_indices]
+
+    def step(feed):
       with tf.GradientTape() as tape:
         outs = layer(feed)
         # Each worker's loss is a mean over its local batch, as in data-parallel training.
-        loss = sum(tf.reduce_sum(tf.reshape(o, [o.shape[0], -1])[:, :c.shape[1]] * c[local])
+        loss = sum(tf.reduce_sum(tf.reshape(o, [tf.shape(o)[0], -1])[:, :c.shape[1]] * c[local])
                    for o, c in zip(outs, coefs)) / (GLOBAL_BATCH // n)
       variables = layer.trainable_variables
       grads = dmp.DistributedGradientTape(tape, comm).gradient(loss, variables)
@@ -73,6 +83,16 @@ def _train(world_size, mode, combiner, steps=3, lr=0.5):
               tf.IndexedSlices(lr * g.values, g.indices, g.dense_shape))
         else:
           v.assign_sub(lr * g)
+      return outs
+
+    if compiled:
+      step = tf.function(step)
+    for ids in batches:
+      if layer.dp_input:
+        feed = [_feed(x, local, id_format) for x in ids]
+      else:
+        feed = [_feed(ids[i], slice(None), id_format) for i in layer.local_input_indices]
+      outs = step(feed)
       if first is None:
         first = [o.numpy() for o in outs]
     return first, layer.get_weights()
@@ -94,6 +114,41 @@ class DistributedEmbeddingTest(test_util.TestCase):
         self.assertAllClose(r[rank * local:(rank + 1) * local], o, rtol=1e-5, atol=1e-6)
       for t, r in zip(tables, ref_tables):
         self.assertAllClose(r, t, rtol=1e-5, atol=1e-6)
+
+  @parameterized.product(mode=list(MODES), world_size=[2, 4], id_format=["ragged", "sparse"])
+  def test_variable_hotness_matches_single_worker(self, mode, world_size, id_format):
+    combiner = "mean" if id_format == "ragged" else "sum"
+    (ref_out, ref_tables), = _train(1, MODES[mode], combiner, id_format=id_format)
+    results = _train(world_size, MODES[mode], combiner, id_format=id_format)
+    local = GLOBAL_BATCH // world_size
+    for rank, (outs, tables) in enumerate(results):
+      for o, r in zip(outs, ref_out):
+        self.assertAllClose(r[rank * local:(rank + 1) * local], o, rtol=1e-5, atol=1e-6)
+      for t, r in zip(tables, ref_tables):
+        self.assertAllClose(r, t, rtol=1e-5, atol=1e-6)
+
+  @parameterized.parameters("dense", "ragged")
+  def test_tf_function_steps_match_single_worker(self, id_format):
+    # Traced once; the ragged ids change size every step (padded exchange, bucketed keys).
+    mode = MODES["mixed"]
+    (ref_out, ref_tables), = _train(1, mode, "mean", steps=4, id_format=id_format)
+    results = _train(2, mode, "mean", steps=4, id_format=id_format, compiled=True)
+    for rank, (outs, tables) in enumerate(results):
+      for o, r in zip(outs, ref_out):
+        self.assertAllClose(r[rank * 4:(rank + 1) * 4], o, rtol=1e-5, atol=1e-6)
+      for t, r in zip(tables, ref_tables):
+        self.assertAllClose(r, t, rtol=1e-5, atol=1e-6)
+
+  def test_ragged_ids_of_a_sharded_table_need_a_combiner(self):
+
+    def work(comm):
+      layer = dmp.DistributedEmbedding([de.Embedding(r, w) for r, w in TABLES],
+                                       communicator=comm)
+      feed = [tf.ragged.constant([[1], [2, 3]], dtype=tf.int64)] * len(TABLES)
+      with self.assertRaisesRegex(ValueError, r"ragged or sparse input 0 .* combiner"):
+        layer(feed)
+
+    comm_lib.run_in_threads(2, work)
 
   def test_forward_matches_numpy(self):
     rng = np.random.default_rng(3)

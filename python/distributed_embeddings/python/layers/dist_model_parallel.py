@@ -10,9 +10,9 @@ shard receives its sparse gradient locally. Replicated (data-parallel) tables ar
 locally and their gradients are averaged by `DistributedGradientTape`.
 
 Workers communicate through a `Communicator` (TensorFlow collective ops); with one worker the
-layer is a plain set of lookups. Limits of this version: with more than one worker and
-`dp_input=True`, ids of sharded tables must be dense (fixed hotness); ragged and sparse ids work
-for replicated tables. `dp_input=False` supports whole and column-sliced tables only.
+layer is a plain set of lookups. Ids may be dense [batch, hotness], ragged or sparse; ragged and
+sparse ids of sharded tables need a combiner, and their values travel by a variable-size
+all-gather. `dp_input=False` supports whole and column-sliced tables only.
 """
 
 import weakref
@@ -184,21 +184,18 @@ class DistributedEmbedding(keras.layers.Layer):
     comm = self.communicator
     outputs = [None] * n_inputs
     if self.dp_input:
-      local_ids = [x if isinstance(x, (tf.RaggedTensor, tf.SparseTensor)) else
-                   tf.convert_to_tensor(x) for x in inputs]
-      for i, x in enumerate(local_ids):
-        replicated = self.plan.input_table_map[i] in self.plan.data_parallel_tables
-        if not replicated and (isinstance(x, (tf.RaggedTensor, tf.SparseTensor)) or
-                               x.shape.rank != 2):
-          raise ValueError("DistributedEmbedding: with several workers, dp_input=True takes "
-                           f"dense 2-D ids for sharded tables; input {i} is "
-                           f"{type(x).__name__} {x.shape} (ragged and sparse ids work for "
-                           "replicated tables: see data_parallel_threshold).")
+      local_ids = [self._check_dp_ids(i, x) for i, x in enumerate(inputs)]
       local_batch = _rows(local_ids[0])
       global_ids = {}
       for i, t in enumerate(self.plan.input_table_map):
         if t in self.plan.data_parallel_tables:
           outputs[i] = self._lookup(self._replicated_vars[t], local_ids[i], self.combiners[t])
+        elif isinstance(local_ids[i], tf.RaggedTensor):
+          # Bags of any length: the values travel by a variable-size all-gather.
+          x = local_ids[i]
+          global_ids[i] = tf.RaggedTensor.from_row_lengths(comm.all_gather_v(x.values),
+                                                           comm.all_gather(x.row_lengths()),
+                                                           validate=False)
         else:
           global_ids[i] = comm.all_gather(local_ids[i])
     else:
@@ -207,7 +204,7 @@ class DistributedEmbedding(keras.layers.Layer):
       if global_batch is not None and global_batch % self.world_size:
         raise ValueError(f"DistributedEmbedding: the global batch ({global_batch}) must divide "
                          f"evenly among {self.world_size} workers.")
-      local_batch = tf.shape(inputs[0])[0] // self.world_size if inputs else None
+      local_batch = _rows(inputs[0]) // self.world_size if inputs else None
 
     # Row slices: partial sums over this worker's rows, summed across workers.
     for s, var in zip(self.local_shards, self._shard_vars):
@@ -216,12 +213,18 @@ class DistributedEmbedding(keras.layers.Layer):
       for i in self._inputs_of_table[s.table]:
         ids = global_ids[i]
         combiner = self.combiners[s.table]
-        partial = self._lookup(var, ids - tf.cast(s.row_begin, ids.dtype),
-                               "sum" if combiner == "mean" else combiner, bounds_check="skip")
+        if isinstance(ids, tf.RaggedTensor):
+          shifted = ids.with_values(ids.values - tf.cast(s.row_begin, ids.dtype))
+          count = ids.row_lengths()[:, tf.newaxis]
+        else:
+          shifted = ids - tf.cast(s.row_begin, ids.dtype)
+          count = tf.shape(ids)[1]
+        # Ids of other workers' rows fall outside this slice and are skipped.
+        partial = self._lookup(var, shifted, "sum" if combiner == "mean" else combiner,
+                               bounds_check="skip")
         total = comm.all_reduce(partial)
         if combiner == "mean":
-          count = tf.cast(tf.maximum(tf.shape(ids)[1], 1), total.dtype)
-          total = total / count
+          total = total / tf.cast(tf.maximum(count, 1), total.dtype)
         start = self.rank * local_batch
         outputs[i] = total[start:start + local_batch]
 
@@ -248,6 +251,29 @@ class DistributedEmbedding(keras.layers.Layer):
         parts.sort(key=lambda p: p[0])
         outputs[i] = self._unflatten(i, [p[1] for p in parts], local_batch)
     return outputs
+
+  def _check_dp_ids(self, i, x):
+    """Input `i` as dense, ragged (sparse converted) or replicated-table ids; errors name it."""
+    if isinstance(x, tf.SparseTensor):
+      if x.shape.rank != 2:
+        raise ValueError(f"DistributedEmbedding: sparse input {i} must be 2-D; got shape "
+                         f"{x.shape}.")
+      if self.plan.input_table_map[i] in self.plan.data_parallel_tables:
+        return x
+      x = tf.RaggedTensor.from_sparse(x)
+    if isinstance(x, tf.RaggedTensor):
+      t = self.plan.input_table_map[i]
+      if t not in self.plan.data_parallel_tables and (self.combiners[t] is None or
+                                                      x.ragged_rank != 1 or x.shape.rank != 2):
+        raise ValueError(f"DistributedEmbedding: ragged or sparse input {i} of a sharded table "
+                         f"must be 2-D and its table must have a combiner ('sum' or 'mean'); "
+                         f"got shape {x.shape}, combiner {self.combiners[t]!r}.")
+      return x
+    x = tf.convert_to_tensor(x)
+    if self.plan.input_table_map[i] not in self.plan.data_parallel_tables and x.shape.rank != 2:
+      raise ValueError(f"DistributedEmbedding: with several workers, dense input {i} of a "
+                       f"sharded table must be 2-D [batch, hotness]; got shape {x.shape}.")
+    return x
 
   def _shard_index(self, table):
     for k, s in enumerate(self.local_shards):

@@ -8,11 +8,14 @@ agree on them. Workers are one of:
   * threads of one process, each on its own logical device (`run_in_threads`), the unit-test
     harness;
   * processes connected over gRPC (`init_from_env`, set up by `distributed_embeddings.launch`).
-Eager collectives take a new instance key per call (TensorFlow keeps ~3 KB per key for the life
-of the process); inside a tf.function keys are fixed when it is traced. Each communicator carries
-an ordering token (a resource variable on its device): chaining its
-collectives through it keeps them in program order inside a tf.function, which they need to avoid
-cross-device deadlocks.
+Instance keys stay bounded. TensorFlow caches a collective's parameters (shape included) per
+instance key for the life of the process, ~3 KB each: inside a tf.function every call site takes
+its keys when it is traced; eagerly, one key serves every call with the same signature (kind,
+shape, dtype), which is safe because an eager collective finishes before the next one starts.
+Variable-size exchanges pad to a power of two and pick their key by that power, so one key never
+sees two shapes. Each communicator carries an ordering token (a resource variable on its device):
+chaining its collectives through it keeps them in program order inside a tf.function, which they
+need to avoid cross-device deadlocks.
 """
 
 import itertools
@@ -24,6 +27,7 @@ from tensorflow.python.ops import resource_variable_ops
 
 _GROUP_KEYS = itertools.count(1000)  # Clear of the keys tf.distribute strategies use.
 _KEYS_PER_GROUP = 100_000  # Instance keys are int32: room for ~20000 groups.
+_SIZE_BUCKETS = 63  # Keys per variable-size call site: padded sizes 2**0 .. 2**62.
 _GROUP_KEYS_LOCK = threading.Lock()
 
 
@@ -46,17 +50,35 @@ class Communicator:
     self.communication_hint = communication_hint
     # TensorFlow caches a collective's parameters per instance key for the life of the process,
     # whatever the group: each group gets its own key range.
-    self._instance_keys = itertools.count(self.group_key * _KEYS_PER_GROUP)
+    self._next_key = self.group_key * _KEYS_PER_GROUP
+    self._eager_keys = {}
     self._token = None
     if world_size > 1:
       with tf.init_scope(), tf.device(device):
         self._token = resource_variable_ops.ResourceVariable(0.0, trainable=False,
                                                              name=f"collective_order_{rank}")
 
-  def _common(self):
-    return dict(group_size=self.world_size, group_key=self.group_key,
-                instance_key=next(self._instance_keys), communication_hint=self.communication_hint,
-                ordering_token=self._token.handle)
+  def _reserve_keys(self, count):
+    key = self._next_key
+    if key + count > (self.group_key + 1) * _KEYS_PER_GROUP:
+      raise RuntimeError(f"Communicator (group {self.group_key}) ran out of collective instance "
+                         f"keys after {_KEYS_PER_GROUP} call sites; trace fewer functions.")
+    self._next_key += count
+    return key
+
+  def _instance_key(self, signature, count=1):
+    """First of `count` keys for a collective: per call site when tracing, per signature
+    eagerly. Every worker issues the same collectives in order, so all agree on the keys."""
+    if not tf.executing_eagerly():
+      return self._reserve_keys(count)
+    if signature not in self._eager_keys:
+      self._eager_keys[signature] = self._reserve_keys(count)
+    return self._eager_keys[signature]
+
+  def _common(self, kind, tensor):
+    key = self._instance_key((kind, tuple(tensor.shape), tensor.dtype))
+    return dict(group_size=self.world_size, group_key=self.group_key, instance_key=key,
+                communication_hint=self.communication_hint, ordering_token=self._token.handle)
 
   def all_reduce(self, tensor, op="sum"):
     """Sum (or mean) of `tensor` over workers; its gradient is the all-reduce of the gradient."""
@@ -67,7 +89,8 @@ class Communicator:
     @tf.custom_gradient
     def reduce(x):
       with tf.device(self.device):
-        y = collective_ops.all_reduce_v2(x, merge_op=merge, final_op="Id", **self._common())
+        y = collective_ops.all_reduce_v2(x, merge_op=merge, final_op="Id",
+                                        **self._common("all_reduce", x))
         if op == "mean":
           y = y / self.world_size
 
@@ -87,7 +110,7 @@ class Communicator:
     @tf.custom_gradient
     def gather(x):
       with tf.device(self.device):
-        y = collective_ops.all_gather_v2(x, **self._common())
+        y = collective_ops.all_gather_v2(x, **self._common("all_gather", x))
 
       def grad(dy):
         total = self.all_reduce(dy)
@@ -98,8 +121,38 @@ class Communicator:
 
     if not tensor.dtype.is_floating:
       with tf.device(self.device):
-        return collective_ops.all_gather_v2(tensor, **self._common())
+        return collective_ops.all_gather_v2(tensor, **self._common("all_gather", tensor))
     return gather(tensor)
+
+  def all_gather_v(self, tensor):
+    """Concatenation along axis 0 of every worker's `tensor`, whose first dimension may differ
+    between workers (the others must agree), in rank order. Not differentiable: it moves ids.
+
+    The sizes are all-gathered first; each worker pads to the next power of two of the largest,
+    exchanges, and drops the padding.
+    """
+    tensor = tf.convert_to_tensor(tensor)
+    if self.world_size == 1:
+      return tf.identity(tensor)
+    base_key = self._instance_key(("all_gather_v", tuple(tensor.shape[1:]), tensor.dtype),
+                                  _SIZE_BUCKETS)
+    with tf.device(self.device):
+      sizes = self.all_gather(tf.shape(tensor, out_type=tf.int64)[:1])
+      # Bit length of (largest - 1): the exponent of the smallest power of two >= largest.
+      largest = tf.maximum(tf.reduce_max(sizes), 1)
+      exponent = tf.reduce_sum(tf.cast(
+          tf.bitwise.right_shift(largest - 1, tf.range(_SIZE_BUCKETS, dtype=tf.int64)) > 0,
+          tf.int32))
+      bucket = tf.bitwise.left_shift(tf.constant(1, tf.int64), tf.cast(exponent, tf.int64))
+      trailing = tf.shape(tensor, out_type=tf.int64)[1:]
+      filler = tf.zeros(tf.concat([[bucket - sizes[self.rank]], trailing], 0), tensor.dtype)
+      padded = tf.concat([tensor, filler], 0)
+      gathered = collective_ops.all_gather_v2(
+          padded, group_size=self.world_size, group_key=self.group_key,
+          instance_key=base_key + exponent, communication_hint=self.communication_hint,
+          ordering_token=self._token.handle)
+      per_worker = tf.reshape(gathered, tf.concat([[self.world_size, bucket], trailing], 0))
+      return tf.boolean_mask(per_worker, tf.sequence_mask(sizes, bucket))
 
   def all_to_all(self, tensor):
     """Exchanges equal chunks: `tensor` is [world_size, ...]; row w goes to worker w, and row w
@@ -110,7 +163,8 @@ class Communicator:
     def exchange(x):
       with tf.device(self.device):
         flat = tf.reshape(x, [self.world_size, -1])
-        return tf.reshape(collective_ops.all_to_all_v2(flat, **self._common()), tf.shape(x))
+        return tf.reshape(collective_ops.all_to_all_v2(flat, **self._common("all_to_all", flat)),
+                          tf.shape(x))
 
     if not tensor.dtype.is_floating:
       return exchange(tensor)
