@@ -150,6 +150,53 @@ class DistributedEmbeddingTest(test_util.TestCase):
 
     comm_lib.run_in_threads(2, work)
 
+  @parameterized.parameters(1, 2)
+  def test_same_width_tables_are_one_variable_and_one_lookup(self, world_size):
+    # Six width-8 tables and one width-4 table; inputs dense of two hotnesses and ragged.
+    shapes = [(40, 8), (25, 8), (60, 8), (33, 8), (12, 8), (70, 8), (20, 4)]
+    rng = np.random.default_rng(11)
+    weights = [rng.standard_normal(shape).astype(np.float32) for shape in shapes]
+    ids = [rng.integers(0, r, size=(8, 1 + t % 2)) for t, (r, _) in enumerate(shapes)]
+    ids[2] = [list(rng.integers(0, shapes[2][0], size=n)) for n in (0, 3, 1, 5, 2, 0, 4, 1)]
+    formats = ["ragged" if t == 2 else "dense" for t in range(len(shapes))]
+
+    def work(comm):
+      layer = dmp.DistributedEmbedding(
+          [de.Embedding(r, w, combiner="mean") for r, w in shapes], communicator=comm)
+      layer.build()
+      layer.set_weights(weights)
+      local = slice(comm.rank * 8 // comm.world_size, (comm.rank + 1) * 8 // comm.world_size)
+      feed = [_feed(x, local, f) for x, f in zip(ids, formats)]
+      graph = tf.function(layer.call).get_concrete_function(feed).graph
+      lookups = sum(op.type == "DeResourcePooledEmbeddingLookup" for op in graph.get_operations())
+      widths = sorted(v.shape[1] for v in layer.trainable_variables)
+      return [o.numpy() for o in layer(feed)], lookups, widths
+
+    results = ([work(comm_lib.Communicator(0, 1))] if world_size == 1 else
+               comm_lib.run_in_threads(world_size, work))
+    local = 8 // world_size
+    for rank, (outs, lookups, widths) in enumerate(results):
+      # One variable and one lookup per width on each worker.
+      self.assertEqual(sorted(set(widths)), widths)
+      self.assertEqual(len(widths), lookups)
+      for t, o in enumerate(outs):
+        bags = ids[t][rank * local:(rank + 1) * local]
+        expected = [weights[t][b].mean(0) if len(b) else np.zeros(shapes[t][1]) for b in bags]
+        self.assertAllClose(np.array(expected), o, rtol=1e-5)
+
+  def test_fused_tables_reject_ids_of_their_neighbours(self):
+    layer = dmp.DistributedEmbedding([de.Embedding(10, 4, combiner="sum"),
+                                      de.Embedding(10, 4, combiner="sum")])
+    layer.build()
+    before = [w.copy() for w in layer.get_weights()]
+    for bad in ([[10]], [[-1]]):
+      with self.assertRaisesRegex(tf.errors.InvalidArgumentError, "ids of input 0 must be"):
+        layer([tf.constant(bad), tf.constant([[0]])])
+    with self.assertRaisesRegex(tf.errors.InvalidArgumentError, "ids of input 1 must be < 10"):
+      layer([tf.constant([[0]]), tf.ragged.constant([[3, 12]])])
+    for w, b in zip(layer.get_weights(), before):
+      self.assertAllEqual(b, w)
+
   def test_forward_matches_numpy(self):
     rng = np.random.default_rng(3)
     weights = [rng.standard_normal(shape).astype(np.float32) for shape in TABLES]

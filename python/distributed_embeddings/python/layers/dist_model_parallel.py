@@ -9,6 +9,10 @@ produce partial sums that are all-reduced. Backward runs the same exchanges in r
 shard receives its sparse gradient locally. Replicated (data-parallel) tables are looked up
 locally and their gradients are averaged by `DistributedGradientTape`.
 
+On each worker, whole tables and column slices of one width are stored in one variable and
+their pooled lookups run as one kernel call (fusion), which matters when a model has dozens of
+small tables.
+
 Workers communicate through a `Communicator` (TensorFlow collective ops); with one worker the
 layer is a plain set of lookups. Ids may be dense [batch, hotness], ragged or sparse; ragged and
 sparse ids of sharded tables need a combiner, and their values travel by a variable-size
@@ -38,6 +42,25 @@ def _rows(ids):
   if isinstance(ids, tf.SparseTensor):
     return tf.cast(ids.dense_shape[0], tf.int32)
   return tf.shape(ids)[0]
+
+
+def _is_bag_batch(ids):
+  """2-D dense or ragged ids: one bag per row, so batches concatenate along axis 0."""
+  if isinstance(ids, tf.RaggedTensor):
+    return ids.ragged_rank == 1 and ids.shape.rank == 2
+  return isinstance(ids, tf.Tensor) and ids.shape.rank == 2
+
+
+def _concat_bags(batches):
+  """One batch of bags from several: dense batches of one hotness stay dense, else ragged."""
+  dtype = tf.int64 if any(b.dtype == tf.int64 for b in batches) else batches[0].dtype
+  batches = [tf.cast(b, dtype) if b.dtype != dtype else b for b in batches]
+  if all(isinstance(b, tf.Tensor) for b in batches) and len(
+      {b.shape[1] for b in batches}) == 1 and batches[0].shape[1] is not None:
+    return tf.concat(batches, axis=0)
+  ragged = [b.with_row_splits_dtype(tf.int64) if isinstance(b, tf.RaggedTensor) else
+            tf.RaggedTensor.from_tensor(b, row_splits_dtype=tf.int64) for b in batches]
+  return tf.concat(ragged, axis=0)
 
 
 def _tf_variable(variable):
@@ -135,26 +158,57 @@ class DistributedEmbedding(keras.layers.Layer):
     # Inputs this worker must be fed with dp_input=False: those of its shards' tables.
     self.local_input_indices = sorted({i for s in self.local_shards for i in inputs_of[s.table]})
     self._shard_vars = []
+    self._slots = []
+    self._fused_count = {}
     self._replicated_vars = {}
 
   def build(self, input_shape=None):
     if self.built:
       return
-    for s in self.local_shards:
-      init = keras.initializers.get(self.table_configs[s.table].get("embeddings_initializer",
-                                                                    "uniform"))
-      var = self.add_weight(shape=(s.rows, s.width), initializer=init,
-                            name=f"table{s.table}_r{s.row_begin}_c{s.col_begin}")
-      self._shard_vars.append(var)
-      if self.world_size > 1:
+    # Whole tables and column slices of one width share a variable (rows stacked), so a worker
+    # looks all of them up in one kernel call; row slices keep their own variables.
+    self._slots = [None] * len(self.local_shards)  # per local shard: (variable, first row)
+    groups = {}
+    for k, s in enumerate(self.local_shards):
+      if s.kind == "row_slice":
+        var = self.add_weight(shape=(s.rows, s.width), initializer=self._initializer(s.table),
+                              name=f"table{s.table}_r{s.row_begin}_c{s.col_begin}")
+        self._slots[k] = (var, 0)
+        self._fused_count[id(var)] = 1
+      else:
+        groups.setdefault(s.width, []).append(k)
+    for width, members in sorted(groups.items()):
+      parts = [(self.local_shards[k].rows, self._initializer(self.local_shards[k].table))
+               for k in members]
+      tables = "_".join(str(self.local_shards[k].table) for k in members)
+
+      def stacked(shape, dtype=None, parts=parts, width=width):
+        del shape
+        return tf.concat([init((rows, width), dtype=dtype) for rows, init in parts], axis=0)
+
+      var = self.add_weight(shape=(sum(rows for rows, _ in parts), width), initializer=stacked,
+                            name=f"tables{tables}_w{width}")
+      self._fused_count[id(var)] = len(members)
+      offset = 0
+      for k, (rows, _) in zip(members, parts):
+        self._slots[k] = (var, offset)
+        offset += rows
+    for var, _ in self._slots:
+      if not any(var is v for v in self._shard_vars):
+        self._shard_vars.append(var)
+    if self.world_size > 1:
+      for var in self._shard_vars:
         _mark_model_parallel(var)
     for t in self.plan.data_parallel_tables:
       spec = self.plan.tables[t]
-      init = keras.initializers.get(self.table_configs[t].get("embeddings_initializer",
-                                                              "uniform"))
       self._replicated_vars[t] = self.add_weight(shape=(spec.input_dim, spec.output_dim),
-                                                 initializer=init, name=f"table{t}_replicated")
+                                                 initializer=self._initializer(t),
+                                                 name=f"table{t}_replicated")
     self.built = True
+
+  def _initializer(self, table):
+    return keras.initializers.get(self.table_configs[table].get("embeddings_initializer",
+                                                                "uniform"))
 
   # ---- forward ----------------------------------------------------------------------------
 
@@ -177,9 +231,8 @@ class DistributedEmbedding(keras.layers.Layer):
                        f"inputs {self.local_input_indices}; got {len(inputs)} tensors.")
     if self.world_size == 1:
       by_input = dict(zip(range(n_inputs) if self.dp_input else self.local_input_indices, inputs))
-      return [self._lookup(self._shard_vars[self._shard_index(self.plan.input_table_map[i])],
-                           by_input[i], self.combiners[self.plan.input_table_map[i]])
-              for i in range(n_inputs)]
+      entries = [(self._shard_index(t), i) for i, t in enumerate(self.plan.input_table_map)]
+      return self._local_lookups(entries, by_input)
 
     comm = self.communicator
     outputs = [None] * n_inputs
@@ -207,7 +260,7 @@ class DistributedEmbedding(keras.layers.Layer):
       local_batch = _rows(inputs[0]) // self.world_size if inputs else None
 
     # Row slices: partial sums over this worker's rows, summed across workers.
-    for s, var in zip(self.local_shards, self._shard_vars):
+    for s, (var, _) in zip(self.local_shards, self._slots):
       if s.kind != "row_slice":
         continue
       for i in self._inputs_of_table[s.table]:
@@ -231,10 +284,8 @@ class DistributedEmbedding(keras.layers.Layer):
     # Whole tables and column slices: look up the global batch, one all-to-all back.
     pieces = self._exchange_layout()
     if pieces["max_width"] > 0:
-      sends = []
-      for s, i in pieces["per_worker"][self.rank]:
-        var = self._shard_vars[self.local_shards.index(s)]
-        sends.append(self._flatten(self._lookup(var, global_ids[i], self.combiners[s.table])))
+      entries = [(self.local_shards.index(s), i) for s, i in pieces["per_worker"][self.rank]]
+      sends = [self._flatten(out) for out in self._local_lookups(entries, global_ids)]
       width = sum(pieces["widths"][self.rank])
       send = tf.concat(sends, axis=1) if sends else tf.zeros(
           [local_batch * self.world_size, 0], self.compute_dtype)
@@ -251,6 +302,53 @@ class DistributedEmbedding(keras.layers.Layer):
         parts.sort(key=lambda p: p[0])
         outputs[i] = self._unflatten(i, [p[1] for p in parts], local_batch)
     return outputs
+
+  def _local_lookups(self, entries, ids_of):
+    """Outputs of (local shard index, input index) `entries`, in order. Pooled lookups into one
+    fused variable run as a single kernel call over the concatenated bags."""
+    outputs = [None] * len(entries)
+    fusable = {}
+    for e, (k, i) in enumerate(entries):
+      var, offset = self._slots[k]
+      combiner = self.combiners[self.local_shards[k].table]
+      ids = self._shifted(ids_of[i], var, offset, self.local_shards[k].rows, i)
+      if combiner is not None and self._fused_count[id(var)] > 1 and _is_bag_batch(ids):
+        fusable.setdefault((id(var), combiner), []).append((e, ids))
+      else:
+        outputs[e] = self._lookup(var, ids, combiner)
+    for (var_id, combiner), members in fusable.items():
+      var = next(v for v in self._shard_vars if id(v) == var_id)
+      if len(members) == 1:
+        (e, ids), = members
+        outputs[e] = self._lookup(var, ids, combiner)
+        continue
+      pooled = self._lookup(var, _concat_bags([ids for _, ids in members]), combiner)
+      sizes = tf.stack([tf.cast(_rows(ids), tf.int64) for _, ids in members])
+      for (e, _), out in zip(members, tf.split(pooled, sizes, axis=0)):
+        outputs[e] = out
+    return outputs
+
+  def _shifted(self, ids, var, offset, rows, i):
+    """`ids` of a shard starting at row `offset` of `var`. In a fused variable an id outside the
+    shard would read a neighbour's rows, so those ids are checked against the shard here."""
+    if self._fused_count[id(var)] == 1:
+      return ids
+    if not isinstance(ids, (tf.RaggedTensor, tf.SparseTensor)):
+      ids = tf.convert_to_tensor(ids)
+    values = ids.values if isinstance(ids, (tf.RaggedTensor, tf.SparseTensor)) else ids
+    checks = [tf.debugging.assert_non_negative(
+                  values, message=f"DistributedEmbedding: ids of input {i} must be >= 0"),
+              tf.debugging.assert_less(
+                  values, tf.cast(rows, values.dtype),
+                  message=f"DistributedEmbedding: ids of input {i} must be < {rows} (its "
+                  "table's input_dim)")]
+    with tf.control_dependencies([c for c in checks if c is not None]):
+      values = values + tf.cast(offset, values.dtype)
+    if isinstance(ids, tf.RaggedTensor):
+      return ids.with_values(values)
+    if isinstance(ids, tf.SparseTensor):
+      return tf.SparseTensor(ids.indices, values, ids.dense_shape)
+    return values
 
   def _check_dp_ids(self, i, x):
     """Input `i` as dense, ragged (sparse converted) or replicated-table ids; errors name it."""
@@ -334,9 +432,10 @@ class DistributedEmbedding(keras.layers.Layer):
         tables.append(self._replicated_vars[t].numpy())
         continue
       full = np.zeros((spec.input_dim, spec.output_dim), np.float32)
-      for s, var in zip(self.local_shards, self._shard_vars):
+      for s, (var, offset) in zip(self.local_shards, self._slots):
         if s.table == t:
-          full[s.row_begin:s.row_end, s.col_begin:s.col_end] = var.numpy()
+          full[s.row_begin:s.row_end, s.col_begin:s.col_end] = \
+              var.numpy()[offset:offset + s.rows]
       tables.append(self.communicator.all_reduce(tf.constant(full)).numpy())
     return tables
 
@@ -351,8 +450,12 @@ class DistributedEmbedding(keras.layers.Layer):
       if tuple(np.shape(table)) != (spec.input_dim, spec.output_dim):
         raise ValueError(f"set_weights: table {t} must be {(spec.input_dim, spec.output_dim)}; "
                          f"got {np.shape(table)}.")
-    for s, var in zip(self.local_shards, self._shard_vars):
-      var.assign(np.asarray(weights[s.table])[s.row_begin:s.row_end, s.col_begin:s.col_end])
+    values = {id(var): var.numpy() for var in self._shard_vars}
+    for s, (var, offset) in zip(self.local_shards, self._slots):
+      values[id(var)][offset:offset + s.rows] = \
+          np.asarray(weights[s.table])[s.row_begin:s.row_end, s.col_begin:s.col_end]
+    for var in self._shard_vars:
+      var.assign(values[id(var)])
     for t, var in self._replicated_vars.items():
       var.assign(weights[t])
 
