@@ -37,16 +37,18 @@ def build_model(communicator, combiner="mean"):
   return model, layer
 
 
-def fit(communicator, epochs=2, lr=0.05):
+def fit(communicator, epochs=2, lr=0.05, optimizer="sgd", callbacks=()):
   """Keras model.fit on this worker's share of the global batches; returns (tables, kernel)."""
   n, rank = communicator.world_size, communicator.rank
   local = slice(rank * GLOBAL_BATCH // n, (rank + 1) * GLOBAL_BATCH // n)
   model, layer = build_model(communicator)
-  optimizer = dmp.DistributedOptimizer(keras.optimizers.SGD(lr), communicator)
+  optimizer = dmp.DistributedOptimizer(
+      keras.optimizers.SGD(lr) if optimizer == "sgd" else keras.optimizers.Adagrad(lr),
+      communicator)
   model.compile(optimizer=optimizer, loss="mse")
   xs, ys = zip(*[batch(s) for s in range(3)])
   x = [np.concatenate([ids[t][local] for ids in xs]) for t in range(len(TABLES))]
   y = np.concatenate([target[local] for target in ys])
   model.fit(x, y, batch_size=GLOBAL_BATCH // n, epochs=epochs, shuffle=False, verbose=2,
-            callbacks=[dmp.BroadcastGlobalVariablesCallback(0, communicator)])
+            callbacks=list(callbacks) + [dmp.BroadcastGlobalVariablesCallback(0, communicator)])
   return layer.get_weights(), model.layers[-1].kernel.numpy()

@@ -4,6 +4,7 @@ import argparse
 import os
 import sys
 
+import keras
 import numpy as np
 import tensorflow as tf
 
@@ -14,7 +15,8 @@ import dist_case
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--out", required=True)
-  parser.add_argument("--mode", choices=["fit", "crash"], required=True)
+  parser.add_argument("--mode", choices=["fit", "crash", "backup"], required=True)
+  parser.add_argument("--crash_once", action="store_true", help="backup mode: rank 1 dies once")
   args = parser.parse_args()
   comm = dmp.init_from_env()
   if args.mode == "crash":
@@ -23,7 +25,23 @@ def main():
       os._exit(3)  # pylint: disable=protected-access
     comm.all_reduce(tf.ones([1]))  # Waits for rank 1, which never comes.
     return 0
-  tables, kernel = dist_case.fit(comm)
+  if args.mode == "backup":
+    # Rank 1 dies when epoch 3 begins, once; a relaunch resumes from the epoch-2 backup.
+    marker = os.path.join(args.out, "crashed_once")
+
+    class CrashOnce(keras.callbacks.Callback):
+
+      def on_epoch_begin(self, epoch, logs=None):
+        if args.crash_once and epoch == 2 and comm.rank == 1 and not os.path.exists(marker):
+          open(marker, "w").close()
+          print("rank 1 dies at the start of epoch 3", flush=True)
+          os._exit(3)  # pylint: disable=protected-access
+
+    backup = dmp.BackupAndRestore(os.path.join(args.out, "backup"), comm)
+    tables, kernel = dist_case.fit(comm, epochs=4, optimizer="adagrad",
+                                   callbacks=[backup, CrashOnce()])
+  else:
+    tables, kernel = dist_case.fit(comm)
   np.savez(os.path.join(args.out, f"rank{comm.rank}.npz"), kernel=kernel, *tables)
   return 0
 

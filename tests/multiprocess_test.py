@@ -47,6 +47,33 @@ class MultiProcessTest(test_util.TestCase):
     self.assertIn("worker 1 exited with code 3", result.stderr)
     self.assertLess(time.monotonic() - start, 60)
 
+  def test_killed_worker_then_backup_and_restore_loses_nothing(self):
+    out = self.create_tempdir().full_path
+    start = time.monotonic()
+    crashed = _launch(2, "--out", out, "--mode", "backup", "--crash_once")
+    self.assertEqual(3, crashed.returncode, crashed.stdout + crashed.stderr)
+    self.assertIn("worker 1 exited with code 3", crashed.stderr)
+    self.assertLess(time.monotonic() - start, 120)
+    self.assertTrue(os.path.exists(os.path.join(out, "backup", "checkpoint.npz")))
+
+    resumed = _launch(2, "--out", out, "--mode", "backup", "--crash_once")
+    self.assertEqual(0, resumed.returncode, resumed.stdout + resumed.stderr)
+    self.assertNotIn("Epoch 1/4", resumed.stdout)  # it started from the epoch-2 backup
+    self.assertIn("Epoch 3/4", resumed.stdout)
+    # Bit for bit what two workers reach without the crash, and what one worker reaches.
+    straight = self.create_tempdir().full_path
+    self.assertEqual(0, _launch(2, "--out", straight, "--mode", "backup").returncode)
+    ref_tables, ref_kernel = dist_case.fit(comm_lib.Communicator(0, 1), epochs=4,
+                                           optimizer="adagrad")
+    for rank in range(2):
+      saved = np.load(os.path.join(out, f"rank{rank}.npz"))
+      uninterrupted = np.load(os.path.join(straight, f"rank{rank}.npz"))
+      for key in saved.files:
+        np.testing.assert_array_equal(uninterrupted[key], saved[key], err_msg=key)
+      self.assertAllClose(ref_kernel, saved["kernel"], rtol=1e-5, atol=1e-6)
+      for t, ref in enumerate(ref_tables):
+        self.assertAllClose(ref, saved[f"arr_{t}"], rtol=1e-5, atol=1e-6)
+
 
 if __name__ == "__main__":
   absltest.main()

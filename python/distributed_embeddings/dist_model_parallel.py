@@ -1,5 +1,8 @@
 """Model-parallel embeddings: `distributed_embeddings.dist_model_parallel`."""
 
+from distributed_embeddings.python.layers.dist_checkpoint import BackupAndRestore
+from distributed_embeddings.python.layers.dist_checkpoint import restore_checkpoint
+from distributed_embeddings.python.layers.dist_checkpoint import save_checkpoint
 from distributed_embeddings.python.layers.dist_model_parallel import broadcast_variables
 from distributed_embeddings.python.layers.dist_model_parallel import BroadcastGlobalVariablesCallback
 from distributed_embeddings.python.layers.dist_model_parallel import DistEmbeddingStrategy

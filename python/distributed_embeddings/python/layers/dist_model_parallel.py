@@ -426,38 +426,81 @@ class DistributedEmbedding(keras.layers.Layer):
     """The full global tables, in table order, on every worker (collective: call on all)."""
     if not self.built:
       self.build()
-    tables = []
-    for t, spec in enumerate(self.plan.tables):
-      if t in self._replicated_vars:
-        tables.append(self._replicated_vars[t].numpy())
-        continue
-      full = np.zeros((spec.input_dim, spec.output_dim), np.float32)
-      for s, (var, offset) in zip(self.local_shards, self._slots):
-        if s.table == t:
-          full[s.row_begin:s.row_end, s.col_begin:s.col_end] = \
-              var.numpy()[offset:offset + s.rows]
-      tables.append(self.communicator.all_reduce(tf.constant(full)).numpy())
-    return tables
+    return self._global_tables({id(v): v for v in self._all_vars()})
 
   def set_weights(self, weights):
     """Takes the full global tables (any worker count wrote them); keeps this worker's shards."""
     if not self.built:
       self.build()
-    if len(weights) != len(self.plan.tables):
-      raise ValueError(f"set_weights: expected {len(self.plan.tables)} tables; got "
-                       f"{len(weights)}.")
-    for t, (table, spec) in enumerate(zip(weights, self.plan.tables)):
+    self._set_global_tables({id(v): v for v in self._all_vars()}, weights, "set_weights")
+
+  def get_optimizer_slots(self, optimizer):
+    """{slot name: global tables} of `optimizer`'s per-row state for this layer's tables (e.g.
+    Adagrad's accumulators), assembled like get_weights. Collective: call on all workers."""
+    return {name: self._global_tables(by_var)
+            for name, by_var in sorted(self._slot_variables(optimizer).items())}
+
+  def set_optimizer_slots(self, optimizer, slots):
+    """Loads what get_optimizer_slots returned, written by any worker count."""
+    own = self._slot_variables(optimizer)
+    if set(own) != set(slots):
+      raise ValueError(f"set_optimizer_slots: the optimizer has slots {sorted(own)}; got "
+                       f"{sorted(slots)}.")
+    for name, tables in slots.items():
+      self._set_global_tables(own[name], tables, f"set_optimizer_slots[{name!r}]")
+
+  def _all_vars(self):
+    return self._shard_vars + [self._replicated_vars[t] for t in sorted(self._replicated_vars)]
+
+  def _slot_variables(self, optimizer):
+    """{slot name: {id(layer variable): optimizer variable}}. Keras names a slot
+    '<variable path with _ for />_<slot>' and gives it the variable's shape."""
+    if not self.built:
+      self.build()
+    if not optimizer.built:
+      optimizer.build(self.trainable_variables)
+    slots = {}
+    for var in self._all_vars():
+      prefix = var.path.replace("/", "_") + "_"
+      for slot in optimizer.variables:
+        if slot.name.startswith(prefix) and tuple(slot.shape) == tuple(var.shape):
+          slots.setdefault(slot.name[len(prefix):], {})[id(var)] = slot
+    missing = [name for name, by_var in slots.items() if len(by_var) != len(self._all_vars())]
+    if missing:
+      raise ValueError(f"optimizer slots {missing} do not cover every table of {self.name}.")
+    return slots
+
+  def _global_tables(self, by_var):
+    """Global tables from `by_var` (id of one of this layer's variables -> a variable of the
+    same shape: the weights themselves or an optimizer slot)."""
+    tables = []
+    for t, spec in enumerate(self.plan.tables):
+      if t in self._replicated_vars:
+        tables.append(by_var[id(self._replicated_vars[t])].numpy())
+        continue
+      full = np.zeros((spec.input_dim, spec.output_dim), np.float32)
+      for s, (var, offset) in zip(self.local_shards, self._slots):
+        if s.table == t:
+          full[s.row_begin:s.row_end, s.col_begin:s.col_end] = \
+              by_var[id(var)].numpy()[offset:offset + s.rows]
+      tables.append(self.communicator.all_reduce(tf.constant(full)).numpy())
+    return tables
+
+  def _set_global_tables(self, by_var, tables, what):
+    if len(tables) != len(self.plan.tables):
+      raise ValueError(f"{what}: expected {len(self.plan.tables)} tables; got {len(tables)}.")
+    for t, (table, spec) in enumerate(zip(tables, self.plan.tables)):
       if tuple(np.shape(table)) != (spec.input_dim, spec.output_dim):
-        raise ValueError(f"set_weights: table {t} must be {(spec.input_dim, spec.output_dim)}; "
+        raise ValueError(f"{what}: table {t} must be {(spec.input_dim, spec.output_dim)}; "
                          f"got {np.shape(table)}.")
-    values = {id(var): var.numpy() for var in self._shard_vars}
+    values = {id(var): by_var[id(var)].numpy() for var in self._shard_vars}
     for s, (var, offset) in zip(self.local_shards, self._slots):
       values[id(var)][offset:offset + s.rows] = \
-          np.asarray(weights[s.table])[s.row_begin:s.row_end, s.col_begin:s.col_end]
+          np.asarray(tables[s.table])[s.row_begin:s.row_end, s.col_begin:s.col_end]
     for var in self._shard_vars:
-      var.assign(values[id(var)])
+      by_var[id(var)].assign(values[id(var)])
     for t, var in self._replicated_vars.items():
-      var.assign(weights[t])
+      by_var[id(var)].assign(tables[t])
 
 
 def _reduce_gradients(grads, variables, communicator):

@@ -1,0 +1,126 @@
+"""Worker-count independent checkpoints: written by N workers, restored on M, training goes on
+exactly as one worker would."""
+
+import os
+
+from absl.testing import absltest
+from absl.testing import parameterized
+import keras
+import numpy as np
+import tensorflow as tf
+
+import distributed_embeddings as de
+from distributed_embeddings import dist_model_parallel as dmp
+from distributed_embeddings.python.parallel import communicator as comm_lib
+import test_util
+
+comm_lib.configure_logical_devices(4)
+
+TABLES = [(40, 8), (30, 8), (64, 4), (12, 8), (90, 4)]
+GLOBAL_BATCH = 8
+MODE = dict(column_slice_threshold=150, row_slice_threshold=300, data_parallel_threshold=60)
+
+
+def _batch(step):
+  rng = np.random.default_rng(200 + step)
+  ids = [[list(rng.integers(0, r, size=rng.integers(0, 4))) for _ in range(GLOBAL_BATCH)]
+         for r, _ in TABLES]
+  dense = rng.standard_normal((GLOBAL_BATCH, 3)).astype(np.float32)
+  return ids, dense, rng.standard_normal((GLOBAL_BATCH, 1)).astype(np.float32)
+
+
+def _build(comm):
+  layer = dmp.DistributedEmbedding([de.Embedding(r, w, combiner="mean") for r, w in TABLES],
+                                   communicator=comm, **MODE)
+  bottom = keras.layers.Dense(4, kernel_initializer=keras.initializers.Constant(0.1))
+  top = keras.layers.Dense(1, kernel_initializer=keras.initializers.Constant(0.05))
+  rng = np.random.default_rng(7)
+  layer.set_weights([rng.standard_normal(shape).astype(np.float32) for shape in TABLES])
+  optimizer = dmp.DistributedOptimizer(keras.optimizers.Adagrad(0.3), comm)
+  return layer, bottom, top, optimizer
+
+
+def _train(parts, comm, steps):
+  layer, bottom, top, optimizer = parts
+  n, rank = comm.world_size, comm.rank
+  local = slice(rank * GLOBAL_BATCH // n, (rank + 1) * GLOBAL_BATCH // n)
+  for step in steps:
+    ids, dense, target = _batch(step)
+    feed = [tf.ragged.constant(x[local], dtype=tf.int64, ragged_rank=1) for x in ids]
+    with tf.GradientTape() as tape:
+      x = tf.concat(layer(feed) + [bottom(dense[local])], axis=1)
+      loss = tf.reduce_mean((top(x) - target[local]) ** 2)
+    variables = layer.trainable_variables + bottom.trainable_variables + top.trainable_variables
+    optimizer.apply(tape.gradient(loss, variables), variables)
+
+
+class _Model(keras.Model):
+  """Holds the parts so the checkpoint helpers see one model."""
+
+  def __init__(self, parts):
+    super().__init__()
+    self.embedding, self.bottom, self.top = parts[:3]
+
+
+def _state(parts, comm):
+  layer, bottom, top, optimizer = parts
+  slots = layer.get_optimizer_slots(optimizer)
+  return (layer.get_weights(), [s for name in sorted(slots) for s in slots[name]],
+          [v.numpy() for v in bottom.weights + top.weights], int(optimizer.iterations.numpy()))
+
+
+def _run(world_size, fn):
+  if world_size == 1:
+    return [fn(comm_lib.Communicator(0, 1))]
+  return comm_lib.run_in_threads(world_size, fn)
+
+
+class DistCheckpointTest(test_util.TestCase):
+
+  @parameterized.parameters((2, 4), (4, 1), (1, 2))
+  def test_written_by_n_workers_restored_on_m(self, writers, readers):
+    path = os.path.join(self.create_tempdir().full_path, "ckpt.npz")
+
+    def reference(comm):
+      parts = _build(comm)
+      _train(parts, comm, range(4))
+      return _state(parts, comm)
+
+    def write(comm):
+      parts = _build(comm)
+      _train(parts, comm, range(2))
+      dmp.save_checkpoint(path, _Model(parts), parts[3], comm, metadata={"step": 2})
+
+    def resume(comm):
+      parts = _build(comm)
+      parts[1].build((None, 3))
+      parts[2].build((None, sum(w for _, w in TABLES) + 4))
+      # Fresh weights differ from the saved ones until the restore.
+      parts[0].set_weights([np.zeros(shape, np.float32) for shape in TABLES])
+      meta = dmp.restore_checkpoint(path, _Model(parts), parts[3])
+      _train(parts, comm, range(meta["step"], 4))
+      return _state(parts, comm)
+
+    expected, = _run(1, reference)
+    _run(writers, write)
+    for tables, slots, dense, iterations in _run(readers, resume):
+      self.assertEqual(expected[3], iterations)
+      for got, want in zip(tables + slots + dense, expected[0] + expected[1] + expected[2]):
+        self.assertAllClose(want, got, rtol=1e-5, atol=1e-6)
+      self.assertLen(slots, len(TABLES))  # Adagrad: one accumulator per table
+
+  def test_restore_rejects_another_model(self):
+    path = os.path.join(self.create_tempdir().full_path, "ckpt.npz")
+    comm = comm_lib.Communicator(0, 1)
+    parts = _build(comm)
+    _train(parts, comm, range(1))
+    dmp.save_checkpoint(path, _Model(parts), parts[3], comm)
+    other = _build(comm)
+    other[1].build((None, 5))
+    other[2].build((None, 42))
+    with self.assertRaisesRegex(ValueError, r"weight/0 .* has shape \(3, 4\)"):
+      dmp.restore_checkpoint(path, _Model(other), other[3])
+
+
+if __name__ == "__main__":
+  absltest.main()
