@@ -109,6 +109,33 @@ class DistCheckpointTest(test_util.TestCase):
         self.assertAllClose(want, got, rtol=1e-5, atol=1e-6)
       self.assertLen(slots, len(TABLES))  # Adagrad: one accumulator per table
 
+  def test_per_worker_tf_train_checkpoint_round_trips(self):
+    root = self.create_tempdir().full_path
+
+    def save(comm):
+      parts = _build(comm)
+      _train(parts, comm, range(2))
+      ckpt = tf.train.Checkpoint(model=_Model(parts), optimizer=parts[3])
+      path = ckpt.write(os.path.join(root, f"rank{comm.rank}", "ckpt"))
+      return path, _state(parts, comm)
+
+    def load(comm, saved):
+      parts = _build(comm)
+      parts[1].build((None, 3))
+      parts[2].build((None, sum(w for _, w in TABLES) + 4))
+      parts[3].build(parts[0].trainable_variables + parts[1].trainable_variables +
+                     parts[2].trainable_variables)
+      parts[0].set_weights([np.zeros(shape, np.float32) for shape in TABLES])
+      tf.train.Checkpoint(model=_Model(parts), optimizer=parts[3]).read(
+          saved[comm.rank][0]).assert_consumed()
+      return _state(parts, comm)
+
+    saved = _run(2, save)
+    for (_, before), after in zip(saved, _run(2, lambda comm: load(comm, saved))):
+      self.assertEqual(before[3], after[3])
+      for want, got in zip(before[0] + before[1] + before[2], after[0] + after[1] + after[2]):
+        self.assertAllEqual(want, got)
+
   def test_restore_rejects_another_model(self):
     path = os.path.join(self.create_tempdir().full_path, "ckpt.npz")
     comm = comm_lib.Communicator(0, 1)
