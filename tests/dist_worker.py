@@ -15,7 +15,7 @@ import dist_case
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--out", required=True)
-  parser.add_argument("--mode", choices=["fit", "crash", "backup"], required=True)
+  parser.add_argument("--mode", choices=["fit", "crash", "backup", "modes"], required=True)
   parser.add_argument("--crash_once", action="store_true", help="backup mode: rank 1 dies once")
   args = parser.parse_args()
   comm = dmp.init_from_env()
@@ -24,6 +24,16 @@ def main():
       print("rank 1 dies before its first collective", flush=True)
       os._exit(3)  # pylint: disable=protected-access
     comm.all_reduce(tf.ones([1]))  # Waits for rank 1, which never comes.
+    return 0
+  if args.mode == "modes":
+    # Every parallelism mode, dense and ragged ids, in one process per worker.
+    results = {}
+    for name, mode in dist_case.MODES.items():
+      for id_format, combiner in (("dense", "sum"), ("ragged", "mean")):
+        outs, tables = dist_case.train_worker(comm, mode, combiner, id_format=id_format)
+        for k, value in enumerate(outs + tables):
+          results[f"{name}/{id_format}/{k}"] = value
+    np.savez(os.path.join(args.out, f"rank{comm.rank}.npz"), **results)
     return 0
   if args.mode == "backup":
     # Rank 1 dies when epoch 3 begins, once; a relaunch resumes from the epoch-2 backup.

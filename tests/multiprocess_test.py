@@ -40,6 +40,25 @@ class MultiProcessTest(test_util.TestCase):
       for t, ref in enumerate(ref_tables):
         self.assertAllClose(ref, saved[f"arr_{t}"], rtol=1e-5, atol=1e-6)
 
+  @parameterized.parameters(2, 4)
+  def test_every_mode_matches_one_worker(self, n):
+    out = self.create_tempdir().full_path
+    result = _launch(n, "--out", out, "--mode", "modes")
+    self.assertEqual(0, result.returncode, result.stdout + result.stderr)
+    local = dist_case.GLOBAL_BATCH // n
+    saved = [np.load(os.path.join(out, f"rank{rank}.npz")) for rank in range(n)]
+    for name, mode in dist_case.MODES.items():
+      for id_format, combiner in (("dense", "sum"), ("ragged", "mean")):
+        outs, tables = dist_case.train_worker(comm_lib.Communicator(0, 1), mode, combiner,
+                                              id_format=id_format)
+        for rank in range(n):
+          for k, ref in enumerate(outs):
+            self.assertAllClose(ref[rank * local:(rank + 1) * local],
+                                saved[rank][f"{name}/{id_format}/{k}"], rtol=1e-5, atol=1e-6)
+          for k, ref in enumerate(tables, start=len(outs)):
+            self.assertAllClose(ref, saved[rank][f"{name}/{id_format}/{k}"], rtol=1e-5,
+                                atol=1e-6)
+
   def test_dead_worker_stops_the_run_quickly(self):
     start = time.monotonic()
     result = _launch(2, "--out", self.create_tempdir().full_path, "--mode", "crash", timeout=120)
