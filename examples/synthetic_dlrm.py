@@ -237,10 +237,17 @@ def train(args):
       "final_loss": float(np.mean(log.losses[-10:])), "eval_auc": float(auc.result()),
       "eval_samples": int(all_labels.shape[0]), "click_rate": float(all_labels.mean()),
   }
+  if n > 1:
+    summary["exchange_bytes_per_step"] = embeddings.exchange_bytes_per_step(local_batch)
   if rank == 0:
     write_outputs(args.out_dir, summary, log.losses, log.seconds, preset["batch"])
     print(f"samples/s {summary['samples_per_second']:,.0f}  loss {summary['first_loss']:.4f} -> "
           f"{summary['final_loss']:.4f}  eval AUC {summary['eval_auc']:.4f}", flush=True)
+    if n > 1:
+      wire = summary["exchange_bytes_per_step"]
+      print(f"all-to-all bytes per step (all workers, fwd+bwd) {wire['all_to_all']:,} vs "
+            f"minimum {wire['minimum']:,} ({wire['all_to_all'] / wire['minimum']:.2f}x)",
+            flush=True)
   if summary["eval_auc"] < args.min_auc:
     print(f"FAILED: evaluation AUC {summary['eval_auc']:.3f} is below {args.min_auc}",
           file=sys.stderr)

@@ -175,6 +175,16 @@ class DistributedEmbeddingTest(test_util.TestCase):
 
     comm_lib.run_in_threads(2, work)
 
+  def test_exchange_bytes_against_the_plan(self):
+    # 'basic' on 2 workers: tables 0, 2, 4 (widths 8 + 16 + 4 = 28) and 1, 3 (4 + 8 = 12).
+    layer = dmp.DistributedEmbedding([de.Embedding(r, w, combiner="sum") for r, w in TABLES],
+                                     communicator=comm_lib.Communicator(0, 2))
+    got = layer.exchange_bytes_per_step(local_batch=4)
+    # Each worker sends one block of 4 rows x 28 floats to its peer, forward and backward.
+    self.assertEqual(2 * 2 * 4 * 28 * 4, got["all_to_all"])
+    # Minimum: worker 0 sends 4 rows x 28, worker 1 sends 4 rows x 12, both directions.
+    self.assertEqual(2 * (4 * 28 + 4 * 12) * 4, got["minimum"])
+
   def test_package_exports(self):
     self.assertIs(de.dist_model_parallel.DistributedEmbedding, dmp.DistributedEmbedding)
     for name in ("DistEmbeddingStrategy", "broadcast_variables", "DistributedGradientTape",

@@ -157,6 +157,7 @@ class DistributedEmbedding(keras.layers.Layer):
     self._inputs_of_table = inputs_of
     # Inputs this worker must be fed with dp_input=False: those of its shards' tables.
     self.local_input_indices = sorted({i for s in self.local_shards for i in inputs_of[s.table]})
+    self._input_hotness = {}
     self._shard_vars = []
     self._slots = []
     self._fused_count = {}
@@ -394,6 +395,17 @@ class DistributedEmbedding(keras.layers.Layer):
       widths.append(w)
     return {"per_worker": per_worker, "widths": widths,
             "max_width": max((sum(w) for w in widths), default=0)}
+
+  def exchange_bytes_per_step(self, local_batch, bytes_per_element=4):
+    """Activation bytes all workers together send per training step (forward and backward) in
+    the all-to-all, and the minimum: each piece's rows sent once to each worker that needs them.
+    Ours pads every worker's send block to the widest one, so the ratio is that padding. Ids,
+    row-slice all-reduces and data-parallel gradients are not counted."""
+    pieces = self._exchange_layout()
+    n = self.world_size
+    padded = 2 * n * (n - 1) * local_batch * pieces["max_width"] * bytes_per_element
+    minimum = 2 * (n - 1) * local_batch * sum(map(sum, pieces["widths"])) * bytes_per_element
+    return {"all_to_all": padded, "minimum": minimum}
 
   def _hotness_factor(self, i):
     """Values per id row in a flattened output: 1 with a combiner, the hotness without."""
