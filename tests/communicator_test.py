@@ -80,6 +80,46 @@ class CommunicatorTest(test_util.TestCase):
         self.assertAllEqual(expected, eager[step])
         self.assertAllEqual(expected, graph[step])
 
+  @parameterized.parameters(False, True)
+  def test_all_to_all_v_and_its_gradient(self, traced):
+    n = 4
+    rng = np.random.default_rng(5)
+    steps = 3
+    # rows[step, sender, receiver]: block sizes, empty blocks included.
+    rows = rng.integers(0, 6, size=(steps, n, n))
+
+    def block(step, sender, receiver):
+      return (np.arange(rows[step, sender, receiver] * 3, dtype=np.float32).reshape(-1, 3) +
+              100 * sender + 10 * receiver + 1000 * step)
+
+    def work(comm):
+
+      def step_fn(*chunks):
+        with tf.GradientTape() as tape:
+          tape.watch(chunks)
+          received = comm.all_to_all_v(list(chunks))
+          # Weight what arrives from worker w by (w + 1) * (rank + 1).
+          loss = sum(tf.reduce_sum(r) * (w + 1) * (comm.rank + 1) for w, r in enumerate(received))
+        return received, tape.gradient(loss, chunks)
+
+      # One trace for every step: workers must trace alike, since keys are taken when tracing.
+      signature = [tf.TensorSpec([None, 3], tf.float32)] * n
+      fn = tf.function(step_fn, input_signature=signature) if traced else step_fn
+      out = []
+      for step in range(steps):
+        chunks = [tf.constant(block(step, comm.rank, w)) for w in range(n)]
+        received, grads = fn(*chunks)
+        out.append(([r.numpy() for r in received], [g.numpy() for g in grads]))
+      return out
+
+    for rank, per_step in enumerate(comm_lib.run_in_threads(n, work)):
+      for step, (received, grads) in enumerate(per_step):
+        for w in range(n):
+          self.assertAllEqual(block(step, w, rank), received[w])
+          # What this worker sent to w is weighted on w by (rank + 1) * (w + 1).
+          self.assertAllEqual(np.full_like(block(step, rank, w), (rank + 1) * (w + 1)),
+                              grads[w])
+
   def test_eager_instance_keys_stay_bounded(self):
 
     def work(comm):

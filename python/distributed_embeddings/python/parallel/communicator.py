@@ -1,7 +1,8 @@
 """Collective communication among workers on TensorFlow's own collective ops (no Horovod).
 
 A `Communicator` is one worker's handle on a group of `world_size` workers: all-reduce,
-all-gather, broadcast and all-to-all, with gradients. Every worker must issue the same collectives
+all-gather, broadcast and all-to-all, with gradients, and variable-size all-gather and
+all-to-all. Every worker must issue the same collectives
 in the same order; instance keys come from a per-communicator counter, so identical programs
 agree on them. Workers are one of:
   * the only worker (world_size 1): every collective is the identity, nothing is sent;
@@ -10,7 +11,7 @@ agree on them. Workers are one of:
   * processes connected over gRPC (`init_from_env`, set up by `distributed_embeddings.launch`).
 Instance keys stay bounded. TensorFlow caches a collective's parameters (shape included) per
 instance key for the life of the process, ~3 KB each: inside a tf.function every call site takes
-its keys when it is traced; eagerly, one key serves every call with the same signature (kind,
+its keys when it is traced (so workers must retrace alike: give varying dimensions as None); eagerly, one key serves every call with the same signature (kind,
 shape, dtype), which is safe because an eager collective finishes before the next one starts.
 Variable-size exchanges pad to a power of two and pick their key by that power, so one key never
 sees two shapes. Each communicator carries an ordering token (a resource variable on its device):
@@ -177,6 +178,71 @@ class Communicator:
       return exchange(x), grad
 
     return differentiable(tensor)
+
+  def all_to_all_v(self, chunks):
+    """Variable-size all-to-all: `chunks` is a list of world_size tensors, chunks[w] going to
+    worker w; their first dimensions may differ (the rest must agree everywhere). Returns the
+    list of what each worker sent here, in rank order. Differentiable for floating dtypes: the
+    gradient runs the same exchange backwards.
+
+    Block sizes are exchanged first; every block is padded to the next power of two of the
+    largest block anywhere, so the padded exchange's instance key is picked by that power. In a
+    tf.function, give the chunks an unknown first dimension (input_signature): keys are taken
+    at trace time, so every worker must trace the same number of times.
+    """
+    chunks = [tf.convert_to_tensor(c) for c in chunks]
+    if len(chunks) != self.world_size:
+      raise ValueError(f"all_to_all_v: expected {self.world_size} chunks; got {len(chunks)}.")
+    if self.world_size == 1:
+      return [tf.identity(chunks[0])]
+    trailing_shape = tuple(chunks[0].shape[1:])
+    dtype = chunks[0].dtype
+    # One key range for the forward exchange, one for the backward: both may run in one step.
+    base_key = self._instance_key(("all_to_all_v", trailing_shape, dtype), 2 * _SIZE_BUCKETS)
+    with tf.device(self.device):
+      send_sizes = tf.stack([tf.shape(c, out_type=tf.int64)[0] for c in chunks])
+      # recv_sizes[w]: rows worker w sends here.
+      recv_sizes = tf.reshape(self.all_to_all(tf.reshape(send_sizes, [self.world_size, 1])), [-1])
+      largest = tf.maximum(self.all_reduce_max(tf.reduce_max(send_sizes)), 1)
+
+    def exchange(blocks, sizes_out, sizes_in, first_key):
+      with tf.device(self.device):
+        exponent = tf.reduce_sum(tf.cast(
+            tf.bitwise.right_shift(largest - 1, tf.range(_SIZE_BUCKETS, dtype=tf.int64)) > 0,
+            tf.int32))
+        bucket = tf.bitwise.left_shift(tf.constant(1, tf.int64), tf.cast(exponent, tf.int64))
+        trailing = tf.shape(blocks[0], out_type=tf.int64)[1:]
+        padded = tf.stack([
+            tf.concat([b, tf.zeros(tf.concat([[bucket - n], trailing], 0), b.dtype)], 0)
+            for b, n in zip(blocks, tf.unstack(sizes_out))])
+        flat = tf.reshape(padded, [self.world_size, -1])
+        received = collective_ops.all_to_all_v2(
+            flat, group_size=self.world_size, group_key=self.group_key,
+            instance_key=first_key + exponent, communication_hint=self.communication_hint,
+            ordering_token=self._token.handle)
+        received = tf.reshape(received, tf.concat([[self.world_size, bucket], trailing], 0))
+        return [received[w, :sizes_in[w]] for w in range(self.world_size)]
+
+    if not dtype.is_floating:
+      return exchange(chunks, send_sizes, recv_sizes, base_key)
+
+    @tf.custom_gradient
+    def differentiable(*blocks):
+      def grad(*dys):
+        return exchange([tf.convert_to_tensor(dy) for dy in dys], recv_sizes, send_sizes,
+                        base_key + _SIZE_BUCKETS)
+
+      return exchange(list(blocks), send_sizes, recv_sizes, base_key), grad
+
+    return list(differentiable(*chunks))
+
+  def all_reduce_max(self, tensor):
+    """Element-wise maximum of `tensor` over workers (not differentiable)."""
+    if self.world_size == 1:
+      return tf.identity(tensor)
+    with tf.device(self.device):
+      return collective_ops.all_reduce_v2(tensor, merge_op="Max", final_op="Id",
+                                          **self._common("all_reduce_max", tensor))
 
   def broadcast(self, tensor, root=0):
     """`tensor` of worker `root`, on every worker (all-reduce of zeros elsewhere)."""
