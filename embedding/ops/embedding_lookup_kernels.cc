@@ -1,6 +1,8 @@
 // Input checks shared by every device, the CPU functors, and the CPU kernel registrations.
 #include "embedding/ops/embedding_lookup_kernels.h"
 
+#include "embedding/kernels/huge_pages.h"
+
 #include "tensorflow/core/framework/register_types.h"
 #include "tensorflow/core/framework/tensor_shape.h"
 #include "tensorflow/core/util/work_sharder.h"
@@ -101,6 +103,8 @@ struct LookupFunctor<CPUDevice, T, IdT, OffsetT> {
   static Status Forward(OpKernelContext* ctx, const T* params, int64_t num_rows, int64_t width,
                         const CsrIds<IdT, OffsetT>& csr, Combiner combiner,
                         BoundsCheck bounds_check, T* output) {
+    // TensorFlow's CPU allocator hands out 4 KiB pages; random row reads want huge ones.
+    PromoteToHugePages(params, static_cast<size_t>(num_rows * width) * sizeof(T));
     return PooledLookupForwardCpu(params, num_rows, width, csr, combiner, bounds_check, output,
                                   CpuParallelFor(ctx));
   }

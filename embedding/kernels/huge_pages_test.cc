@@ -1,0 +1,40 @@
+#include "embedding/kernels/huge_pages.h"
+
+#include <chrono>
+#include <cstdint>
+#include <cstdlib>
+#include <thread>
+#include <vector>
+
+#include "gtest/gtest.h"
+
+namespace distributed_embeddings {
+namespace {
+
+TEST(HugePagesTest, ContentsSurviveAndReadersKeepReading) {
+  const size_t count = (kHugePageMinBytes * 2 + 12345) / sizeof(uint32_t);
+  std::vector<uint32_t> table(count);
+  for (size_t i = 0; i < count; ++i) table[i] = static_cast<uint32_t>(i * 2654435761u);
+  // An unaligned start: only the whole huge pages inside are promoted.
+  EXPECT_TRUE(PromoteToHugePages(table.data() + 3, (count - 3) * sizeof(uint32_t)));
+  // The same buffer again is not requested twice.
+  EXPECT_FALSE(PromoteToHugePages(table.data() + 3, (count - 3) * sizeof(uint32_t)));
+  // Read and write while the background collapse may be running, then check everything.
+  for (int pass = 0; pass < 3; ++pass) {
+    for (size_t i = 0; i < count; i += 997) table[i] += 1;
+    for (size_t i = 0; i < count; i += 997) table[i] -= 1;
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  for (size_t i = 0; i < count; ++i) {
+    ASSERT_EQ(static_cast<uint32_t>(i * 2654435761u), table[i]) << "at " << i;
+  }
+}
+
+TEST(HugePagesTest, SmallOrNullBuffersAreLeftAlone) {
+  std::vector<char> small(kHugePageMinBytes - 1);
+  EXPECT_FALSE(PromoteToHugePages(small.data(), small.size()));
+  EXPECT_FALSE(PromoteToHugePages(nullptr, kHugePageMinBytes * 4));
+}
+
+}  // namespace
+}  // namespace distributed_embeddings
