@@ -1,6 +1,7 @@
 """DistributedEmbedding with 2 and 4 workers against one worker training the same global batch.
 
-Workers are threads on logical CPU devices, communicating with TensorFlow's collective ops.
+Workers are threads on logical CPU devices (also run by MirroredStrategy), communicating with
+TensorFlow's collective ops.
 """
 
 from absl.testing import absltest
@@ -123,6 +124,68 @@ class DistributedEmbeddingTest(test_util.TestCase):
       layer([tf.constant([[0]]), tf.ragged.constant([[3, 12]])])
     for w, b in zip(layer.get_weights(), before):
       self.assertAllEqual(b, w)
+
+  @parameterized.parameters("mixed", "shared_tables")
+  def test_inside_mirrored_strategy_run(self, mode_name):
+    # The logical-device harness with MirroredStrategy as the replica runner: one layer per
+    # replica (its shards differ, so they are not mirrored variables), picked by replica id
+    # inside strategy.run, trained in a tf.function against one worker.
+    n, steps, lr = 2, 3, 0.5
+    mode = MODES[mode_name]
+    input_table_map = mode.get("input_table_map", list(range(len(TABLES))))
+    (ref_out, ref_tables), = _train(1, mode, "mean", steps=steps, lr=lr)
+    rng = np.random.default_rng(42)
+    weights = [rng.standard_normal(shape).astype(np.float32) for shape in TABLES]
+    coefs = [rng.standard_normal((GLOBAL_BATCH, w)).astype(np.float32)
+             for w in (TABLES[t][1] for t in input_table_map)]
+    devices = [f"/cpu:{r}" for r in range(n)]
+    group = comm_lib.new_group_key()
+    layers = []
+    for rank, device in enumerate(devices):
+      with tf.device(device):
+        layer = dmp.DistributedEmbedding(
+            [de.Embedding(r, w, combiner="mean") for r, w in TABLES],
+            communicator=comm_lib.Communicator(rank, n, group, device), **mode)
+        layer.build()
+        layers.append(layer)
+    comm_lib.run_in_threads(n, lambda comm: layers[comm.rank].set_weights(weights))
+    strategy = tf.distribute.MirroredStrategy(devices)
+    local = GLOBAL_BATCH // n
+
+    def replica_step(*feed):
+      rank = tf.distribute.get_replica_context()._replica_id_in_sync_group  # pylint: disable=protected-access
+      layer = layers[rank]
+      with tf.GradientTape() as tape:
+        outs = layer(list(feed))
+        loss = sum(tf.reduce_sum(o * c[rank * local:(rank + 1) * local])
+                   for o, c in zip(outs, coefs)) / local
+      variables = layer.trainable_variables
+      grads = dmp.DistributedGradientTape(tape, layer.communicator).gradient(loss, variables)
+      for v, g in zip(variables, grads):
+        if isinstance(g, tf.IndexedSlices):
+          dmp._tf_variable(v).scatter_sub(  # pylint: disable=protected-access
+              tf.IndexedSlices(lr * g.values, g.indices, g.dense_shape))
+        else:
+          v.assign_sub(lr * g)
+      return tf.concat(outs, axis=1)
+
+    step = tf.function(lambda *feed: strategy.run(replica_step, args=feed))
+    first = None
+    for s in range(steps):
+      ids = _inputs(100 + s, input_table_map)
+      feed = [strategy.experimental_distribute_values_from_function(
+          lambda ctx, x=x: tf.constant(x[ctx.replica_id_in_sync_group * local:
+                                         (ctx.replica_id_in_sync_group + 1) * local]))
+              for x in ids]
+      out = strategy.experimental_local_results(step(*feed))
+      first = first if first is not None else [o.numpy() for o in out]
+    expected = np.concatenate(ref_out, axis=1)
+    for rank in range(n):
+      self.assertAllClose(expected[rank * local:(rank + 1) * local], first[rank], rtol=1e-5,
+                          atol=1e-6)
+    for tables in comm_lib.run_in_threads(n, lambda comm: layers[comm.rank].get_weights()):
+      for t, r in zip(tables, ref_tables):
+        self.assertAllClose(r, t, rtol=1e-5, atol=1e-6)
 
   def test_forward_matches_numpy(self):
     rng = np.random.default_rng(3)
