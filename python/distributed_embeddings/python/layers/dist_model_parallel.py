@@ -63,6 +63,15 @@ def _concat_bags(batches):
   return tf.concat(ragged, axis=0)
 
 
+def _add_to_ids(ids, delta):
+  """`ids` (dense, ragged or sparse) with `delta` added to every id."""
+  if isinstance(ids, tf.RaggedTensor):
+    return ids.with_values(ids.values + tf.cast(delta, ids.dtype))
+  if isinstance(ids, tf.SparseTensor):
+    return tf.SparseTensor(ids.indices, ids.values + tf.cast(delta, ids.dtype), ids.dense_shape)
+  return ids + tf.cast(delta, ids.dtype)
+
+
 def _tf_variable(variable):
   inner = getattr(variable, "_value", None)
   return inner if isinstance(inner, tf.Variable) else variable
@@ -267,15 +276,11 @@ class DistributedEmbedding(keras.layers.Layer):
       for i in self._inputs_of_table[s.table]:
         ids = global_ids[i]
         combiner = self.combiners[s.table]
-        if isinstance(ids, tf.RaggedTensor):
-          shifted = ids.with_values(ids.values - tf.cast(s.row_begin, ids.dtype))
-          count = ids.row_lengths()[:, tf.newaxis]
-        else:
-          shifted = ids - tf.cast(s.row_begin, ids.dtype)
-          count = tf.shape(ids)[1]
+        count = (ids.row_lengths()[:, tf.newaxis] if isinstance(ids, tf.RaggedTensor) else
+                 tf.shape(ids)[1])
         # Ids of other workers' rows fall outside this slice and are skipped.
-        partial = self._lookup(var, shifted, "sum" if combiner == "mean" else combiner,
-                               bounds_check="skip")
+        partial = self._lookup(var, _add_to_ids(ids, -s.row_begin),
+                               "sum" if combiner == "mean" else combiner, bounds_check="skip")
         total = comm.all_reduce(partial)
         if combiner == "mean":
           total = total / tf.cast(tf.maximum(count, 1), total.dtype)
@@ -314,11 +319,10 @@ class DistributedEmbedding(keras.layers.Layer):
       combiner = self.combiners[self.local_shards[k].table]
       ids = self._shifted(ids_of[i], var, offset, self.local_shards[k].rows, i)
       if combiner is not None and self._fused_count[id(var)] > 1 and _is_bag_batch(ids):
-        fusable.setdefault((id(var), combiner), []).append((e, ids))
+        fusable.setdefault((id(var), combiner), (var, []))[1].append((e, ids))
       else:
         outputs[e] = self._lookup(var, ids, combiner)
-    for (var_id, combiner), members in fusable.items():
-      var = next(v for v in self._shard_vars if id(v) == var_id)
+    for (_, combiner), (var, members) in fusable.items():
       if len(members) == 1:
         (e, ids), = members
         outputs[e] = self._lookup(var, ids, combiner)
@@ -344,12 +348,7 @@ class DistributedEmbedding(keras.layers.Layer):
                   message=f"DistributedEmbedding: ids of input {i} must be < {rows} (its "
                   "table's input_dim)")]
     with tf.control_dependencies([c for c in checks if c is not None]):
-      values = values + tf.cast(offset, values.dtype)
-    if isinstance(ids, tf.RaggedTensor):
-      return ids.with_values(values)
-    if isinstance(ids, tf.SparseTensor):
-      return tf.SparseTensor(ids.indices, values, ids.dense_shape)
-    return values
+      return _add_to_ids(ids, offset)
 
   def _check_dp_ids(self, i, x):
     """Input `i` as dense, ragged (sparse converted) or replicated-table ids; errors name it."""

@@ -32,6 +32,15 @@ _SIZE_BUCKETS = 63  # Keys per variable-size call site: padded sizes 2**0 .. 2**
 _GROUP_KEYS_LOCK = threading.Lock()
 
 
+def _size_bucket(largest):
+  """(exponent, 2**exponent): the smallest power of two >= max(largest, 1), for int64 sizes.
+  The exponent is the bit length of largest - 1."""
+  largest = tf.maximum(largest, 1)
+  exponent = tf.reduce_sum(tf.cast(
+      tf.bitwise.right_shift(largest - 1, tf.range(_SIZE_BUCKETS, dtype=tf.int64)) > 0, tf.int32))
+  return exponent, tf.bitwise.left_shift(tf.constant(1, tf.int64), tf.cast(exponent, tf.int64))
+
+
 def new_group_key():
   """A group key for a new group; every worker must create its groups in the same order."""
   with _GROUP_KEYS_LOCK:
@@ -139,12 +148,7 @@ class Communicator:
                                   _SIZE_BUCKETS)
     with tf.device(self.device):
       sizes = self.all_gather(tf.shape(tensor, out_type=tf.int64)[:1])
-      # Bit length of (largest - 1): the exponent of the smallest power of two >= largest.
-      largest = tf.maximum(tf.reduce_max(sizes), 1)
-      exponent = tf.reduce_sum(tf.cast(
-          tf.bitwise.right_shift(largest - 1, tf.range(_SIZE_BUCKETS, dtype=tf.int64)) > 0,
-          tf.int32))
-      bucket = tf.bitwise.left_shift(tf.constant(1, tf.int64), tf.cast(exponent, tf.int64))
+      exponent, bucket = _size_bucket(tf.reduce_max(sizes))
       trailing = tf.shape(tensor, out_type=tf.int64)[1:]
       filler = tf.zeros(tf.concat([[bucket - sizes[self.rank]], trailing], 0), tensor.dtype)
       padded = tf.concat([tensor, filler], 0)
@@ -203,14 +207,11 @@ class Communicator:
       send_sizes = tf.stack([tf.shape(c, out_type=tf.int64)[0] for c in chunks])
       # recv_sizes[w]: rows worker w sends here.
       recv_sizes = tf.reshape(self.all_to_all(tf.reshape(send_sizes, [self.world_size, 1])), [-1])
-      largest = tf.maximum(self.all_reduce_max(tf.reduce_max(send_sizes)), 1)
+      largest = self.all_reduce_max(tf.reduce_max(send_sizes))
 
     def exchange(blocks, sizes_out, sizes_in, first_key):
       with tf.device(self.device):
-        exponent = tf.reduce_sum(tf.cast(
-            tf.bitwise.right_shift(largest - 1, tf.range(_SIZE_BUCKETS, dtype=tf.int64)) > 0,
-            tf.int32))
-        bucket = tf.bitwise.left_shift(tf.constant(1, tf.int64), tf.cast(exponent, tf.int64))
+        exponent, bucket = _size_bucket(largest)
         trailing = tf.shape(blocks[0], out_type=tf.int64)[1:]
         padded = tf.stack([
             tf.concat([b, tf.zeros(tf.concat([[bucket - n], trailing], 0), b.dtype)], 0)
