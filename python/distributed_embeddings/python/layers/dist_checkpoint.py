@@ -112,12 +112,10 @@ def restore_checkpoint(path, model, optimizer=None):
     n = len(layer.plan.tables)
     layer.set_weights([arrays[f"{prefix}table{t}"] for t in range(n)])
     if optimizer is not None:
-      slots = {}
-      for key in arrays:
-        if key.startswith(prefix + "slot/"):
-          slot = key[len(prefix + "slot/"):].rsplit("/", 1)[0]
-          slots[slot] = [arrays[f"{prefix}slot/{slot}/table{t}"] for t in range(n)]
-      layer.set_optimizer_slots(optimizer, slots)
+      names = {key[len(prefix + "slot/"):].rsplit("/", 1)[0] for key in arrays
+               if key.startswith(prefix + "slot/")}
+      layer.set_optimizer_slots(optimizer, {
+          name: [arrays[f"{prefix}slot/{name}/table{t}"] for t in range(n)] for name in names})
   for key, v in expected.items():
     if tuple(arrays[key].shape) != tuple(v.shape):
       raise ValueError(f"restore_checkpoint: {key} ({v.path}) has shape {arrays[key].shape} "
