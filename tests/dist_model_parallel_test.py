@@ -153,7 +153,8 @@ class DistributedEmbeddingTest(test_util.TestCase):
     local = GLOBAL_BATCH // n
 
     def replica_step(*feed):
-      rank = tf.distribute.get_replica_context()._replica_id_in_sync_group  # pylint: disable=protected-access
+      context = tf.distribute.get_replica_context()
+      rank = context._replica_id_in_sync_group  # pylint: disable=protected-access
       layer = layers[rank]
       with tf.GradientTape() as tape:
         outs = layer(list(feed))

@@ -2,21 +2,21 @@
 
 A `Communicator` is one worker's handle on a group of `world_size` workers: all-reduce,
 all-gather, broadcast and all-to-all, with gradients, and variable-size all-gather and
-all-to-all. Every worker must issue the same collectives
-in the same order; instance keys come from a per-communicator counter, so identical programs
-agree on them. Workers are one of:
+all-to-all. Every worker must issue the same collectives in the same order; instance keys come
+from a per-communicator counter, so identical programs agree on them. Workers are one of:
   * the only worker (world_size 1): every collective is the identity, nothing is sent;
-  * threads of one process, each on its own logical device (`run_in_threads`), the unit-test
-    harness;
+  * threads of one process, each on its own logical device (`run_in_threads`, or the replica
+    threads of a MirroredStrategy), the unit-test harness;
   * processes connected over gRPC (`init_from_env`, set up by `distributed_embeddings.launch`).
 Instance keys stay bounded. TensorFlow caches a collective's parameters (shape included) per
-instance key for the life of the process, ~3 KB each: inside a tf.function every call site takes
-its keys when it is traced (so workers must retrace alike: give varying dimensions as None); eagerly, one key serves every call with the same signature (kind,
-shape, dtype), which is safe because an eager collective finishes before the next one starts.
-Variable-size exchanges pad to a power of two and pick their key by that power, so one key never
-sees two shapes. Each communicator carries an ordering token (a resource variable on its device):
-chaining its collectives through it keeps them in program order inside a tf.function, which they
-need to avoid cross-device deadlocks.
+instance key for the life of the process, ~3 KB each. Inside a tf.function every call site takes
+its keys when it is traced, so workers must retrace alike (give varying dimensions as None).
+Eagerly, one key serves every call with the same signature (kind, shape, dtype), which is safe
+because an eager collective finishes before the next one starts. Variable-size exchanges pad to a
+power of two and pick their key by that power, so one key never sees two shapes. Each
+communicator carries an ordering token (a resource variable on its device): chaining its
+collectives through it keeps them in program order inside a tf.function, which they need to avoid
+cross-device deadlocks.
 """
 
 import itertools
