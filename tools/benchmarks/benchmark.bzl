@@ -1,0 +1,20 @@
+"""A benchmark program plus the smoke test that keeps it runnable."""
+
+def py_benchmark(name, smoke_test_size = "medium"):
+    """`name`: a py_binary from name.py, run with `bazel run`; `name_smoke_test`: the same program
+    with --quick (one tiny case, no timing asserted) in `bazel test`."""
+    native.py_binary(
+        name = name,
+        srcs = [name + ".py"],
+        python_version = "PY3",
+        deps = ["//python:distributed_embeddings"],
+    )
+    native.py_test(
+        name = name + "_smoke_test",
+        size = smoke_test_size,
+        srcs = [name + ".py"],
+        args = ["--quick"],
+        main = name + ".py",
+        python_version = "PY3",
+        deps = ["//python:distributed_embeddings"],
+    )
