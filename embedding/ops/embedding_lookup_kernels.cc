@@ -114,22 +114,14 @@ struct LookupFunctor<CPUDevice, T, IdT, OffsetT> {
                          BoundsCheck bounds_check) {
     const int64_t width = grad.dim_size(1);
     const int64_t capacity = MaxUniqueIds(csr.nnz, num_rows);
-    Tensor unique_ids, unique_grad;
-    absl::Status allocated = ctx->allocate_temp(tensorflow::DataTypeToEnum<IdT>::v(),
-                                                tensorflow::TensorShape({capacity}), &unique_ids);
-    if (allocated.ok()) {
-      allocated = ctx->allocate_temp(tensorflow::DataTypeToEnum<T>::v(),
-                                     tensorflow::TensorShape({capacity, width}), &unique_grad);
-    }
-    if (!allocated.ok()) return Status::Internal(std::string(allocated.message()));
+    UniqueGradOutputs unique;
+    DE_RETURN_IF_ERROR((unique.Allocate<T, IdT>(ctx, capacity, width)));
     int64_t num_unique = 0;
     DE_RETURN_IF_ERROR(PooledLookupBackwardCpu(
         grad.flat<T>().data(), num_rows, width, csr, combiner, bounds_check,
-        unique_ids.flat<IdT>().data(), unique_grad.flat<T>().data(), &num_unique,
+        unique.ids.flat<IdT>().data(), unique.grad.flat<T>().data(), &num_unique,
         CpuParallelFor(ctx)));
-    // Slicing the leading dimension shares the buffer: no copy.
-    ctx->set_output(0, unique_ids.Slice(0, num_unique));
-    ctx->set_output(1, unique_grad.Slice(0, num_unique));
+    unique.SetOutputs(ctx, num_unique);
     return Status::Ok();
   }
 };

@@ -62,6 +62,29 @@ CsrIds<IdT, OffsetT> CsrFromTensors(const tensorflow::Tensor& ids,
                               row_splits.flat<OffsetT>().data(), row_splits.NumElements() - 1};
 }
 
+// The backward's two outputs, unique ids and their summed gradient rows: temp buffers with room
+// for `capacity` rows, handed out as outputs trimmed to `num_unique` rows (a slice, no copy).
+struct UniqueGradOutputs {
+  tensorflow::Tensor ids;
+  tensorflow::Tensor grad;
+
+  template <typename T, typename IdT>
+  Status Allocate(tensorflow::OpKernelContext* ctx, int64_t capacity, int64_t width) {
+    absl::Status allocated = ctx->allocate_temp(tensorflow::DataTypeToEnum<IdT>::v(),
+                                                tensorflow::TensorShape({capacity}), &ids);
+    if (allocated.ok()) {
+      allocated = ctx->allocate_temp(tensorflow::DataTypeToEnum<T>::v(),
+                                     tensorflow::TensorShape({capacity, width}), &grad);
+    }
+    return allocated.ok() ? Status::Ok() : Status::Internal(std::string(allocated.message()));
+  }
+
+  void SetOutputs(tensorflow::OpKernelContext* ctx, int64_t num_unique) const {
+    ctx->set_output(0, ids.Slice(0, num_unique));
+    ctx->set_output(1, grad.Slice(0, num_unique));
+  }
+};
+
 // DePooledEmbeddingLookup (kResource = false) and DeResourcePooledEmbeddingLookup (true).
 template <typename Device, typename T, typename IdT, typename OffsetT, bool kResource>
 class PooledLookupOp : public tensorflow::OpKernel {

@@ -47,22 +47,16 @@ struct LookupFunctor<GPUDevice, T, IdT, OffsetT> {
     const int64_t width = grad.dim_size(1);
     const int64_t capacity = MaxUniqueIds(csr.nnz, num_rows);
     const size_t bytes = PooledLookupBackwardCudaWorkspaceBytes<T, IdT, OffsetT>(csr.nnz, csr.batch);
-    Tensor workspace, unique_ids, unique_grad;
+    Tensor workspace;
     DE_RETURN_IF_ERROR(AllocateBytes(ctx, bytes, &workspace));
-    absl::Status allocated = ctx->allocate_temp(tensorflow::DataTypeToEnum<IdT>::v(),
-                                                tensorflow::TensorShape({capacity}), &unique_ids);
-    if (allocated.ok()) {
-      allocated = ctx->allocate_temp(tensorflow::DataTypeToEnum<T>::v(),
-                                     tensorflow::TensorShape({capacity, width}), &unique_grad);
-    }
-    if (!allocated.ok()) return Status::Internal(std::string(allocated.message()));
+    UniqueGradOutputs unique;
+    DE_RETURN_IF_ERROR((unique.Allocate<T, IdT>(ctx, capacity, width)));
     int64_t num_unique = 0;
     DE_RETURN_IF_ERROR(PooledLookupBackwardCuda(
         grad.flat<T>().data(), num_rows, width, csr, combiner, bounds_check,
-        unique_ids.flat<IdT>().data(), unique_grad.flat<T>().data(), &num_unique,
+        unique.ids.flat<IdT>().data(), unique.grad.flat<T>().data(), &num_unique,
         workspace.flat<int8_t>().data(), bytes, StreamOf(ctx)));
-    ctx->set_output(0, unique_ids.Slice(0, num_unique));
-    ctx->set_output(1, unique_grad.Slice(0, num_unique));
+    unique.SetOutputs(ctx, num_unique);
     return Status::Ok();
   }
 };
