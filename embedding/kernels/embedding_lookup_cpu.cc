@@ -51,6 +51,13 @@ inline void AddRow(const T* __restrict src, int64_t width, T* __restrict dst) {
   for (int64_t w = 0; w < width; ++w) dst[w] += src[w];
 }
 
+// A compile-time width lets the compiler unroll the row fully: ~1.4x on rows already in cache
+// (BENCHMARKS.md), where the loop bookkeeping of a runtime width dominates.
+template <typename T, int64_t kWidth>
+inline void AddRowFixed(const T* __restrict src, T* __restrict dst) {
+  for (int64_t w = 0; w < kWidth; ++w) dst[w] += src[w];
+}
+
 // TensorFlow's CPU reduce_sum over the hotness axis (Eigen, AVX packets) sums a reduced length of
 // at least 16 with four interleaved partial sums on the lanes that fill whole packets, and in order
 // elsewhere. Following the same order makes dense lookups equal tf.reduce_sum(tf.gather(...)) bit
@@ -100,12 +107,23 @@ void ForwardBags(const T* __restrict params, int64_t num_rows, int64_t width,
     if (interleave) {
       for (int64_t k = 0; k < 3; ++k) AddRow(scratch.data() + k * packet_lanes, packet_lanes, out);
     }
-    for (int64_t j = interleaved_end; j < end; ++j) {
-      prefetch_ahead(j);
-      const IdT id = csr.ids[j];
-      if (!InRange(id, num_rows)) continue;
-      AddRow(params + static_cast<int64_t>(id) * width, width, out);
-      ++valid;
+    const auto add_rows_in_order = [&](auto add_row) {
+      for (int64_t j = interleaved_end; j < end; ++j) {
+        prefetch_ahead(j);
+        const IdT id = csr.ids[j];
+        if (!InRange(id, num_rows)) continue;
+        add_row(params + static_cast<int64_t>(id) * width, out);
+        ++valid;
+      }
+    };
+    // Each case passes a lambda of its own type, so each gets its own inlined instantiation.
+    switch (width) {
+      case 16: add_rows_in_order([](const T* r, T* o) { AddRowFixed<T, 16>(r, o); }); break;
+      case 32: add_rows_in_order([](const T* r, T* o) { AddRowFixed<T, 32>(r, o); }); break;
+      case 64: add_rows_in_order([](const T* r, T* o) { AddRowFixed<T, 64>(r, o); }); break;
+      case 128: add_rows_in_order([](const T* r, T* o) { AddRowFixed<T, 128>(r, o); }); break;
+      case 256: add_rows_in_order([](const T* r, T* o) { AddRowFixed<T, 256>(r, o); }); break;
+      default: add_rows_in_order([width](const T* r, T* o) { AddRow(r, width, o); });
     }
     if (combiner == Combiner::kMean && valid > 1) {
       const T count = static_cast<T>(valid);

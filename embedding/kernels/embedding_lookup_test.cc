@@ -101,7 +101,7 @@ TYPED_TEST(LookupCpuTest, SumFollowsTensorFlowReductionOrder) {
   using T = typename TypeParam::T;
   using IdT = typename TypeParam::IdT;
   using OffsetT = typename TypeParam::OffsetT;
-  for (int64_t width : {3, 8, 37, 64}) {
+  for (int64_t width : {3, 8, 16, 32, 37, 64, 128, 256}) {  // every specialized width too
     const auto c = MakeCase<T, IdT, OffsetT>({200, width, 40, 60, 0.0, 0.0, 77});
     std::vector<T> output(c.batch() * c.width);
     ASSERT_TRUE(PooledLookupForwardCpu(c.params.data(), c.num_rows, c.width, c.Csr(),
