@@ -43,14 +43,30 @@ def feed_ids(ids, rows, id_format):
   return ragged if id_format == "ragged" else ragged.to_sparse()
 
 
-def train_worker(comm, mode, combiner, steps=3, lr=0.5, id_format="dense", compiled=False):
-  """This worker's (first-step outputs, tables after `steps` SGD steps) of `mode` (a MODES
-  value): every worker trains its share of the same global batches."""
-  input_table_map = mode.get("input_table_map", list(range(len(TABLES))))
+def initial_state(input_table_map):
+  """(initial tables, per-input loss coefficients [GLOBAL_BATCH, width]) of the training case."""
   rng = np.random.default_rng(42)
   weights = [rng.standard_normal(shape).astype(np.float32) for shape in TABLES]
   coefs = [rng.standard_normal((GLOBAL_BATCH, w)).astype(np.float32)
            for w in (TABLES[t][1] for t in input_table_map)]
+  return weights, coefs
+
+
+def sgd_apply(variables, grads, lr):
+  """Plain SGD: sparse gradients scattered into their rows, dense ones subtracted."""
+  for v, g in zip(variables, grads):
+    if isinstance(g, tf.IndexedSlices):
+      dmp._tf_variable(v).scatter_sub(  # pylint: disable=protected-access
+          tf.IndexedSlices(lr * g.values, g.indices, g.dense_shape))
+    else:
+      v.assign_sub(lr * g)
+
+
+def train_worker(comm, mode, combiner, steps=3, lr=0.5, id_format="dense", compiled=False):
+  """This worker's (first-step outputs, tables after `steps` SGD steps) of `mode` (a MODES
+  value): every worker trains its share of the same global batches."""
+  input_table_map = mode.get("input_table_map", list(range(len(TABLES))))
+  weights, coefs = initial_state(input_table_map)
   batches = [inputs(100 + s, input_table_map, id_format) for s in range(steps)]
 
   layers = [de.Embedding(r, w, combiner=combiner) for r, w in TABLES]
@@ -68,13 +84,7 @@ def train_worker(comm, mode, combiner, steps=3, lr=0.5, id_format="dense", compi
       loss = sum(tf.reduce_sum(tf.reshape(o, [tf.shape(o)[0], -1])[:, :c.shape[1]] * c[local])
                  for o, c in zip(outs, coefs)) / (GLOBAL_BATCH // n)
     variables = layer.trainable_variables
-    grads = dmp.DistributedGradientTape(tape, comm).gradient(loss, variables)
-    for v, g in zip(variables, grads):
-      if isinstance(g, tf.IndexedSlices):
-        dmp._tf_variable(v).scatter_sub(  # pylint: disable=protected-access
-            tf.IndexedSlices(lr * g.values, g.indices, g.dense_shape))
-      else:
-        v.assign_sub(lr * g)
+    sgd_apply(variables, dmp.DistributedGradientTape(tape, comm).gradient(loss, variables), lr)
     return outs
 
   if compiled:

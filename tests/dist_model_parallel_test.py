@@ -134,10 +134,7 @@ class DistributedEmbeddingTest(test_util.TestCase):
     mode = MODES[mode_name]
     input_table_map = mode.get("input_table_map", list(range(len(TABLES))))
     (ref_out, ref_tables), = _train(1, mode, "mean", steps=steps, lr=lr)
-    rng = np.random.default_rng(42)
-    weights = [rng.standard_normal(shape).astype(np.float32) for shape in TABLES]
-    coefs = [rng.standard_normal((GLOBAL_BATCH, w)).astype(np.float32)
-             for w in (TABLES[t][1] for t in input_table_map)]
+    weights, coefs = dist_case.initial_state(input_table_map)
     devices = [f"/cpu:{r}" for r in range(n)]
     group = comm_lib.new_group_key()
     layers = []
@@ -161,13 +158,9 @@ class DistributedEmbeddingTest(test_util.TestCase):
         loss = sum(tf.reduce_sum(o * c[rank * local:(rank + 1) * local])
                    for o, c in zip(outs, coefs)) / local
       variables = layer.trainable_variables
-      grads = dmp.DistributedGradientTape(tape, layer.communicator).gradient(loss, variables)
-      for v, g in zip(variables, grads):
-        if isinstance(g, tf.IndexedSlices):
-          dmp._tf_variable(v).scatter_sub(  # pylint: disable=protected-access
-              tf.IndexedSlices(lr * g.values, g.indices, g.dense_shape))
-        else:
-          v.assign_sub(lr * g)
+      dist_case.sgd_apply(
+          variables, dmp.DistributedGradientTape(tape, layer.communicator).gradient(
+              loss, variables), lr)
       return tf.concat(outs, axis=1)
 
     step = tf.function(lambda *feed: strategy.run(replica_step, args=feed))
