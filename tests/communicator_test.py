@@ -120,6 +120,11 @@ class CommunicatorTest(test_util.TestCase):
           self.assertAllEqual(np.full_like(block(step, rank, w), (rank + 1) * (w + 1)),
                               grads[w])
 
+  def test_all_to_all_v_needs_one_chunk_per_worker(self):
+    comm = comm_lib.Communicator(0, 2)  # fails before any collective starts
+    with self.assertRaisesRegex(ValueError, r"all_to_all_v: expected 2 chunks; got 3"):
+      comm.all_to_all_v([tf.zeros([1, 2])] * 3)
+
   def test_eager_instance_keys_stay_bounded(self):
 
     def work(comm):

@@ -136,6 +136,17 @@ class DistCheckpointTest(test_util.TestCase):
       for want, got in zip(before[0] + before[1] + before[2], after[0] + after[1] + after[2]):
         self.assertAllEqual(want, got)
 
+  def test_optimizer_slots_must_match_the_optimizer(self):
+    comm = comm_lib.Communicator(0, 1)
+    layer, _, _, optimizer = _build(comm)
+    slots = layer.get_optimizer_slots(optimizer)
+    self.assertEqual(["accumulator"], sorted(slots))
+    with self.assertRaisesRegex(ValueError, r"has slots \['accumulator'\]; got \['momentum'\]"):
+      layer.set_optimizer_slots(optimizer, {"momentum": slots["accumulator"]})
+    with self.assertRaisesRegex(ValueError, r"table 2 must be \(64, 4\); got \(3, 3\)"):
+      layer.set_optimizer_slots(optimizer, {"accumulator": slots["accumulator"][:2] + [
+          np.zeros((3, 3), np.float32)] + slots["accumulator"][3:]})
+
   def test_restore_rejects_another_model(self):
     path = os.path.join(self.create_tempdir().full_path, "ckpt.npz")
     comm = comm_lib.Communicator(0, 1)
