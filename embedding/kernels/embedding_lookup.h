@@ -72,6 +72,10 @@ template <typename OffsetT>
 Status CooToRowSplitsCpu(const int64_t* indices, int64_t nnz, int64_t num_rows_dense,
                          int64_t num_cols_dense, OffsetT* row_splits);
 
+// On x86-64 the CPU kernels run an AVX2 build of their loops when the CPU has AVX2 (same results,
+// bit for bit) and a portable build otherwise. Tests force the portable build to cover both.
+void ForcePortableCpuLoopsForTesting(bool portable);
+
 }  // namespace distributed_embeddings
 
 #endif  // DISTRIBUTED_EMBEDDINGS_EMBEDDING_KERNELS_EMBEDDING_LOOKUP_H_

@@ -6,6 +6,7 @@
 // hash table in one serial pass, groups occurrences by unique id with a counting sort, then sums the
 // gradient rows of each unique id in parallel, in occurrence order, which keeps it deterministic.
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <limits>
 #include <type_traits>
@@ -14,8 +15,25 @@
 #include "embedding/kernels/embedding_lookup.h"
 #include "embedding/kernels/input_errors.h"
 
+// x86-64 builds also compile the hot loops for AVX2 (a function attribute, not a build flag) and
+// pick that version at run time, since the library must run on every x86-64 CPU.
+#if defined(__x86_64__) && defined(__GNUC__)
+#define DE_HAVE_AVX2_CLONES 1
+#else
+#define DE_HAVE_AVX2_CLONES 0
+#endif
+
 namespace distributed_embeddings {
 namespace {
+
+std::atomic<bool> force_portable_loops{false};
+
+#if DE_HAVE_AVX2_CLONES
+bool CpuHasAvx2() {
+  static const bool has_avx2 = __builtin_cpu_supports("avx2");
+  return has_avx2 && !force_portable_loops.load(std::memory_order_relaxed);
+}
+#endif
 
 constexpr int64_t kPrefetchDistance = 8;
 constexpr int64_t kCacheLineBytes = 64;
@@ -51,13 +69,6 @@ inline void AddRow(const T* __restrict src, int64_t width, T* __restrict dst) {
   for (int64_t w = 0; w < width; ++w) dst[w] += src[w];
 }
 
-// A compile-time width lets the compiler unroll the row fully: ~1.4x on rows already in cache
-// (BENCHMARKS.md), where the loop bookkeeping of a runtime width dominates.
-template <typename T, int64_t kWidth>
-inline void AddRowFixed(const T* __restrict src, T* __restrict dst) {
-  for (int64_t w = 0; w < kWidth; ++w) dst[w] += src[w];
-}
-
 // TensorFlow's CPU reduce_sum over the hotness axis (Eigen, AVX packets) sums a reduced length of
 // at least 16 with four interleaved partial sums on the lanes that fill whole packets, and in order
 // elsewhere. Following the same order makes dense lookups equal tf.reduce_sum(tf.gather(...)) bit
@@ -65,9 +76,9 @@ inline void AddRowFixed(const T* __restrict src, T* __restrict dst) {
 constexpr int64_t kEigenUnrollMinLength = 16;
 constexpr int64_t kEigenPacketBytes = 32;
 
-// Sums (or averages) the rows of bags [bag_begin, bag_end). `scratch` holds 3 * width values for
-// the interleaved partial sums. Division, not multiplication by a reciprocal, keeps the mean
-// identical to tf.reduce_mean.
+// Sums (or averages) the rows of bags [bag_begin, bag_end), for any width, keeping the running sums
+// in `output`. Division, not multiplication by a reciprocal, keeps the mean identical to
+// tf.reduce_mean.
 template <typename T, typename IdT, typename OffsetT>
 void ForwardBags(const T* __restrict params, int64_t num_rows, int64_t width,
                  const CsrIds<IdT, OffsetT>& csr, Combiner combiner, int64_t bag_begin,
@@ -107,29 +118,258 @@ void ForwardBags(const T* __restrict params, int64_t num_rows, int64_t width,
     if (interleave) {
       for (int64_t k = 0; k < 3; ++k) AddRow(scratch.data() + k * packet_lanes, packet_lanes, out);
     }
-    const auto add_rows_in_order = [&](auto add_row) {
-      for (int64_t j = interleaved_end; j < end; ++j) {
-        prefetch_ahead(j);
-        const IdT id = csr.ids[j];
-        if (!InRange(id, num_rows)) continue;
-        add_row(params + static_cast<int64_t>(id) * width, out);
-        ++valid;
-      }
-    };
-    // Each case passes a lambda of its own type, so each gets its own inlined instantiation.
-    switch (width) {
-      case 16: add_rows_in_order([](const T* r, T* o) { AddRowFixed<T, 16>(r, o); }); break;
-      case 32: add_rows_in_order([](const T* r, T* o) { AddRowFixed<T, 32>(r, o); }); break;
-      case 64: add_rows_in_order([](const T* r, T* o) { AddRowFixed<T, 64>(r, o); }); break;
-      case 128: add_rows_in_order([](const T* r, T* o) { AddRowFixed<T, 128>(r, o); }); break;
-      case 256: add_rows_in_order([](const T* r, T* o) { AddRowFixed<T, 256>(r, o); }); break;
-      default: add_rows_in_order([width](const T* r, T* o) { AddRow(r, width, o); });
+    for (int64_t j = interleaved_end; j < end; ++j) {
+      prefetch_ahead(j);
+      const IdT id = csr.ids[j];
+      if (!InRange(id, num_rows)) continue;
+      AddRow(params + static_cast<int64_t>(id) * width, width, out);
+      ++valid;
     }
     if (combiner == Combiner::kMean && valid > 1) {
       const T count = static_cast<T>(valid);
       for (int64_t w = 0; w < width; ++w) out[w] /= count;
     }
   }
+}
+
+// The common widths get a loop of their own: the width is a compile-time constant and a bag's sums
+// live in vector registers instead of memory (about 2x on rows already in cache; BENCHMARKS.md).
+// Packet<T> is one 32-byte vector, the packet TensorFlow's reduction uses, so each lane still sees
+// its additions in the same order. Rows are summed in blocks of kBlockPackets packets, the most
+// that fit in registers next to the loads; the whole row is prefetched with the first block.
+// Packets pass between functions that are always inlined, so no call ever uses the vector ABI
+// GCC warns about for the non-AVX build of these helpers.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+template <typename T>
+struct PacketOf;
+template <>
+struct PacketOf<float> {
+  typedef float type __attribute__((vector_size(kEigenPacketBytes)));
+};
+template <>
+struct PacketOf<double> {
+  typedef double type __attribute__((vector_size(kEigenPacketBytes)));
+};
+template <typename T>
+using Packet = typename PacketOf<T>::type;
+
+template <typename T>
+__attribute__((always_inline)) inline Packet<T> LoadPacket(const T* source) {
+  Packet<T> packet;
+  std::memcpy(&packet, source, sizeof(packet));  // rows need not be 32-byte aligned
+  return packet;
+}
+
+template <typename T>
+__attribute__((always_inline)) inline void StorePacket(const Packet<T>& packet, T* target) {
+  std::memcpy(target, &packet, sizeof(packet));
+}
+
+// Loops over the packets of a block are unrolled before the compiler decides where arrays live, so
+// that each packet of running sums gets a register of its own.
+#define DE_UNROLL _Pragma("GCC unroll 16")
+
+// Prefetches every cache line of a row of kRowBytes, aligned or not: a constant number of
+// instructions, no loop.
+template <int64_t kRowBytes, typename T>
+inline void PrefetchFixedRow(const T* row) {
+  const char* bytes = reinterpret_cast<const char*>(row);
+  for (int64_t offset = 0; offset < kRowBytes; offset += kCacheLineBytes) {
+    PrefetchLine(bytes + offset);
+  }
+  if (kRowBytes % kCacheLineBytes == 0) PrefetchLine(bytes + kRowBytes - 1);
+}
+
+// The bags [bag_begin, bag_end) with a compile-time width. kSkip: ids may be out of range (they
+// are left out); otherwise ValidateCsrIds has checked every id and the loop checks none.
+template <int64_t kWidth, bool kSkip, typename T, typename IdT, typename OffsetT>
+__attribute__((always_inline)) inline void ForwardBagsFixedWidthImpl(
+    const T* __restrict params, int64_t num_rows, const CsrIds<IdT, OffsetT>& csr,
+    Combiner combiner, int64_t bag_begin, int64_t bag_end, T* __restrict output) {
+  constexpr int64_t kLanes = kEigenPacketBytes / sizeof(T);
+  constexpr int64_t kPackets = kWidth / kLanes;
+  static_assert(kPackets * kLanes == kWidth, "fixed widths are whole packets");
+  // Registers: 8 running sums in order; 4 partial sums x 2 packets when interleaving.
+  constexpr int64_t kBlock = kPackets < 8 ? kPackets : 8;
+  constexpr int64_t kInterleavedBlock = kPackets < 2 ? kPackets : 2;
+  constexpr int64_t kRowBytes = kWidth * sizeof(T);
+  const IdT* __restrict ids = csr.ids;
+  const int64_t range_end = static_cast<int64_t>(csr.row_splits[bag_end]);
+  const auto valid = [&](int64_t j) { return !kSkip || InRange(ids[j], num_rows); };
+  const auto row_of = [&](int64_t j) { return params + static_cast<int64_t>(ids[j]) * kWidth; };
+  const auto prefetch_ahead = [&](int64_t j) {
+    if (j + kPrefetchDistance < range_end && valid(j + kPrefetchDistance)) {
+      PrefetchFixedRow<kRowBytes>(row_of(j + kPrefetchDistance));
+    }
+  };
+  for (int64_t b = bag_begin; b < bag_end; ++b) {
+    const int64_t begin = static_cast<int64_t>(csr.row_splits[b]);
+    const int64_t end = static_cast<int64_t>(csr.row_splits[b + 1]);
+    const bool interleave = end - begin >= kEigenUnrollMinLength;
+    const int64_t interleaved_end = interleave ? begin + (end - begin) / 4 * 4 : begin;
+    int64_t num_valid = end - begin;
+    if (kSkip) {
+      num_valid = 0;
+      for (int64_t j = begin; j < end; ++j) num_valid += valid(j);
+    }
+    const bool divide = combiner == Combiner::kMean && num_valid > 1;
+    const T count = static_cast<T>(num_valid);
+    T* __restrict out = output + b * kWidth;
+
+    // The interleaved prefix, id k of each group of four into partial sum k, combined in
+    // `prefix`.
+    alignas(kEigenPacketBytes) T prefix[kWidth];
+    if (interleave) {
+      for (int64_t first = 0; first < kWidth; first += kInterleavedBlock * kLanes) {
+        Packet<T> partial[4][kInterleavedBlock];
+        DE_UNROLL
+        for (int64_t k = 0; k < 4; ++k) {
+          DE_UNROLL
+          for (int64_t p = 0; p < kInterleavedBlock; ++p) partial[k][p] = Packet<T>{};
+        }
+        for (int64_t j = begin; j < interleaved_end; j += 4) {
+          DE_UNROLL
+          for (int64_t k = 0; k < 4; ++k) {
+            if (first == 0) prefetch_ahead(j + k);
+            if (!valid(j + k)) continue;
+            const T* row = row_of(j + k) + first;
+            DE_UNROLL
+            for (int64_t p = 0; p < kInterleavedBlock; ++p) {
+              partial[k][p] += LoadPacket(row + p * kLanes);
+            }
+          }
+        }
+        DE_UNROLL
+        for (int64_t p = 0; p < kInterleavedBlock; ++p) {
+          StorePacket(((partial[0][p] + partial[1][p]) + partial[2][p]) + partial[3][p],
+                      prefix + first + p * kLanes);
+        }
+      }
+    }
+    // The rest in order, kBlock packets of lanes at a time.
+    for (int64_t first = 0; first < kWidth; first += kBlock * kLanes) {
+      Packet<T> sum[kBlock];
+      DE_UNROLL
+      for (int64_t p = 0; p < kBlock; ++p) {
+        sum[p] = interleave ? LoadPacket(prefix + first + p * kLanes) : Packet<T>{};
+      }
+      for (int64_t j = interleaved_end; j < end; ++j) {
+        if (first == 0) prefetch_ahead(j);
+        if (!valid(j)) continue;
+        const T* row = row_of(j) + first;
+        DE_UNROLL
+        for (int64_t p = 0; p < kBlock; ++p) sum[p] += LoadPacket(row + p * kLanes);
+      }
+      DE_UNROLL
+      for (int64_t p = 0; p < kBlock; ++p) {
+        StorePacket(divide ? sum[p] / count : sum[p], out + first + p * kLanes);
+      }
+    }
+  }
+}
+
+template <int64_t kWidth, typename T, typename IdT, typename OffsetT>
+__attribute__((always_inline)) inline void ForwardBagsFixedWidth(
+    const T* params, int64_t num_rows, const CsrIds<IdT, OffsetT>& csr, Combiner combiner,
+    BoundsCheck bounds_check, int64_t bag_begin, int64_t bag_end, T* output) {
+  if (bounds_check == BoundsCheck::kSkip) {
+    ForwardBagsFixedWidthImpl<kWidth, true>(params, num_rows, csr, combiner, bag_begin, bag_end,
+                                            output);
+  } else {
+    ForwardBagsFixedWidthImpl<kWidth, false>(params, num_rows, csr, combiner, bag_begin, bag_end,
+                                             output);
+  }
+}
+
+// Runs the fixed-width loop for the common widths and the generic one otherwise. Always inlined
+// into its callers below, so that each compiles it for its own instruction set.
+template <typename T, typename IdT, typename OffsetT>
+__attribute__((always_inline)) inline void ForwardBagsAnyWidth(
+    const T* params, int64_t num_rows, int64_t width, const CsrIds<IdT, OffsetT>& csr,
+    Combiner combiner, BoundsCheck bounds_check, int64_t bag_begin, int64_t bag_end, T* output) {
+  switch (width) {
+    case 16: return ForwardBagsFixedWidth<16>(params, num_rows, csr, combiner, bounds_check,
+                                              bag_begin, bag_end, output);
+    case 32: return ForwardBagsFixedWidth<32>(params, num_rows, csr, combiner, bounds_check,
+                                              bag_begin, bag_end, output);
+    case 64: return ForwardBagsFixedWidth<64>(params, num_rows, csr, combiner, bounds_check,
+                                              bag_begin, bag_end, output);
+    case 128: return ForwardBagsFixedWidth<128>(params, num_rows, csr, combiner, bounds_check,
+                                                bag_begin, bag_end, output);
+    case 256: return ForwardBagsFixedWidth<256>(params, num_rows, csr, combiner, bounds_check,
+                                                bag_begin, bag_end, output);
+    default:
+      return ForwardBags(params, num_rows, width, csr, combiner, bag_begin, bag_end, output);
+  }
+}
+
+template <typename T, typename IdT, typename OffsetT>
+void ForwardBagsPortable(const T* params, int64_t num_rows, int64_t width,
+                         const CsrIds<IdT, OffsetT>& csr, Combiner combiner,
+                         BoundsCheck bounds_check, int64_t bag_begin, int64_t bag_end, T* output) {
+  ForwardBagsAnyWidth(params, num_rows, width, csr, combiner, bounds_check, bag_begin, bag_end,
+                      output);
+}
+
+#if DE_HAVE_AVX2_CLONES
+// The same loops with 256-bit instructions, chosen at run time since the wheel targets every
+// x86-64 CPU. Only the instructions change, not the order of additions (no FMA: no product).
+template <typename T, typename IdT, typename OffsetT>
+__attribute__((target("avx2"))) void ForwardBagsAvx2(const T* params, int64_t num_rows,
+                                                     int64_t width,
+                                                     const CsrIds<IdT, OffsetT>& csr,
+                                                     Combiner combiner,
+                                                     BoundsCheck bounds_check, int64_t bag_begin,
+                                                     int64_t bag_end, T* output) {
+  ForwardBagsAnyWidth(params, num_rows, width, csr, combiner, bounds_check, bag_begin, bag_end,
+                      output);
+}
+#endif
+
+// Whether row_splits starts at 0, never decreases and ends at nnz, and (with check_ids) every id
+// lies in [0, num_rows). Branch-free reductions over the whole input, so that they vectorize: this
+// runs before every forward and backward pass. ValidateCsrIds finds the culprit when it fails.
+template <typename IdT, typename OffsetT>
+__attribute__((always_inline)) inline bool CsrIsValidImpl(const CsrIds<IdT, OffsetT>& csr,
+                                                          int64_t num_rows, bool check_ids) {
+  const OffsetT* __restrict splits = csr.row_splits;
+  if (splits[0] != 0 || static_cast<int64_t>(splits[csr.batch]) != csr.nnz) return false;
+  // Integer flags rather than bool: GCC vectorizes an OR-reduction of integers only.
+  int64_t decreasing = 0;
+  for (int64_t b = 0; b < csr.batch; ++b) {
+    decreasing |= static_cast<int64_t>(splits[b] > splits[b + 1]);
+  }
+  int64_t out_of_range = 0;
+  if (check_ids) {
+    const IdT* __restrict ids = csr.ids;
+    for (int64_t j = 0; j < csr.nnz; ++j) {
+      const int64_t id = ids[j];
+      out_of_range |= static_cast<int64_t>(id < 0) | static_cast<int64_t>(id >= num_rows);
+    }
+  }
+  return (decreasing | out_of_range) == 0;
+}
+
+template <typename IdT, typename OffsetT>
+bool CsrIsValidPortable(const CsrIds<IdT, OffsetT>& csr, int64_t num_rows, bool check_ids) {
+  return CsrIsValidImpl(csr, num_rows, check_ids);
+}
+
+#if DE_HAVE_AVX2_CLONES
+template <typename IdT, typename OffsetT>
+__attribute__((target("avx2"))) bool CsrIsValidAvx2(const CsrIds<IdT, OffsetT>& csr,
+                                                    int64_t num_rows, bool check_ids) {
+  return CsrIsValidImpl(csr, num_rows, check_ids);
+}
+#endif
+
+template <typename IdT, typename OffsetT>
+bool CsrIsValid(const CsrIds<IdT, OffsetT>& csr, int64_t num_rows, bool check_ids) {
+#if DE_HAVE_AVX2_CLONES
+  if (CpuHasAvx2()) return CsrIsValidAvx2(csr, num_rows, check_ids);
+#endif
+  return CsrIsValidPortable(csr, num_rows, check_ids);
 }
 
 // Open-addressing hash map from id to its index among the unique ids, in first-occurrence order.
@@ -175,11 +415,16 @@ class UniqueIdMap {
 
 }  // namespace
 
+void ForcePortableCpuLoopsForTesting(bool portable) { force_portable_loops.store(portable); }
+
 template <typename IdT, typename OffsetT>
 Status ValidateCsrIds(const CsrIds<IdT, OffsetT>& csr, int64_t num_rows, BoundsCheck bounds_check) {
   if (csr.nnz > static_cast<int64_t>(std::numeric_limits<OffsetT>::max())) {
     return NnzTooLargeError(csr.nnz, std::numeric_limits<OffsetT>::max());
   }
+  const bool check_ids = bounds_check == BoundsCheck::kError;
+  if (CsrIsValid(csr, num_rows, check_ids)) return Status::Ok();
+  // Something is wrong: find the first offending element, in the order the checks are documented.
   const OffsetT* splits = csr.row_splits;
   if (splits[0] != 0) return RowSplitsStartError(splits[0]);
   for (int64_t b = 0; b < csr.batch; ++b) {
@@ -188,12 +433,10 @@ Status ValidateCsrIds(const CsrIds<IdT, OffsetT>& csr, int64_t num_rows, BoundsC
   if (static_cast<int64_t>(splits[csr.batch]) != csr.nnz) {
     return RowSplitsEndError(csr.batch, splits[csr.batch], csr.nnz);
   }
-  if (bounds_check == BoundsCheck::kError) {
-    for (int64_t j = 0; j < csr.nnz; ++j) {
-      if (!InRange(csr.ids[j], num_rows)) return IdOutOfRangeError(j, csr.ids[j], num_rows);
-    }
+  for (int64_t j = 0; check_ids && j < csr.nnz; ++j) {
+    if (!InRange(csr.ids[j], num_rows)) return IdOutOfRangeError(j, csr.ids[j], num_rows);
   }
-  return Status::Ok();
+  return Status::Internal("ValidateCsrIds: the fast and the detailed checks disagree.");
 }
 
 template <typename T, typename IdT, typename OffsetT>
@@ -206,7 +449,13 @@ Status PooledLookupForwardCpu(const T* params, int64_t num_rows, int64_t width,
   const int64_t mean_hotness = csr.batch > 0 ? csr.nnz / csr.batch + 1 : 1;
   const int64_t cost_per_bag = mean_hotness * width * static_cast<int64_t>(sizeof(T));
   RunParallel(parallel_for, csr.batch, cost_per_bag, [&](int64_t begin, int64_t end) {
-    ForwardBags(params, num_rows, width, csr, combiner, begin, end, output);
+#if DE_HAVE_AVX2_CLONES
+    if (CpuHasAvx2()) {
+      return ForwardBagsAvx2(params, num_rows, width, csr, combiner, bounds_check, begin, end,
+                             output);
+    }
+#endif
+    ForwardBagsPortable(params, num_rows, width, csr, combiner, bounds_check, begin, end, output);
   });
   return Status::Ok();
 }

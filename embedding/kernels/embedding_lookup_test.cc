@@ -68,12 +68,24 @@ void CheckForwardAndBackward(double invalid_fraction, BoundsCheck mode) {
   }
 }
 
+// Runs `check` with the CPU kernels' default loops (AVX2 where the CPU has it) and again with the
+// portable ones.
+template <typename Check>
+void ForEachCpuLoopBuild(const Check& check) {
+  for (bool portable : {false, true}) {
+    SCOPED_TRACE(portable ? "portable loops" : "default loops");
+    ForcePortableCpuLoopsForTesting(portable);
+    check();
+    ForcePortableCpuLoopsForTesting(false);
+  }
+}
+
 TYPED_TEST(LookupCpuTest, ForwardAndBackwardMatchReference) {
-  CheckForwardAndBackward<TypeParam>(0.0, BoundsCheck::kError);
+  ForEachCpuLoopBuild([] { CheckForwardAndBackward<TypeParam>(0.0, BoundsCheck::kError); });
 }
 
 TYPED_TEST(LookupCpuTest, SkipModeIgnoresInvalidIds) {
-  CheckForwardAndBackward<TypeParam>(0.2, BoundsCheck::kSkip);
+  ForEachCpuLoopBuild([] { CheckForwardAndBackward<TypeParam>(0.2, BoundsCheck::kSkip); });
 }
 
 // The documented summation order (TensorFlow's CPU reduce_sum): in id order, except that a bag of
@@ -101,23 +113,26 @@ TYPED_TEST(LookupCpuTest, SumFollowsTensorFlowReductionOrder) {
   using T = typename TypeParam::T;
   using IdT = typename TypeParam::IdT;
   using OffsetT = typename TypeParam::OffsetT;
-  for (int64_t width : {3, 8, 16, 32, 37, 64, 128, 256}) {  // every specialized width too
-    const auto c = MakeCase<T, IdT, OffsetT>({200, width, 40, 60, 0.0, 0.0, 77});
-    std::vector<T> output(c.batch() * c.width);
-    ASSERT_TRUE(PooledLookupForwardCpu(c.params.data(), c.num_rows, c.width, c.Csr(),
-                                       Combiner::kSum, BoundsCheck::kError, output.data())
-                    .ok());
-    for (int64_t b = 0; b < c.batch(); ++b) {
-      for (int64_t w = 0; w < c.width; ++w) {
-        std::vector<T> terms;
-        for (int64_t j = c.row_splits[b]; j < static_cast<int64_t>(c.row_splits[b + 1]); ++j) {
-          terms.push_back(c.params[static_cast<int64_t>(c.ids[j]) * c.width + w]);
+  ForEachCpuLoopBuild([] {
+    for (int64_t width : {3, 8, 16, 32, 37, 64, 128, 256}) {  // every specialized width too
+      const auto c = MakeCase<T, IdT, OffsetT>({200, width, 40, 60, 0.0, 0.0, 77});
+      std::vector<T> output(c.batch() * c.width);
+      ASSERT_TRUE(PooledLookupForwardCpu(c.params.data(), c.num_rows, c.width, c.Csr(),
+                                         Combiner::kSum, BoundsCheck::kError, output.data())
+                      .ok());
+      for (int64_t b = 0; b < c.batch(); ++b) {
+        for (int64_t w = 0; w < c.width; ++w) {
+          std::vector<T> terms;
+          for (int64_t j = c.row_splits[b]; j < static_cast<int64_t>(c.row_splits[b + 1]); ++j) {
+            terms.push_back(c.params[static_cast<int64_t>(c.ids[j]) * c.width + w]);
+          }
+          ASSERT_EQ(EigenOrderSum(terms, w, c.width), output[b * c.width + w])
+              << "width " << width << ", bag " << b << " of length " << terms.size()
+              << ", lane " << w;
         }
-        ASSERT_EQ(EigenOrderSum(terms, w, c.width), output[b * c.width + w])
-            << "bag " << b << " of length " << terms.size() << ", lane " << w;
       }
     }
-  }
+  });
 }
 
 TYPED_TEST(LookupCpuTest, EmptyBagsGiveZerosForBothCombiners) {

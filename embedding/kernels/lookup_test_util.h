@@ -178,6 +178,9 @@ inline std::vector<CaseSpec> StandardSpecs(double invalid_fraction) {
       {5, 16, 4, 3000, 0.0, invalid_fraction, 7},    // hotness in the thousands, tiny vocab
       {100000, 8, 200, 1, 0.0, invalid_fraction, 8}, // one-hot over a large vocab
       {1, 2, 6, 4, 0.3, invalid_fraction, 9},        // a single row
+      {400, 32, 30, 40, 0.1, invalid_fraction, 10},  // CPU fixed-width loops: 32,
+      {300, 128, 12, 25, 0.1, invalid_fraction, 11}, // 128 (two blocks of registers)
+      {200, 256, 8, 20, 0.0, invalid_fraction, 12},  // and 256 (four)
   };
   std::mt19937 rng(42);
   for (uint32_t i = 0; i < 6; ++i) {  // random sizes

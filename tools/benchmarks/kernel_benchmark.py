@@ -5,6 +5,13 @@ rows come from memory rather than L3; each timing is the median over repeats of 
 a block of calls. Effective bandwidth = bytes of table rows gathered per call / time. The machine's
 random-row gather ceiling (NumPy `take` of the same rows) is measured in the same run.
 
+TensorFlow paths are timed in graph by default: one tf.function call runs the lookup on each of
+the rotating batches in turn, each lookup waiting for the previous one (a control dependency, so
+none overlap), and the time per lookup is the call time over the number of batches. That is how
+lookups run inside a training step, and it leaves out the fixed cost of entering a tf.function
+from Python (about 0.4 ms on the 2-vCPU development VM), which torch's eager calls do not pay.
+`--dispatch per-call` times one tf.function call per lookup instead.
+
   .venv/bin/python tools/benchmarks/kernel_benchmark.py            # full grid, markdown to stdout
   .venv/bin/python tools/benchmarks/kernel_benchmark.py --quick    # one small case (smoke test)
 
@@ -62,8 +69,12 @@ def time_block(fn, batches, iters, repeats):
   return statistics.median(samples)
 
 
-def tf_paths(table, combiner, fmt):
-  """name -> (forward fn, forward+backward fn) of TF-based paths for one input format."""
+def tf_paths(table, combiner, fmt, dispatch):
+  """name -> (forward fn, forward+backward fn) of TF-based paths for one input format.
+
+  With dispatch "in-graph" each fn takes the list of all rotating batches and looks them up in
+  turn inside one tf.function; with "per-call" it takes one batch.
+  """
 
   def ours(ids):
     return de.embedding_lookup(table, ids, combiner=combiner)
@@ -89,16 +100,35 @@ def tf_paths(table, combiner, fmt):
   paths = {}
   for name, forward in candidates.items():
 
+    def fwd(ids, forward=forward):
+      return forward(ids)[0, 0]
+
     def fwd_bwd(ids, forward=forward):
       with tf.GradientTape() as tape:
         out = forward(ids)
         loss = tf.reduce_sum(out)
       grad = tape.gradient(loss, table)
-      # Returning the output too keeps TF from pruning the forward gather.
-      return out[0, 0], grad.values[0, 0], grad.indices[0]
+      # Using the output too keeps TF from pruning the forward gather.
+      return out[0, 0] + grad.values[0, 0] + tf.cast(grad.indices[0], out.dtype)
 
-    paths[name] = (tf.function(lambda ids, f=forward: f(ids)[0, 0]), tf.function(fwd_bwd))
+    if dispatch == "per-call":
+      paths[name] = (tf.function(fwd), tf.function(fwd_bwd))
+    else:
+      paths[name] = (tf.function(_chained(fwd)), tf.function(_chained(fwd_bwd)))
   return paths
+
+
+def _chained(step):
+  """Runs `step` on each batch of a list in turn, each after the previous one has finished."""
+
+  def run(batches):
+    done = tf.constant(0.0)
+    for ids in batches:
+      with tf.control_dependencies([done]):
+        done = step(ids)
+    return done
+
+  return run
 
 
 def torch_paths(table_np, combiner):
@@ -133,10 +163,15 @@ def run_case(rng, table_np, table_var, batch, hotness, combiner, args):
   formats = (["dense"] if "dense" in batches[0] else []) + ["ragged", "sparse"]
   for fmt in formats:
     results = {}
-    for name, (fwd, fwd_bwd) in tf_paths(table_var, combiner, fmt).items():
+    for name, (fwd, fwd_bwd) in tf_paths(table_var, combiner, fmt, args.dispatch).items():
       inputs = [b[fmt] for b in batches]
-      results[name] = (time_block(fwd, inputs, args.iters, args.repeats),
-                       time_block(fwd_bwd, inputs, args.iters, args.repeats))
+      if args.dispatch == "per-call":
+        results[name] = (time_block(fwd, inputs, args.iters, args.repeats),
+                         time_block(fwd_bwd, inputs, args.iters, args.repeats))
+      else:  # one call looks up every batch; iters calls per block, as many lookups as per-call
+        calls = max(1, args.iters // len(inputs) + 1)
+        results[name] = tuple(
+            time_block(fn, [inputs], calls, args.repeats) / len(inputs) for fn in (fwd, fwd_bwd))
     if torch is not None:
       for name, (fwd, fwd_bwd) in torch_paths(table_np, combiner).items():
         inputs = [(torch.from_numpy(b["values"]), torch.from_numpy(b["offsets"])) for b in batches]
@@ -162,6 +197,8 @@ def main(argv):
   parser.add_argument("--iters", type=int, default=10)
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--threads", type=int, default=0, help="TF intra-op threads (0: default)")
+  parser.add_argument("--dispatch", choices=("in-graph", "per-call"), default="in-graph",
+                      help="how TF paths are called (module docstring)")
   parser.add_argument("--json", help="also write the rows here")
   parser.add_argument("--quick", action="store_true", help="one small case, for smoke tests")
   args = parser.parse_args(argv[1:])
@@ -173,6 +210,9 @@ def main(argv):
     if torch is not None:
       torch.set_num_threads(args.threads)
 
+  # Each path is its own tf.function built from the same Python closure, which TF's retracing
+  # warning miscounts as retracing (each traces once).
+  tf.get_logger().setLevel("ERROR")
   rng = np.random.default_rng(0)
   rows = []
   print("| width | hotness | combiner | format | path | fwd ms | fwd+bwd ms | fwd GB/s |"
