@@ -373,6 +373,8 @@ bool CsrIsValid(const CsrIds<IdT, OffsetT>& csr, int64_t num_rows, bool check_id
 }
 
 // Open-addressing hash map from id to its index among the unique ids, in first-occurrence order.
+// Key and index share a slot, so a lookup touches one cache line; callers prefetch the slot of an
+// id a few ids ahead, because with many distinct ids nearly every probe misses the cache.
 template <typename IdT>
 class UniqueIdMap {
  public:
@@ -380,18 +382,21 @@ class UniqueIdMap {
     int64_t capacity = 16;
     while (capacity < 2 * max_unique) capacity *= 2;
     mask_ = static_cast<uint64_t>(capacity - 1);
-    keys_.assign(capacity, kEmpty);
-    values_.resize(capacity);
+    slots_.assign(capacity, Slot{kEmpty, 0});
+  }
+
+  void Prefetch(IdT id) const {
+    PrefetchLine(reinterpret_cast<const char*>(&slots_[Hash(id) & mask_]));
   }
 
   // Returns the index of `id`, giving it the next index if it is new.
   int64_t Insert(IdT id, IdT* unique_ids, int64_t* num_unique) {
     uint64_t slot = Hash(id) & mask_;
     while (true) {
-      if (keys_[slot] == static_cast<int64_t>(id)) return values_[slot];
-      if (keys_[slot] == kEmpty) {
-        keys_[slot] = static_cast<int64_t>(id);
-        values_[slot] = *num_unique;
+      Slot& entry = slots_[slot];
+      if (entry.key == static_cast<int64_t>(id)) return entry.index;
+      if (entry.key == kEmpty) {
+        entry = Slot{static_cast<int64_t>(id), *num_unique};
         unique_ids[*num_unique] = id;
         return (*num_unique)++;
       }
@@ -401,6 +406,10 @@ class UniqueIdMap {
 
  private:
   static constexpr int64_t kEmpty = -1;  // Valid ids are never negative.
+  struct Slot {
+    int64_t key;
+    int64_t index;
+  };
 
   static uint64_t Hash(IdT id) {
     // Fibonacci hashing spreads consecutive ids; the high bits are the well-mixed ones.
@@ -409,9 +418,74 @@ class UniqueIdMap {
   }
 
   uint64_t mask_ = 0;
-  std::vector<int64_t> keys_;
-  std::vector<int64_t> values_;
+  std::vector<Slot> slots_;
 };
+
+// Row u of `unique_grad` = the sum, in occurrence order, of the `source` rows listed in
+// bags[starts[u]] .. bags[starts[u + 1] - 1], for u in [u_begin, u_end); a compile-time width, sums
+// in registers and the rows prefetched, as in the forward pass.
+template <int64_t kWidth, typename T>
+__attribute__((always_inline)) inline void SumGradRowsFixedWidth(
+    const T* __restrict source, const int64_t* __restrict starts, const int64_t* __restrict bags,
+    int64_t u_begin, int64_t u_end, T* __restrict unique_grad) {
+  constexpr int64_t kLanes = kEigenPacketBytes / sizeof(T);
+  constexpr int64_t kPackets = kWidth / kLanes;
+  constexpr int64_t kBlock = kPackets < 8 ? kPackets : 8;
+  const int64_t range_end = starts[u_end];
+  for (int64_t u = u_begin; u < u_end; ++u) {
+    for (int64_t first = 0; first < kWidth; first += kBlock * kLanes) {
+      Packet<T> sum[kBlock];
+      DE_UNROLL
+      for (int64_t p = 0; p < kBlock; ++p) sum[p] = Packet<T>{};
+      for (int64_t k = starts[u]; k < starts[u + 1]; ++k) {
+        if (first == 0 && k + kPrefetchDistance < range_end) {
+          PrefetchFixedRow<kWidth * sizeof(T)>(source + bags[k + kPrefetchDistance] * kWidth);
+        }
+        const T* row = source + bags[k] * kWidth + first;
+        DE_UNROLL
+        for (int64_t p = 0; p < kBlock; ++p) sum[p] += LoadPacket(row + p * kLanes);
+      }
+      DE_UNROLL
+      for (int64_t p = 0; p < kBlock; ++p) {
+        StorePacket(sum[p], unique_grad + u * kWidth + first + p * kLanes);
+      }
+    }
+  }
+}
+
+template <typename T>
+__attribute__((always_inline)) inline void SumGradRowsAnyWidth(
+    const T* source, int64_t width, const int64_t* starts, const int64_t* bags, int64_t u_begin,
+    int64_t u_end, T* unique_grad) {
+  switch (width) {
+    case 16: return SumGradRowsFixedWidth<16>(source, starts, bags, u_begin, u_end, unique_grad);
+    case 32: return SumGradRowsFixedWidth<32>(source, starts, bags, u_begin, u_end, unique_grad);
+    case 64: return SumGradRowsFixedWidth<64>(source, starts, bags, u_begin, u_end, unique_grad);
+    case 128: return SumGradRowsFixedWidth<128>(source, starts, bags, u_begin, u_end, unique_grad);
+    case 256: return SumGradRowsFixedWidth<256>(source, starts, bags, u_begin, u_end, unique_grad);
+  }
+  for (int64_t u = u_begin; u < u_end; ++u) {
+    T* __restrict out = unique_grad + u * width;
+    std::fill(out, out + width, T(0));
+    for (int64_t k = starts[u]; k < starts[u + 1]; ++k) AddRow(source + bags[k] * width, width, out);
+  }
+}
+
+template <typename T>
+void SumGradRowsPortable(const T* source, int64_t width, const int64_t* starts,
+                         const int64_t* bags, int64_t u_begin, int64_t u_end, T* unique_grad) {
+  SumGradRowsAnyWidth(source, width, starts, bags, u_begin, u_end, unique_grad);
+}
+
+#if DE_HAVE_AVX2_CLONES
+template <typename T>
+__attribute__((target("avx2"))) void SumGradRowsAvx2(const T* source, int64_t width,
+                                                     const int64_t* starts, const int64_t* bags,
+                                                     int64_t u_begin, int64_t u_end,
+                                                     T* unique_grad) {
+  SumGradRowsAnyWidth(source, width, starts, bags, u_begin, u_end, unique_grad);
+}
+#endif
 
 }  // namespace
 
@@ -470,10 +544,12 @@ Status PooledLookupBackwardCpu(const T* grad_output, int64_t num_rows, int64_t w
   if (csr.nnz == 0) return Status::Ok();
 
   // 1. Unique ids in first-occurrence order; -1 marks a skipped invalid id.
+  constexpr int64_t kHashPrefetchDistance = 16;
   std::vector<int64_t> unique_of(csr.nnz);
   {
     UniqueIdMap<IdT> map(MaxUniqueIds(csr.nnz, num_rows));
     for (int64_t j = 0; j < csr.nnz; ++j) {
+      if (j + kHashPrefetchDistance < csr.nnz) map.Prefetch(csr.ids[j + kHashPrefetchDistance]);
       unique_of[j] = InRange(csr.ids[j], num_rows)
                          ? map.Insert(csr.ids[j], unique_ids, num_unique)
                          : -1;
@@ -482,39 +558,40 @@ Status PooledLookupBackwardCpu(const T* grad_output, int64_t num_rows, int64_t w
   const int64_t n_unique = *num_unique;
   if (n_unique == 0) return Status::Ok();  // Every id skipped (BoundsCheck::kSkip).
 
-  // 2. The gradient each occurrence contributes: the bag's output gradient, divided by the bag's
+  // 2. The gradient each occurrence contributes: its bag's output gradient, divided by the bag's
   //    valid length for mean (once per bag, as tf.reduce_mean's gradient does).
-  std::vector<int64_t> bag_of(csr.nnz);
-  std::vector<T> scaled;
   const T* source = grad_output;
-  if (combiner == Combiner::kMean) scaled.resize(csr.batch * width);
-  for (int64_t b = 0; b < csr.batch; ++b) {
-    int64_t valid = 0;
-    for (int64_t j = csr.row_splits[b]; j < static_cast<int64_t>(csr.row_splits[b + 1]); ++j) {
-      bag_of[j] = b;
-      valid += unique_of[j] >= 0;
-    }
-    if (combiner == Combiner::kMean) {
+  std::vector<T> scaled;
+  if (combiner == Combiner::kMean) {
+    scaled.resize(csr.batch * width);
+    for (int64_t b = 0; b < csr.batch; ++b) {
+      int64_t valid = 0;
+      for (int64_t j = csr.row_splits[b]; j < static_cast<int64_t>(csr.row_splits[b + 1]); ++j) {
+        valid += unique_of[j] >= 0;
+      }
       const T count = static_cast<T>(valid > 1 ? valid : 1);
       for (int64_t w = 0; w < width; ++w) {
         scaled[b * width + w] = valid > 1 ? grad_output[b * width + w] / count
                                           : grad_output[b * width + w];
       }
     }
+    source = scaled.data();
   }
-  if (combiner == Combiner::kMean) source = scaled.data();
 
-  // 3. Counting sort of occurrences by unique index, keeping occurrence order within each id.
+  // 3. Counting sort of occurrences by unique index, keeping occurrence order within each id;
+  //    each occurrence is recorded as its bag, the row of `source` it adds.
   std::vector<int64_t> starts(n_unique + 1, 0);
   for (int64_t j = 0; j < csr.nnz; ++j) {
     if (unique_of[j] >= 0) ++starts[unique_of[j] + 1];
   }
   for (int64_t u = 0; u < n_unique; ++u) starts[u + 1] += starts[u];
-  std::vector<int64_t> occurrences(starts[n_unique]);
+  std::vector<int64_t> bags(starts[n_unique]);
   {
     std::vector<int64_t> cursor(starts.begin(), starts.end() - 1);
-    for (int64_t j = 0; j < csr.nnz; ++j) {
-      if (unique_of[j] >= 0) occurrences[cursor[unique_of[j]]++] = j;
+    for (int64_t b = 0; b < csr.batch; ++b) {
+      for (int64_t j = csr.row_splits[b]; j < static_cast<int64_t>(csr.row_splits[b + 1]); ++j) {
+        if (unique_of[j] >= 0) bags[cursor[unique_of[j]]++] = b;
+      }
     }
   }
 
@@ -522,13 +599,12 @@ Status PooledLookupBackwardCpu(const T* grad_output, int64_t num_rows, int64_t w
   const int64_t cost_per_unique =
       (csr.nnz / n_unique + 1) * width * static_cast<int64_t>(sizeof(T));
   RunParallel(parallel_for, n_unique, cost_per_unique, [&](int64_t begin, int64_t end) {
-    for (int64_t u = begin; u < end; ++u) {
-      T* __restrict out = unique_grad + u * width;
-      std::fill(out, out + width, T(0));
-      for (int64_t k = starts[u]; k < starts[u + 1]; ++k) {
-        AddRow(source + bag_of[occurrences[k]] * width, width, out);
-      }
+#if DE_HAVE_AVX2_CLONES
+    if (CpuHasAvx2()) {
+      return SumGradRowsAvx2(source, width, starts.data(), bags.data(), begin, end, unique_grad);
     }
+#endif
+    SumGradRowsPortable(source, width, starts.data(), bags.data(), begin, end, unique_grad);
   });
   return Status::Ok();
 }
