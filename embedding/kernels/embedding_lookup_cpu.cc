@@ -2,9 +2,12 @@
 //
 // The forward pass is bound by random reads of table rows, so it walks each thread's ids in order
 // and prefetches the rows kPrefetchDistance ids ahead (what FBGEMM does): a plain gather waits on
-// memory latency for every row. Its summation order follows TensorFlow's CPU reduce_sum. The backward pass builds the unique ids with an open-addressing
-// hash table in one serial pass, groups occurrences by unique id with a counting sort, then sums the
-// gradient rows of each unique id in parallel, in occurrence order, which keeps it deterministic.
+// memory latency for every row. Its summation order follows TensorFlow's CPU reduce_sum. For the
+// common widths a bag's sums stay in vector registers, and x86-64 builds carry an AVX2 version of
+// those loops picked at run time. The backward pass builds the unique ids with an open-addressing
+// hash table in one serial pass, groups occurrences by unique id with a counting sort, then sums
+// the gradient rows of each unique id in parallel, in occurrence order, which keeps it
+// deterministic.
 #include <algorithm>
 #include <atomic>
 #include <cstring>
@@ -30,7 +33,8 @@ std::atomic<bool> force_portable_loops{false};
 
 #if DE_HAVE_AVX2_CLONES
 bool CpuHasAvx2() {
-  static const bool has_avx2 = __builtin_cpu_supports("avx2");
+  // The builtin also checks that the OS saves the 256-bit registers.
+  static const bool has_avx2 = (__builtin_cpu_init(), __builtin_cpu_supports("avx2"));
   return has_avx2 && !force_portable_loops.load(std::memory_order_relaxed);
 }
 #endif
@@ -135,10 +139,11 @@ void ForwardBags(const T* __restrict params, int64_t num_rows, int64_t width,
 // The common widths get a loop of their own: the width is a compile-time constant and a bag's sums
 // live in vector registers instead of memory (about 2x on rows already in cache; BENCHMARKS.md).
 // Packet<T> is one 32-byte vector, the packet TensorFlow's reduction uses, so each lane still sees
-// its additions in the same order. Rows are summed in blocks of kBlockPackets packets, the most
-// that fit in registers next to the loads; the whole row is prefetched with the first block.
-// Packets pass between functions that are always inlined, so no call ever uses the vector ABI
-// GCC warns about for the non-AVX build of these helpers.
+// its additions in the same order. Rows are summed a block of packets at a time, as many as fit in
+// registers next to the loads; the whole row is prefetched with the first block.
+
+// Packets pass only between functions that are always inlined, so no call ever uses the vector
+// ABI that GCC warns about for the non-AVX build of these helpers.
 #pragma GCC diagnostic ignored "-Wpsabi"
 
 template <typename T>
