@@ -56,16 +56,17 @@ inline void PrefetchLine(const char* address) {
 #endif
 }
 
-// Prefetches every cache line the row touches (a row need not start on a line boundary): the row
-// is read a few iterations later.
+// Prefetches every cache line the row touches (a row need not start on a line boundary): one
+// line per 64 bytes from its start, and the line of its last byte, which a misaligned row spills
+// onto. The row is read a few iterations later. With a compile-time row_bytes (the fixed-width
+// loops) the loop unrolls to straight-line prefetches.
 template <typename T>
 inline void PrefetchRow(const T* row, int64_t row_bytes) {
   const char* bytes = reinterpret_cast<const char*>(row);
-  const int64_t misalignment = static_cast<int64_t>(reinterpret_cast<uintptr_t>(bytes) %
-                                                    kCacheLineBytes);
-  for (int64_t offset = -misalignment; offset < row_bytes; offset += kCacheLineBytes) {
+  for (int64_t offset = 0; offset < row_bytes; offset += kCacheLineBytes) {
     PrefetchLine(bytes + offset);
   }
+  PrefetchLine(bytes + row_bytes - 1);
 }
 
 template <typename T>
@@ -175,17 +176,6 @@ __attribute__((always_inline)) inline void StorePacket(const Packet<T>& packet, 
 // that each packet of running sums gets a register of its own.
 #define DE_UNROLL _Pragma("GCC unroll 16")
 
-// Prefetches every cache line of a row of kRowBytes, aligned or not: a constant number of
-// instructions, no loop.
-template <int64_t kRowBytes, typename T>
-inline void PrefetchFixedRow(const T* row) {
-  const char* bytes = reinterpret_cast<const char*>(row);
-  for (int64_t offset = 0; offset < kRowBytes; offset += kCacheLineBytes) {
-    PrefetchLine(bytes + offset);
-  }
-  if (kRowBytes % kCacheLineBytes == 0) PrefetchLine(bytes + kRowBytes - 1);
-}
-
 // The bags [bag_begin, bag_end) with a compile-time width. kSkip: ids may be out of range (they
 // are left out); otherwise ValidateCsrIds has checked every id and the loop checks none.
 template <int64_t kWidth, bool kSkip, typename T, typename IdT, typename OffsetT>
@@ -205,7 +195,7 @@ __attribute__((always_inline)) inline void ForwardBagsFixedWidthImpl(
   const auto row_of = [&](int64_t j) { return params + static_cast<int64_t>(ids[j]) * kWidth; };
   const auto prefetch_ahead = [&](int64_t j) {
     if (j + kPrefetchDistance < range_end && valid(j + kPrefetchDistance)) {
-      PrefetchFixedRow<kRowBytes>(row_of(j + kPrefetchDistance));
+      PrefetchRow(row_of(j + kPrefetchDistance), kRowBytes);
     }
   };
   for (int64_t b = bag_begin; b < bag_end; ++b) {
@@ -444,7 +434,7 @@ __attribute__((always_inline)) inline void SumGradRowsFixedWidth(
       for (int64_t p = 0; p < kBlock; ++p) sum[p] = Packet<T>{};
       for (int64_t k = starts[u]; k < starts[u + 1]; ++k) {
         if (first == 0 && k + kPrefetchDistance < range_end) {
-          PrefetchFixedRow<kWidth * sizeof(T)>(source + bags[k + kPrefetchDistance] * kWidth);
+          PrefetchRow(source + bags[k + kPrefetchDistance] * kWidth, kWidth * sizeof(T));
         }
         const T* row = source + bags[k] * kWidth + first;
         DE_UNROLL

@@ -168,7 +168,7 @@ def run_case(rng, table_np, table_var, batch, hotness, combiner, args):
       if args.dispatch == "per-call":
         results[name] = (time_block(fwd, inputs, args.iters, args.repeats),
                          time_block(fwd_bwd, inputs, args.iters, args.repeats))
-      else:  # one call looks up every batch; iters calls per block, as many lookups as per-call
+      else:  # one call looks up every batch; enough calls per block for at least iters lookups
         calls = max(1, args.iters // len(inputs) + 1)
         results[name] = tuple(
             time_block(fn, [inputs], calls, args.repeats) / len(inputs) for fn in (fwd, fwd_bwd))
