@@ -185,9 +185,10 @@ __attribute__((always_inline)) inline void ForwardBagsFixedWidthImpl(
   constexpr int64_t kLanes = kEigenPacketBytes / sizeof(T);
   constexpr int64_t kPackets = kWidth / kLanes;
   static_assert(kPackets * kLanes == kWidth, "fixed widths are whole packets");
-  // Registers: 8 running sums in order; 4 partial sums x 2 packets when interleaving.
+  // Registers: 8 running sums in order; 4 partial sums x 4 packets when interleaving (AVX2 has
+  // 16, and the adds take their row operand straight from memory).
   constexpr int64_t kBlock = kPackets < 8 ? kPackets : 8;
-  constexpr int64_t kInterleavedBlock = kPackets < 2 ? kPackets : 2;
+  constexpr int64_t kInterleavedBlock = kPackets < 4 ? kPackets : 4;
   constexpr int64_t kRowBytes = kWidth * sizeof(T);
   const IdT* __restrict ids = csr.ids;
   const int64_t range_end = static_cast<int64_t>(csr.row_splits[bag_end]);
@@ -515,9 +516,8 @@ Status PooledLookupForwardCpu(const T* params, int64_t num_rows, int64_t width,
                               const ParallelFor& parallel_for) {
   DE_RETURN_IF_ERROR(ValidateCsrIds(csr, num_rows, bounds_check));
   if (width == 0) return Status::Ok();
-  const int64_t mean_hotness = csr.batch > 0 ? csr.nnz / csr.batch + 1 : 1;
-  const int64_t cost_per_bag = mean_hotness * width * static_cast<int64_t>(sizeof(T));
-  RunParallel(parallel_for, csr.batch, cost_per_bag, [&](int64_t begin, int64_t end) {
+  const int64_t cost_per_id = width * static_cast<int64_t>(sizeof(T));
+  const auto forward_bags = [&](int64_t begin, int64_t end) {
 #if DE_HAVE_AVX2_CLONES
     if (CpuHasAvx2()) {
       return ForwardBagsAvx2(params, num_rows, width, csr, combiner, bounds_check, begin, end,
@@ -525,7 +525,8 @@ Status PooledLookupForwardCpu(const T* params, int64_t num_rows, int64_t width,
     }
 #endif
     ForwardBagsPortable(params, num_rows, width, csr, combiner, bounds_check, begin, end, output);
-  });
+  };
+  RunParallelBalanced(parallel_for, csr.batch, csr.row_splits, cost_per_id, forward_bags);
   return Status::Ok();
 }
 
@@ -590,17 +591,17 @@ Status PooledLookupBackwardCpu(const T* grad_output, int64_t num_rows, int64_t w
     }
   }
 
-  // 4. Sum each unique id's gradient rows, unique ids split across threads.
-  const int64_t cost_per_unique =
-      (csr.nnz / n_unique + 1) * width * static_cast<int64_t>(sizeof(T));
-  RunParallel(parallel_for, n_unique, cost_per_unique, [&](int64_t begin, int64_t end) {
+  // 4. Sum each unique id's gradient rows, unique ids split across threads by occurrences.
+  const int64_t cost_per_occurrence = width * static_cast<int64_t>(sizeof(T));
+  const auto sum_grad_rows = [&](int64_t begin, int64_t end) {
 #if DE_HAVE_AVX2_CLONES
     if (CpuHasAvx2()) {
       return SumGradRowsAvx2(source, width, starts.data(), bags.data(), begin, end, unique_grad);
     }
 #endif
     SumGradRowsPortable(source, width, starts.data(), bags.data(), begin, end, unique_grad);
-  });
+  };
+  RunParallelBalanced(parallel_for, n_unique, starts.data(), cost_per_occurrence, sum_grad_rows);
   return Status::Ok();
 }
 

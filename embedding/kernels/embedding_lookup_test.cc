@@ -1,6 +1,11 @@
 // Tests of the CPU kernels against the naive double-precision reference in lookup_test_util.h.
+#include <algorithm>
 #include <cstdint>
+#include <functional>
 #include <limits>
+#include <mutex>
+#include <random>
+#include <utility>
 #include <vector>
 
 #include "embedding/kernels/embedding_lookup.h"
@@ -283,6 +288,61 @@ TEST(CooToRowSplitsCpuTest, RejectsIndexOutsideDenseShape) {
     EXPECT_EQ(status.code(), Status::Code::kInvalidArgument);
     EXPECT_THAT(status.message(), HasSubstr("'indices' must lie in [0, 2) x [0, 3)"));
   }
+}
+
+// A ParallelFor that runs every unit of work on its own, so a test sees each piece.
+ParallelFor PiecewiseParallelFor() {
+  return [](int64_t total, int64_t, const std::function<void(int64_t, int64_t)>& work) {
+    for (int64_t p = 0; p < total; ++p) work(p, p + 1);
+  };
+}
+
+TEST(RunParallelBalancedTest, PiecesCoverEveryItemOnceWithEvenLoads) {
+  std::mt19937 rng(3);
+  for (const int64_t n : {1, 5, 63, 64, 65, 1000, 8192}) {
+    for (const bool skewed : {false, true}) {
+      SCOPED_TRACE(::testing::Message() << "n " << n << (skewed ? " skewed" : " uniform"));
+      // Skewed: power-law-like lengths, a few bags hundreds of ids long, many empty.
+      std::vector<int64_t> prefix(n + 1, 0);
+      int64_t max_weight = 0;
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t length = skewed ? (rng() % 50 == 0 ? 100 + rng() % 400 : rng() % 3) : 10;
+        prefix[i + 1] = prefix[i] + length;
+        max_weight = std::max(max_weight, length + 1);
+      }
+      std::vector<std::pair<int64_t, int64_t>> ranges;
+      std::mutex mutex;
+      RunParallelBalanced(PiecewiseParallelFor(), n, prefix.data(), 1,
+                          [&](int64_t begin, int64_t end) {
+                            std::lock_guard<std::mutex> lock(mutex);
+                            ranges.emplace_back(begin, end);
+                          });
+      std::sort(ranges.begin(), ranges.end());
+      ASSERT_FALSE(ranges.empty());
+      EXPECT_EQ(ranges.front().first, 0);
+      EXPECT_EQ(ranges.back().second, n);
+      const int64_t total = prefix[n] + n;
+      const int64_t pieces = std::min<int64_t>(n, 64);
+      for (size_t r = 0; r < ranges.size(); ++r) {
+        EXPECT_LT(ranges[r].first, ranges[r].second);
+        if (r > 0) {
+          EXPECT_EQ(ranges[r].first, ranges[r - 1].second);
+        }
+        const int64_t load = prefix[ranges[r].second] - prefix[ranges[r].first] +
+                             (ranges[r].second - ranges[r].first);
+        // A piece overshoots its share by less than one item.
+        EXPECT_LT(load, total / pieces + 1 + max_weight);
+      }
+    }
+  }
+}
+
+TEST(RunParallelBalancedTest, RunsInlineWithoutParallelFor) {
+  const std::vector<int32_t> prefix = {0, 4, 4, 9};
+  std::vector<std::pair<int64_t, int64_t>> ranges;
+  RunParallelBalanced(ParallelFor(), 3, prefix.data(), 1,
+                      [&](int64_t begin, int64_t end) { ranges.emplace_back(begin, end); });
+  EXPECT_THAT(ranges, ::testing::ElementsAre(std::make_pair(int64_t{0}, int64_t{3})));
 }
 
 }  // namespace
