@@ -26,17 +26,23 @@ bool Enabled() {
   return setting == nullptr || std::strcmp(setting, "0") != 0;
 }
 
+// The whole huge pages inside [data, data + bytes), if the buffer is large enough to bother and
+// huge pages are not switched off.
+bool WholeHugePages(const void* data, size_t bytes, uintptr_t* begin, uintptr_t* end) {
+  if (data == nullptr || bytes < kHugePageMinBytes) return false;
+  static const bool enabled = Enabled();
+  if (!enabled) return false;
+  *begin = (reinterpret_cast<uintptr_t>(data) + kHugePageBytes - 1) & ~(kHugePageBytes - 1);
+  *end = (reinterpret_cast<uintptr_t>(data) + bytes) & ~(kHugePageBytes - 1);
+  return *begin < *end;
+}
+
 }  // namespace
 
 bool PromoteToHugePages(const void* data, size_t bytes) {
 #if defined(__linux__)
-  if (data == nullptr || bytes < kHugePageMinBytes) return false;
-  static const bool enabled = Enabled();
-  if (!enabled) return false;
-  const uintptr_t begin = (reinterpret_cast<uintptr_t>(data) + kHugePageBytes - 1) &
-                          ~(kHugePageBytes - 1);
-  const uintptr_t end = (reinterpret_cast<uintptr_t>(data) + bytes) & ~(kHugePageBytes - 1);
-  if (end <= begin) return false;
+  uintptr_t begin = 0, end = 0;
+  if (!WholeHugePages(data, bytes, &begin, &end)) return false;
   {
     static std::mutex mutex;
     static std::unordered_set<uintptr_t>* seen = new std::unordered_set<uintptr_t>();
@@ -50,6 +56,18 @@ bool PromoteToHugePages(const void* data, size_t bytes) {
   madvise(start, length, MADV_HUGEPAGE);
   std::thread([start, length] { madvise(start, length, MADV_COLLAPSE); }).detach();
   return true;
+#else
+  (void)data;
+  (void)bytes;
+  return false;
+#endif
+}
+
+bool AdviseHugePagesBeforeFirstWrite(void* data, size_t bytes) {
+#if defined(__linux__)
+  uintptr_t begin = 0, end = 0;
+  if (!WholeHugePages(data, bytes, &begin, &end)) return false;
+  return madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE) == 0;
 #else
   (void)data;
   (void)bytes;

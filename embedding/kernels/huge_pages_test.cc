@@ -3,6 +3,7 @@
 #include <chrono>
 #include <cstdint>
 #include <cstdlib>
+#include <memory>
 #include <thread>
 #include <vector>
 
@@ -34,6 +35,20 @@ TEST(HugePagesTest, SmallOrNullBuffersAreLeftAlone) {
   std::vector<char> small(kHugePageMinBytes - 1);
   EXPECT_FALSE(PromoteToHugePages(small.data(), small.size()));
   EXPECT_FALSE(PromoteToHugePages(nullptr, kHugePageMinBytes * 4));
+}
+
+TEST(HugePagesTest, FreshBufferAdvisedBeforeItsFirstWrite) {
+  // Uninitialized, so its pages are first touched after the advice, as an op's output is.
+  const size_t count = (kHugePageMinBytes * 2 + 4321) / sizeof(uint64_t);
+  std::unique_ptr<uint64_t[]> buffer(new uint64_t[count]);
+  EXPECT_TRUE(AdviseHugePagesBeforeFirstWrite(buffer.get() + 1, (count - 1) * sizeof(uint64_t)));
+  for (size_t i = 0; i < count; ++i) buffer[i] = i * 0x9E3779B97F4A7C15ull;
+  for (size_t i = 0; i < count; ++i) {
+    ASSERT_EQ(i * 0x9E3779B97F4A7C15ull, buffer[i]) << "at " << i;
+  }
+  std::vector<char> small(kHugePageMinBytes - 1);
+  EXPECT_FALSE(AdviseHugePagesBeforeFirstWrite(small.data(), small.size()));
+  EXPECT_FALSE(AdviseHugePagesBeforeFirstWrite(nullptr, kHugePageMinBytes * 4));
 }
 
 }  // namespace
