@@ -227,10 +227,79 @@ class DistributedEmbeddingTest(test_util.TestCase):
       layer = dmp.DistributedEmbedding([de.Embedding(r, w, combiner="sum") for r, w in TABLES],
                                        communicator=comm, dp_input=False)
       feed = [tf.zeros([7, HOTNESS[i]], tf.int64) for i in layer.local_input_indices]
-      with self.assertRaisesRegex(ValueError, r"global batch \(7\) must divide evenly among 2"):
+      with self.assertRaisesRegex(ValueError,
+                                  r"global batch \(7\) is not divisible by the number of workers"):
         layer(feed)
 
     comm_lib.run_in_threads(2, work)
+
+  @parameterized.parameters(1, 2)
+  def test_one_dimensional_ids_are_bags_of_one(self, world_size):
+    # The reference API's one-hot inputs: [batch] ids give [batch, width], with or without a
+    # combiner.
+    rng = np.random.default_rng(7)
+    weights = [rng.standard_normal(shape).astype(np.float32) for shape in TABLES]
+    ids = [rng.integers(0, r, size=8) for r, _ in TABLES]
+    combiners = [None, "sum", None, "mean", None]
+
+    def work(comm):
+      layer = dmp.DistributedEmbedding(
+          [de.Embedding(r, w, combiner=c) for (r, w), c in zip(TABLES, combiners)],
+          communicator=comm)
+      layer.set_weights(weights)
+      local = slice(comm.rank * 8 // comm.world_size, (comm.rank + 1) * 8 // comm.world_size)
+      return [o.numpy() for o in layer([tf.constant(x[local]) for x in ids])]
+
+    results = ([work(comm_lib.Communicator(0, 1))] if world_size == 1 else
+               comm_lib.run_in_threads(world_size, work))
+    local = 8 // world_size
+    for rank, outs in enumerate(results):
+      for t, o in enumerate(outs):
+        self.assertAllClose(weights[t][ids[t][rank * local:(rank + 1) * local]], o, rtol=1e-6)
+
+  def test_higher_rank_dense_ids_on_one_worker(self):
+    rng = np.random.default_rng(8)
+    weights = [rng.standard_normal(shape).astype(np.float32) for shape in TABLES[:2]]
+    ids = [rng.integers(0, r, size=(3, 2, 4)) for r, _ in TABLES[:2]]
+    layer = dmp.DistributedEmbedding([de.Embedding(*TABLES[0]),
+                                      de.Embedding(*TABLES[1], combiner="mean")])
+    layer.set_weights(weights)
+    unpooled, pooled = layer([tf.constant(x) for x in ids])
+    self.assertAllClose(weights[0][ids[0]], unpooled, rtol=1e-6)
+    self.assertAllClose(weights[1][ids[1]].mean(axis=2), pooled, rtol=1e-6)
+
+  def test_outputs_come_in_the_compute_dtype(self):
+    rng = np.random.default_rng(9)
+    weights = [rng.standard_normal(shape).astype(np.float32) for shape in TABLES]
+    layer = dmp.DistributedEmbedding([de.Embedding(r, w, combiner="sum") for r, w in TABLES],
+                                     dtype="mixed_float16")
+    layer.set_weights(weights)
+    ids = _inputs(4, list(range(len(TABLES))))
+    for t, out in enumerate(layer([tf.constant(x) for x in ids])):
+      self.assertEqual(tf.float16, out.dtype)
+      self.assertAllClose(weights[t][ids[t]].sum(1), out, rtol=2e-3, atol=2e-3)
+    self.assertTrue(all(v.dtype == tf.float32 for v in layer.trainable_variables))
+
+  def test_reference_api_names(self):
+    layers = [de.Embedding(r, w, combiner="sum") for r, w in TABLES]
+
+    def work(comm):
+      layer = dmp.DistributedEmbedding(layers, communicator=comm, dp_input=False)
+      strategy = layer.strategy
+      # Every table's inputs are fed to the workers holding it, each table once per worker.
+      self.assertEqual(layer.local_input_indices, strategy.input_ids_list[comm.rank])
+      for tables in strategy.table_ids:
+        self.assertEqual(len(set(tables)), len(tables))
+      self.assertEqual(sorted(range(len(TABLES))),
+                       sorted(t for tables in strategy.table_ids for t in tables))
+      tables = layer.get_weights(True)
+      v = tf.Variable(tf.fill([3], float(comm.rank)))
+      dmp.broadcast_variables([v], root_rank=1, communicator=comm)
+      return [t.shape for t in tables], v.numpy()
+
+    for shapes, broadcast in comm_lib.run_in_threads(2, work):
+      self.assertEqual([tuple(shape) for shape in TABLES], [tuple(s) for s in shapes])
+      self.assertAllEqual([1.0, 1.0, 1.0], broadcast)
 
   def test_exchange_bytes_against_the_plan(self):
     # 'basic' on 2 workers: tables 0, 2, 4 (widths 8 + 16 + 4 = 28) and 1, 3 (4 + 8 = 12).
@@ -244,8 +313,9 @@ class DistributedEmbeddingTest(test_util.TestCase):
 
   def test_package_exports(self):
     self.assertIs(de.dist_model_parallel.DistributedEmbedding, dmp.DistributedEmbedding)
-    for name in ("DistEmbeddingStrategy", "broadcast_variables", "DistributedGradientTape",
-                 "DistributedOptimizer", "BroadcastGlobalVariablesCallback"):
+    for name in ("DistEmbeddingStrategy", "DistributedEmbedding", "broadcast_variables",
+                 "DistributedGradientTape", "DistributedOptimizer",
+                 "BroadcastGlobalVariablesCallback"):
       self.assertTrue(hasattr(de, name), name)
     strategy = de.DistEmbeddingStrategy([de.Embedding(r, w) for r, w in TABLES], 4,
                                         "memory_optimized")

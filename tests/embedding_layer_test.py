@@ -44,6 +44,19 @@ class ConstructionTest(test_util.TestCase):
   def test_reference_import_path(self):
     self.assertIs(embedding_module.Embedding, de.Embedding)
 
+  def test_numpy_and_tensor_sizes_are_accepted(self):
+    layer = de.Embedding(np.int64(6), tf.constant(3))
+    self.assertEqual((6, 3), (layer.input_dim, layer.output_dim))
+    self.assertIsInstance(layer.input_dim, int)
+    vocab = tf.constant([4, 9, 4, 7])
+    self.assertEqual(3, de.IntegerLookup(tf.size(tf.unique(vocab)[0])).max_tokens)
+
+  def test_set_weights_before_the_first_call(self):
+    table = np.arange(12, dtype=np.float32).reshape(6, 2)
+    layer = de.Embedding(6, 2)
+    layer.set_weights([table])
+    self.assertAllEqual(table[[4, 1]], layer(tf.constant([4, 1])))
+
   def test_weights_argument_sets_the_table(self):
     table = np.arange(12, dtype=np.float32).reshape(6, 2)
     layer = de.Embedding(6, 2, weights=[table])

@@ -7,6 +7,7 @@ from distributed_embeddings import dist_model_parallel
 from distributed_embeddings.dist_model_parallel import broadcast_variables
 from distributed_embeddings.dist_model_parallel import BroadcastGlobalVariablesCallback
 from distributed_embeddings.dist_model_parallel import DistEmbeddingStrategy
+from distributed_embeddings.dist_model_parallel import DistributedEmbedding
 from distributed_embeddings.dist_model_parallel import DistributedGradientTape
 from distributed_embeddings.dist_model_parallel import DistributedOptimizer
 
@@ -14,5 +15,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Embedding", "IntegerLookup", "embedding_lookup", "dist_model_parallel", "broadcast_variables",
-    "BroadcastGlobalVariablesCallback", "DistEmbeddingStrategy", "DistributedGradientTape", "DistributedOptimizer"
+    "BroadcastGlobalVariablesCallback", "DistEmbeddingStrategy", "DistributedEmbedding",
+    "DistributedGradientTape", "DistributedOptimizer"
 ]

@@ -29,6 +29,9 @@ from distributed_embeddings.python.layers import planner as planner_lib
 from distributed_embeddings.python.ops import embedding_lookup_ops
 from distributed_embeddings.python.parallel import communicator as comm_lib
 
+# Joining the other workers, importable from here as from the package's dist_model_parallel.
+init_from_env = comm_lib.init_from_env
+
 # Variables whose gradients are already complete on their owner (sharded tables):
 # DistributedGradientTape scales rather than all-reduces them. Keyed by id() with a weak
 # reference to check identity, since the id of a dead variable can be reused.
@@ -104,15 +107,33 @@ def _table_configs(embeddings):
 
 class DistEmbeddingStrategy:
   """The placement of `embeddings` (embedding layers) on `world_size` workers, without building
-  anything: `.plan` (planner.Plan, printable) is what DistributedEmbedding would execute."""
+  anything: `.plan` (planner.Plan, printable) is what DistributedEmbedding would execute.
+
+  Per worker rank r, as the reference API names them: `table_ids[r]` lists the tables with a
+  shard on r (each once), and `input_ids_list[r]` the inputs r is fed with dp_input=False, in
+  the order DistributedEmbedding takes them.
+  """
 
   def __init__(self, embeddings, world_size, strategy="basic", input_table_map=None,
                column_slice_threshold=None, row_slice_threshold=None,
-               data_parallel_threshold=None):
+               data_parallel_threshold=None, gpu_embedding_size=None):
     _, specs = _table_configs(embeddings)
+    self.strategy = strategy
+    self.world_size = world_size
+    self.column_slice_threshold = column_slice_threshold
+    self.row_slice_threshold = row_slice_threshold
+    self.data_parallel_threshold = data_parallel_threshold
+    self.gpu_embedding_size = gpu_embedding_size  # Accepted for the reference API; unused.
     self.plan = planner_lib.make_plan(specs, world_size, strategy, column_slice_threshold,
                                       row_slice_threshold, data_parallel_threshold,
                                       input_table_map)
+    self.input_table_map = list(self.plan.input_table_map)
+    inputs_of = {}
+    for i, t in enumerate(self.input_table_map):
+      inputs_of.setdefault(t, []).append(i)
+    self.table_ids = [list(dict.fromkeys(s.table for s in shards)) for shards in self.plan.shards]
+    self.input_ids_list = [sorted({i for t in tables for i in inputs_of[t]})
+                           for tables in self.table_ids]
 
   def __str__(self):
     return str(self.plan)
@@ -151,9 +172,10 @@ class DistributedEmbedding(keras.layers.Layer):
     configs, specs = _table_configs(embeddings)
     self.table_configs = configs
     self.combiners = [c.get("combiner") for c in configs]
-    self.plan = planner_lib.make_plan(specs, self.world_size, strategy, column_slice_threshold,
-                                      row_slice_threshold, data_parallel_threshold,
-                                      input_table_map)
+    self.strategy = DistEmbeddingStrategy(embeddings, self.world_size, strategy, input_table_map,
+                                          column_slice_threshold, row_slice_threshold,
+                                          data_parallel_threshold, gpu_embedding_size)
+    self.plan = self.strategy.plan
     if not dp_input and self.world_size > 1 and (
         self.plan.data_parallel_tables or
         any(s.kind == "row_slice" for w in self.plan.shards for s in w)):
@@ -165,7 +187,7 @@ class DistributedEmbedding(keras.layers.Layer):
       inputs_of.setdefault(t, []).append(i)
     self._inputs_of_table = inputs_of
     # Inputs this worker must be fed with dp_input=False: those of its shards' tables.
-    self.local_input_indices = sorted({i for s in self.local_shards for i in inputs_of[s.table]})
+    self.local_input_indices = self.strategy.input_ids_list[self.rank]
     self._input_hotness = {}
     self._shard_vars = []
     self._slots = []
@@ -233,6 +255,37 @@ class DistributedEmbedding(keras.layers.Layer):
 
   def call(self, inputs):
     inputs = list(inputs)
+    indices = range(len(inputs)) if self.dp_input else self.local_input_indices
+    # Dense ids run as [bags, hotness]: 1-D ids are bags of one id, and (with one worker) ids of
+    # higher rank fold their leading axes into the batch. Outputs get their shape back below.
+    one_hot, leading = set(), {}
+    for k, (i, x) in enumerate(zip(indices, inputs)):
+      if isinstance(x, (tf.RaggedTensor, tf.SparseTensor)):
+        continue
+      x = tf.convert_to_tensor(x)
+      if x.shape.rank == 1:
+        inputs[k] = x[:, tf.newaxis]
+        one_hot.add(i)
+      elif x.shape.rank is not None and x.shape.rank > 2 and self.world_size == 1:
+        inputs[k] = tf.reshape(x, [-1, tf.shape(x)[-1]])
+        leading[i] = tf.shape(x)[:-1]
+    outputs = self._call_bags(inputs)
+    for i in one_hot:
+      if self.combiners[self.plan.input_table_map[i]] is None:
+        outputs[i] = tf.squeeze(outputs[i], axis=1)  # [batch, 1, width] -> [batch, width]
+    for i, shape in leading.items():
+      outputs[i] = tf.reshape(outputs[i], tf.concat([shape, tf.shape(outputs[i])[1:]], axis=0))
+    return [self._in_compute_dtype(out) for out in outputs]
+
+  def _in_compute_dtype(self, out):
+    """Under a mixed precision policy the tables stay float32 and the outputs come in the
+    compute dtype, as a Keras Embedding's do."""
+    dtype = tf.as_dtype(self.compute_dtype)
+    if out is None or out.dtype == dtype or not dtype.is_floating:
+      return out
+    return tf.cast(out, dtype)
+
+  def _call_bags(self, inputs):
     n_inputs = len(self.plan.input_table_map)
     if self.dp_input and len(inputs) != n_inputs:
       raise ValueError(f"DistributedEmbedding: expected {n_inputs} inputs; got {len(inputs)}.")
@@ -265,7 +318,8 @@ class DistributedEmbedding(keras.layers.Layer):
       global_ids = dict(zip(self.local_input_indices, inputs))
       global_batch = inputs[0].shape[0] if inputs else None
       if global_batch is not None and global_batch % self.world_size:
-        raise ValueError(f"DistributedEmbedding: the global batch ({global_batch}) must divide "
+        raise ValueError(f"DistributedEmbedding: the global batch ({global_batch}) is not "
+                         f"divisible by the number of workers ({self.world_size}); it must divide "
                          f"evenly among {self.world_size} workers.")
       local_batch = _rows(inputs[0]) // self.world_size if inputs else None
 
@@ -427,14 +481,18 @@ class DistributedEmbedding(keras.layers.Layer):
   def __call__(self, inputs, *args, **kwargs):
     inputs = list(inputs)
     indices = range(len(inputs)) if self.dp_input else self.local_input_indices
-    self._input_hotness = {i: (x.shape[-1] if not isinstance(x, (tf.RaggedTensor, tf.SparseTensor))
-                               else None) for i, x in zip(indices, inputs)}
+    # Keras tensors (functional models) have tuple shapes.
+    self._input_hotness = {
+        i: (None if isinstance(x, (tf.RaggedTensor, tf.SparseTensor)) else
+            1 if len(x.shape) == 1 else x.shape[-1]) for i, x in zip(indices, inputs)}
     return super().__call__(inputs, *args, **kwargs)
 
   # ---- weights ----------------------------------------------------------------------------
 
-  def get_weights(self):
-    """The full global tables, in table order, on every worker (collective: call on all)."""
+  def get_weights(self, all_ranks=False):
+    """The full global tables, in table order, on every worker (collective: call on all).
+    `all_ranks` is accepted for the reference API: every worker gets the tables either way."""
+    del all_ranks
     if not self.built:
       self.build()
     return self._global_tables({id(v): v for v in self._all_vars()})
@@ -562,13 +620,13 @@ def DistributedOptimizer(optimizer, communicator=None):  # pylint: disable=inval
   return optimizer
 
 
-def broadcast_variables(variables, communicator=None, root=0):
-  """Gives every worker `root`'s values of `variables`, skipping sharded tables (each worker
+def broadcast_variables(variables, root_rank=0, communicator=None):
+  """Gives every worker `root_rank`'s values of `variables`, skipping sharded tables (each worker
   owns different shards). Call on every worker."""
   comm = communicator or comm_lib.default_communicator()
   for v in variables:
     if not is_model_parallel(v):
-      v.assign(comm.broadcast(tf.convert_to_tensor(v), root))
+      v.assign(comm.broadcast(tf.convert_to_tensor(v), root_rank))
 
 
 class BroadcastGlobalVariablesCallback(keras.callbacks.Callback):
@@ -581,4 +639,5 @@ class BroadcastGlobalVariablesCallback(keras.callbacks.Callback):
     self.communicator = communicator
 
   def on_train_begin(self, logs=None):
-    broadcast_variables(self.model.weights, self.communicator, self.root_rank)
+    broadcast_variables(self.model.weights, root_rank=self.root_rank,
+                        communicator=self.communicator)

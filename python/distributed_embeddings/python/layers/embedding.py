@@ -4,6 +4,8 @@
 last input dimension; its table is read in place (no copy) and its gradient is sparse.
 """
 
+import operator
+
 import keras
 import tensorflow as tf
 
@@ -14,6 +16,20 @@ _COMBINERS = (None, "sum", "mean")
 # Keys a stock keras.layers.Embedding config may hold that this layer has no use for.
 _UNSUPPORTED_KERAS_KEYS = ("mask_zero", "input_length", "lora_rank", "lora_alpha", "sparse",
                            "quantization_config", "embeddings_dtype")
+
+
+def _positive_int(owner, arg, value):
+  """`value` as a Python int. Python and NumPy integers and eager integer scalar tensors (say
+  `tf.size(vocab)`) pass; bools, floats and values below 1 are a ValueError naming `arg`."""
+  try:
+    if isinstance(value, bool):
+      raise TypeError
+    number = operator.index(value)
+  except TypeError:
+    number = None
+  if number is None or number <= 0:
+    raise ValueError(f"{owner}: '{arg}' must be a positive integer; got {value!r}.")
+  return number
 
 
 def _native_lookup(table, ids, combiner):
@@ -63,9 +79,8 @@ class Embedding(keras.layers.Layer):
                embeddings_regularizer=None, activity_regularizer=None,
                embeddings_constraint=None, combiner=None, use_custom_kernel=True, weights=None,
                **kwargs):
-    for arg, value in (("input_dim", input_dim), ("output_dim", output_dim)):
-      if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"Embedding: '{arg}' must be a positive integer; got {value!r}.")
+    input_dim = _positive_int("Embedding", "input_dim", input_dim)
+    output_dim = _positive_int("Embedding", "output_dim", output_dim)
     if combiner not in _COMBINERS:
       raise ValueError(f"Embedding: 'combiner' must be None, 'sum' or 'mean'; got {combiner!r}.")
     # The table is never cast to the compute dtype: only the pooled output is.
@@ -94,6 +109,13 @@ class Embedding(keras.layers.Layer):
                                       regularizer=self.embeddings_regularizer,
                                       constraint=self.embeddings_constraint, trainable=True)
     self.built = True
+
+  def set_weights(self, weights):
+    # The table's shape does not depend on the input, so weights can be set before the first
+    # call, as with a stock Embedding given an input shape.
+    if not self.built:
+      self.build()
+    super().set_weights(weights)
 
   def _lookup(self, ids, combiner):
     if self.use_custom_kernel:
@@ -192,9 +214,7 @@ class IntegerLookup(keras.layers.Layer):
   """
 
   def __init__(self, max_tokens, use_gpu=True, **kwargs):
-    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens <= 0:
-      raise ValueError(f"IntegerLookup: 'max_tokens' must be a positive integer; got "
-                       f"{max_tokens!r}.")
+    max_tokens = _positive_int("IntegerLookup", "max_tokens", max_tokens)
     kwargs["autocast"] = False
     super().__init__(**kwargs)
     self.max_tokens = max_tokens
