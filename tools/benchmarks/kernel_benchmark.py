@@ -119,14 +119,19 @@ def tf_paths(table, combiner, fmt, dispatch):
 
 
 def _chained(step):
-  """Runs `step` on each batch of a list in turn, each after the previous one has finished."""
+  """Runs `step` on each batch of a list in turn, each after the previous one has finished.
+
+  Every step's result feeds the returned sum. A step reached only through a control dependency
+  would not run: Grappler's dependency optimizer turns stateless nodes whose outputs nobody reads
+  into no-ops, which dropped all but the last backward pass of a chain.
+  """
 
   def run(batches):
-    done = tf.constant(0.0)
+    total = tf.constant(0.0)
     for ids in batches:
-      with tf.control_dependencies([done]):
-        done = step(ids)
-    return done
+      with tf.control_dependencies([total]):
+        total = total + step(ids)
+    return total
 
   return run
 
