@@ -128,11 +128,11 @@ class DistEmbeddingStrategy:
                                       row_slice_threshold, data_parallel_threshold,
                                       input_table_map)
     self.input_table_map = list(self.plan.input_table_map)
-    inputs_of = {}
+    self.inputs_of_table = {}  # table -> the inputs looked up in it
     for i, t in enumerate(self.input_table_map):
-      inputs_of.setdefault(t, []).append(i)
+      self.inputs_of_table.setdefault(t, []).append(i)
     self.table_ids = [list(dict.fromkeys(s.table for s in shards)) for shards in self.plan.shards]
-    self.input_ids_list = [sorted({i for t in tables for i in inputs_of[t]})
+    self.input_ids_list = [sorted({i for t in tables for i in self.inputs_of_table[t]})
                            for tables in self.table_ids]
 
   def __str__(self):
@@ -182,10 +182,7 @@ class DistributedEmbedding(keras.layers.Layer):
       raise ValueError("dp_input=False supports whole and column-sliced tables only; drop "
                        "row_slice_threshold and data_parallel_threshold.")
     self.local_shards = self.plan.shards[self.rank]
-    inputs_of = {}
-    for i, t in enumerate(self.plan.input_table_map):
-      inputs_of.setdefault(t, []).append(i)
-    self._inputs_of_table = inputs_of
+    self._inputs_of_table = self.strategy.inputs_of_table
     # Inputs this worker must be fed with dp_input=False: those of its shards' tables.
     self.local_input_indices = self.strategy.input_ids_list[self.rank]
     self._input_hotness = {}
@@ -281,7 +278,7 @@ class DistributedEmbedding(keras.layers.Layer):
     """Under a mixed precision policy the tables stay float32 and the outputs come in the
     compute dtype, as a Keras Embedding's do."""
     dtype = tf.as_dtype(self.compute_dtype)
-    if out is None or out.dtype == dtype or not dtype.is_floating:
+    if out.dtype == dtype or not dtype.is_floating:
       return out
     return tf.cast(out, dtype)
 
