@@ -138,6 +138,33 @@ class ForwardTest(test_util.TestCase):
     self.assertAllEqual(_reduce(stock(ids), "mean"), fn(tf.constant(ids)))
 
 
+class ConcatOneHotEmbeddingTest(test_util.TestCase):
+
+  def test_features_share_one_table(self):
+    sizes, width = [3, 5, 7, 11], 3
+    layer = embedding_module.ConcatOneHotEmbedding(sizes, width)
+    self.assertIs(de.ConcatOneHotEmbedding, embedding_module.ConcatOneHotEmbedding)
+    ids = np.array([[1, 2, 3, 4], [2, 4, 6, 10], [0, 0, 0, 0]])
+    out = layer(tf.constant(ids, tf.int32))
+    table = layer.params.numpy()
+    self.assertEqual((sum(sizes), width), table.shape)
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    self.assertAllEqual(table[ids + starts], out)
+    restored = embedding_module.ConcatOneHotEmbedding.from_config(layer.get_config())
+    self.assertEqual((sizes, width), (restored.feature_sizes, restored.embedding_width))
+
+  def test_bad_ids_and_arguments(self):
+    layer = embedding_module.ConcatOneHotEmbedding([3, 5], 2)
+    # Id 3 of feature 0 would read feature 1's first row.
+    for bad in ([[3, 0]], [[0, 5]], [[-1, 0]]):
+      with self.assertRaisesRegex(tf.errors.InvalidArgumentError, "ConcatOneHotEmbedding"):
+        layer(tf.constant(bad))
+    with self.assertRaisesRegex(ValueError, r"ids must be \[batch, 2\]"):
+      layer(tf.constant([[0, 1, 2]]))
+    with self.assertRaisesRegex(ValueError, r"'feature_sizes\[1\]' must be a positive integer"):
+      embedding_module.ConcatOneHotEmbedding([3, 0], 2)
+
+
 class ConfigTest(test_util.TestCase):
 
   def test_config_round_trip(self):

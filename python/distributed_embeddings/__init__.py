@@ -1,5 +1,6 @@
 """distributed-embeddings: fast pooled embedding lookups and model-parallel embeddings for TF 2."""
 
+from distributed_embeddings.python.layers.embedding import ConcatOneHotEmbedding
 from distributed_embeddings.python.layers.embedding import Embedding
 from distributed_embeddings.python.layers.embedding import IntegerLookup
 from distributed_embeddings.python.ops.embedding_lookup_ops import embedding_lookup
@@ -14,7 +15,7 @@ from distributed_embeddings.dist_model_parallel import DistributedOptimizer
 __version__ = "0.1.0"
 
 __all__ = [
-    "Embedding", "IntegerLookup", "embedding_lookup", "dist_model_parallel", "broadcast_variables",
-    "BroadcastGlobalVariablesCallback", "DistEmbeddingStrategy", "DistributedEmbedding",
-    "DistributedGradientTape", "DistributedOptimizer"
+    "ConcatOneHotEmbedding", "Embedding", "IntegerLookup", "embedding_lookup", "dist_model_parallel",
+    "broadcast_variables", "BroadcastGlobalVariablesCallback", "DistEmbeddingStrategy",
+    "DistributedEmbedding", "DistributedGradientTape", "DistributedOptimizer"
 ]

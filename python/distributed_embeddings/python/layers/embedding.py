@@ -261,3 +261,66 @@ class IntegerLookup(keras.layers.Layer):
     config = super().get_config()
     config.update({"max_tokens": self.max_tokens, "use_gpu": self.use_gpu})
     return config
+
+
+@keras.saving.register_keras_serializable(package="distributed_embeddings")
+class ConcatOneHotEmbedding(keras.layers.Layer):
+  """Several one-hot features looked up in one concatenated table.
+
+  Feature f has `feature_sizes[f]` rows, stored after the rows of the features before it, so one
+  variable and one lookup serve every feature (what many small tables want).
+
+  Args:
+    feature_sizes: the number of rows of each feature, positive integers.
+    embedding_width: the width of every feature's embedding, a positive integer.
+    **kwargs: Standard layer arguments.
+
+  Input: int ids `[batch, num_features]`, column f in [0, feature_sizes[f]); an id outside its
+  own feature's range is an InvalidArgumentError, never a read of a neighbour's rows.
+  Output: `[batch, num_features, embedding_width]`.
+  """
+
+  def __init__(self, feature_sizes, embedding_width, **kwargs):
+    kwargs["autocast"] = False  # As in Embedding: only the output takes the compute dtype.
+    super().__init__(**kwargs)
+    self.feature_sizes = [_positive_int("ConcatOneHotEmbedding", f"feature_sizes[{f}]", size)
+                          for f, size in enumerate(feature_sizes)]
+    if not self.feature_sizes:
+      raise ValueError("ConcatOneHotEmbedding: 'feature_sizes' must name at least one feature.")
+    self.embedding_width = _positive_int("ConcatOneHotEmbedding", "embedding_width",
+                                         embedding_width)
+    self._starts = [0]
+    for size in self.feature_sizes[:-1]:
+      self._starts.append(self._starts[-1] + size)
+    self.params = self.add_weight(shape=(sum(self.feature_sizes), self.embedding_width),
+                                  initializer="uniform", name="params")
+
+  def call(self, inputs):
+    ids = tf.convert_to_tensor(inputs)
+    if not ids.dtype.is_integer:
+      raise TypeError(f"ConcatOneHotEmbedding: ids must be integers; got {ids.dtype.name}.")
+    if ids.shape.rank != 2 or ids.shape[1] != len(self.feature_sizes):
+      raise ValueError(f"ConcatOneHotEmbedding: ids must be [batch, {len(self.feature_sizes)}] "
+                       f"(one column per feature); got shape {ids.shape}.")
+    ids = tf.cast(ids, tf.int64)
+    checks = [
+        tf.debugging.assert_non_negative(ids, message="ConcatOneHotEmbedding: ids must be >= 0"),
+        tf.debugging.assert_less(ids, tf.constant([self.feature_sizes], tf.int64),
+                                 message="ConcatOneHotEmbedding: an id is not below its "
+                                 f"feature's size (feature_sizes={self.feature_sizes})")
+    ]
+    with tf.control_dependencies([c for c in checks if c is not None]):
+      rows = ids + tf.constant([self._starts], tf.int64)
+    output = embedding_lookup_ops.embedding_lookup(self.params, rows)
+    if output.dtype != self.compute_dtype:
+      output = tf.cast(output, self.compute_dtype)
+    return output
+
+  def compute_output_shape(self, input_shape):
+    return tuple(input_shape) + (self.embedding_width,)
+
+  def get_config(self):
+    config = super().get_config()
+    config.update({"feature_sizes": list(self.feature_sizes),
+                   "embedding_width": self.embedding_width})
+    return config
