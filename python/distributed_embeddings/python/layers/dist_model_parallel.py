@@ -392,13 +392,9 @@ class DistributedEmbedding(keras.layers.Layer):
     if not isinstance(ids, (tf.RaggedTensor, tf.SparseTensor)):
       ids = tf.convert_to_tensor(ids)
     values = ids.values if isinstance(ids, (tf.RaggedTensor, tf.SparseTensor)) else ids
-    checks = [tf.debugging.assert_non_negative(
-                  values, message=f"DistributedEmbedding: ids of input {i} must be >= 0"),
-              tf.debugging.assert_less(
-                  values, tf.cast(rows, values.dtype),
-                  message=f"DistributedEmbedding: ids of input {i} must be < {rows} (its "
-                  "table's input_dim)")]
-    with tf.control_dependencies([c for c in checks if c is not None]):
+    with tf.control_dependencies(embedding_lookup_ops.row_id_checks(
+        values, rows, f"DistributedEmbedding: ids of input {i}",
+        f"{rows} (its table's input_dim)")):
       return _add_to_ids(ids, offset)
 
   def _check_dp_ids(self, i, x):

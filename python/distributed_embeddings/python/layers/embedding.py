@@ -303,13 +303,9 @@ class ConcatOneHotEmbedding(keras.layers.Layer):
       raise ValueError(f"ConcatOneHotEmbedding: ids must be [batch, {len(self.feature_sizes)}] "
                        f"(one column per feature); got shape {ids.shape}.")
     ids = tf.cast(ids, tf.int64)
-    checks = [
-        tf.debugging.assert_non_negative(ids, message="ConcatOneHotEmbedding: ids must be >= 0"),
-        tf.debugging.assert_less(ids, tf.constant([self.feature_sizes], tf.int64),
-                                 message="ConcatOneHotEmbedding: an id is not below its "
-                                 f"feature's size (feature_sizes={self.feature_sizes})")
-    ]
-    with tf.control_dependencies([c for c in checks if c is not None]):
+    with tf.control_dependencies(embedding_lookup_ops.row_id_checks(
+        ids, [self.feature_sizes], "ConcatOneHotEmbedding: ids",
+        f"their feature's size (feature_sizes={self.feature_sizes})")):
       rows = ids + tf.constant([self._starts], tf.int64)
     output = embedding_lookup_ops.embedding_lookup(self.params, rows)
     if output.dtype != self.compute_dtype:

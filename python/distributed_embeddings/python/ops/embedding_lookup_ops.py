@@ -160,6 +160,20 @@ def embedding_lookup(param, ids, combiner=None, bounds_check="error"):
   return _lookup_dense(param, ids, width, combiner, bounds_check)
 
 
+def row_id_checks(ids, limit, what, limit_text=None):
+  """Assertions that every one of `ids` lies in [0, limit), to run before the ids are offset into
+  one part of a shared table (fused tables, concatenated features), where an id past its part
+  would silently read a neighbour's rows. `limit` broadcasts against `ids`; the errors read
+  "<what> must be >= 0" and "<what> must be < <limit_text or limit>". Returns the assertion ops
+  for tf.control_dependencies (none when eager: eager assertions raise at once)."""
+  checks = [
+      tf.debugging.assert_non_negative(ids, message=f"{what} must be >= 0"),
+      tf.debugging.assert_less(ids, tf.cast(limit, ids.dtype),
+                               message=f"{what} must be < {limit_text or limit}")
+  ]
+  return [c for c in checks if c is not None]
+
+
 def _sparse_gradient(op, grad, dense_shape):
   unique_ids, unique_grad = _ops.de_pooled_embedding_lookup_grad(
       grad, op.inputs[1], op.inputs[2], dense_shape[0], combiner=op.get_attr("combiner"),
