@@ -6,11 +6,16 @@ a block of calls. Effective bandwidth = bytes of table rows gathered per call / 
 random-row gather ceiling (NumPy `take` of the same rows) is measured in the same run.
 
 TensorFlow paths are timed in graph by default: one tf.function call runs the lookup on each of
-the rotating batches in turn, each lookup waiting for the previous one (a control dependency, so
-none overlap), and the time per lookup is the call time over the number of batches. That is how
-lookups run inside a training step, and it leaves out the fixed cost of entering a tf.function
-from Python (about 0.4 ms on the 2-vCPU development VM), which torch's eager calls do not pay.
-`--dispatch per-call` times one tf.function call per lookup instead.
+the rotating batches in turn, each lookup waiting for the previous one, and the time per lookup is
+the call time over the number of batches. That is how lookups run inside a training step. The
+batches are captured by the function rather than passed to it, so a call does not pay Python's
+flattening of 7 ragged or sparse arguments (about 1 ms on the 2-vCPU development VM), a cost torch's
+calls do not have. A "tf in-graph step floor" row gives what one chained step costs with no lookup
+in it: TF's executor overhead, which every TF path pays and torch does not. `--dispatch per-call`
+times one tf.function call per lookup instead.
+
+The machine is shared and noisy, so every repeat times every path once, in a rotating order, and
+the ratios reported are medians of the ratios within a repeat, not ratios of medians.
 
   .venv/bin/python tools/benchmarks/kernel_benchmark.py            # full grid, markdown to stdout
   .venv/bin/python tools/benchmarks/kernel_benchmark.py --quick    # one small case (smoke test)
@@ -69,11 +74,37 @@ def time_block(fn, batches, iters, repeats):
   return statistics.median(samples)
 
 
-def tf_paths(table, combiner, fmt, dispatch):
-  """name -> (forward fn, forward+backward fn) of TF-based paths for one input format.
+def time_interleaved(sweeps, passes, repeats):
+  """Seconds per lookup of each path: {name: [one sample per repeat]}.
 
-  With dispatch "in-graph" each fn takes the list of all rotating batches and looks them up in
-  turn inside one tf.function; with "per-call" it takes one batch.
+  `sweeps` maps a name to a function that looks up every rotating batch once and returns how many
+  lookups it ran. Each repeat times `passes` sweeps of every path, the paths in an order that
+  rotates between repeats, so a burst of load from other jobs lands on all paths alike.
+  """
+  names = list(sweeps)
+  for name in names:
+    sweeps[name]()  # warm-up: tracing, allocation
+  samples = {name: [] for name in names}
+  for r in range(repeats):
+    for name in names[r % len(names):] + names[:r % len(names)]:
+      lookups = 0
+      start = time.perf_counter()
+      for _ in range(passes):
+        lookups += sweeps[name]()
+      samples[name].append((time.perf_counter() - start) / lookups)
+  return samples
+
+
+def paired_ratio(peer, ours):
+  """Median over repeats of peer time / our time within the same repeat."""
+  return statistics.median(p / o for p, o in zip(peer, ours))
+
+
+def tf_paths(table, combiner, fmt, dispatch, batches):
+  """name -> (forward sweep, forward+backward sweep) of TF-based paths for one input format.
+
+  A sweep looks up every batch of `batches` once and returns the number of lookups. In graph it is
+  one tf.function call that captures the batches; per call it is one call per batch.
   """
 
   def ours(ids):
@@ -111,22 +142,34 @@ def tf_paths(table, combiner, fmt, dispatch):
       # Using the output too keeps TF from pruning the forward gather.
       return out[0, 0] + grad.values[0, 0] + tf.cast(grad.indices[0], out.dtype)
 
-    if dispatch == "per-call":
-      paths[name] = (tf.function(fwd), tf.function(fwd_bwd))
-    else:
-      paths[name] = (tf.function(_chained(fwd)), tf.function(_chained(fwd_bwd)))
+    paths[name] = tuple(_sweep(step, batches, dispatch) for step in (fwd, fwd_bwd))
   return paths
 
 
-def _chained(step):
-  """Runs `step` on each batch of a list in turn, each after the previous one has finished.
+def _sweep(step, batches, dispatch):
+  """A function running `step` on every batch once (module docstring); returns the count."""
+  if dispatch == "per-call":
+    call = tf.function(step)
+
+    def per_call():
+      for ids in batches:
+        call(ids).numpy()
+      return len(batches)
+
+    return per_call
+  chained = tf.function(_chained(step, batches))
+  return lambda: (chained().numpy(), len(batches))[1]
+
+
+def _chained(step, batches):
+  """Runs `step` on each batch in turn, each after the previous one has finished.
 
   Every step's result feeds the returned sum. A step reached only through a control dependency
   would not run: Grappler's dependency optimizer turns stateless nodes whose outputs nobody reads
   into no-ops, which dropped all but the last backward pass of a chain.
   """
 
-  def run(batches):
+  def run():
     total = tf.constant(0.0)
     for ids in batches:
       with tf.control_dependencies([total]):
@@ -136,20 +179,33 @@ def _chained(step):
   return run
 
 
-def torch_paths(table_np, combiner):
-  weight = torch.nn.Parameter(torch.from_numpy(table_np))
+def step_floor(batches):
+  """Seconds per chained in-graph step whose only work is reading one id: TF's executor cost."""
+  values = [tf.constant(b["values"]) for b in batches]
+  sweep = _sweep(lambda ids: tf.cast(ids[0], tf.float32), values, "in-graph")
+  return statistics.median(time_interleaved({"floor": sweep}, 3, 5)["floor"])
 
-  def forward(batch):
-    values, offsets = batch
+
+def torch_paths(table_np, combiner, batches):
+  """name -> (forward sweep, forward+backward sweep) of torch's embedding_bag, as tf_paths."""
+  weight = torch.nn.Parameter(torch.from_numpy(table_np))
+  inputs = [(torch.from_numpy(b["values"]), torch.from_numpy(b["offsets"])) for b in batches]
+
+  def forward(values, offsets):
     return torch.nn.functional.embedding_bag(values, weight, offsets, mode=combiner, sparse=True)
 
-  def fwd_bwd(batch):
-    weight.grad = None
-    out = forward(batch)
-    out.sum().backward()
-    return out
+  def fwd():
+    for values, offsets in inputs:
+      forward(values, offsets).detach()
+    return len(inputs)
 
-  return {"torch embedding_bag": (lambda b: forward(b).detach(), fwd_bwd)}
+  def fwd_bwd():
+    for values, offsets in inputs:
+      weight.grad = None
+      forward(values, offsets).sum().backward()
+    return len(inputs)
+
+  return {"torch embedding_bag": (fwd, fwd_bwd)}
 
 
 def gather_ceiling(table_np, batches):
@@ -164,30 +220,24 @@ def run_case(rng, table_np, table_var, batch, hotness, combiner, args):
   batches = [make_inputs(rng, table_np.shape[0], batch, hotness) for _ in range(ROTATING_BATCHES)]
   nnz = np.mean([b["nnz"] for b in batches])
   bytes_gathered = nnz * width * 4
+  # Enough sweeps of the rotating batches per timed block for at least `iters` lookups.
+  passes = max(1, -(-args.iters // ROTATING_BATCHES))
   rows = []
   formats = (["dense"] if "dense" in batches[0] else []) + ["ragged", "sparse"]
   for fmt in formats:
-    results = {}
-    for name, (fwd, fwd_bwd) in tf_paths(table_var, combiner, fmt, args.dispatch).items():
-      inputs = [b[fmt] for b in batches]
-      if args.dispatch == "per-call":
-        results[name] = (time_block(fwd, inputs, args.iters, args.repeats),
-                         time_block(fwd_bwd, inputs, args.iters, args.repeats))
-      else:  # one call looks up every batch; enough calls per block for at least iters lookups
-        calls = max(1, args.iters // len(inputs) + 1)
-        results[name] = tuple(
-            time_block(fn, [inputs], calls, args.repeats) / len(inputs) for fn in (fwd, fwd_bwd))
+    paths = tf_paths(table_var, combiner, fmt, args.dispatch, [b[fmt] for b in batches])
     if torch is not None:
-      for name, (fwd, fwd_bwd) in torch_paths(table_np, combiner).items():
-        inputs = [(torch.from_numpy(b["values"]), torch.from_numpy(b["offsets"])) for b in batches]
-        results[name] = (time_block(fwd, inputs, args.iters, args.repeats),
-                         time_block(fwd_bwd, inputs, args.iters, args.repeats))
-    ours_fwd, ours_bwd = results["ours"]
-    for name, (fwd, fwd_bwd) in results.items():
+      paths.update(torch_paths(table_np, combiner, batches))
+    fwd = time_interleaved({name: p[0] for name, p in paths.items()}, passes, args.repeats)
+    fwd_bwd = time_interleaved({name: p[1] for name, p in paths.items()}, passes, args.repeats)
+    for name in paths:
+      fwd_s = statistics.median(fwd[name])
       rows.append({"width": width, "hotness": str(hotness), "combiner": combiner, "format": fmt,
-                   "path": name, "fwd_ms": fwd * 1e3, "fwd_bwd_ms": fwd_bwd * 1e3,
-                   "fwd_gb_s": bytes_gathered / fwd / 1e9,
-                   "ours_speedup_fwd": fwd / ours_fwd, "ours_speedup_fwd_bwd": fwd_bwd / ours_bwd})
+                   "path": name, "fwd_ms": fwd_s * 1e3,
+                   "fwd_bwd_ms": statistics.median(fwd_bwd[name]) * 1e3,
+                   "fwd_gb_s": bytes_gathered / fwd_s / 1e9,
+                   "ours_speedup_fwd": paired_ratio(fwd[name], fwd["ours"]),
+                   "ours_speedup_fwd_bwd": paired_ratio(fwd_bwd[name], fwd_bwd["ours"])})
   return rows
 
 
@@ -200,7 +250,7 @@ def main(argv):
   parser.add_argument("--hotness", default="1,10,powerlaw")
   parser.add_argument("--combiners", default="sum,mean")
   parser.add_argument("--iters", type=int, default=10)
-  parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--repeats", type=int, default=7)
   parser.add_argument("--threads", type=int, default=0, help="TF intra-op threads (0: default)")
   parser.add_argument("--dispatch", choices=("in-graph", "per-call"), default="in-graph",
                       help="how TF paths are called (module docstring)")
@@ -233,6 +283,10 @@ def main(argv):
     ceiling = gather_ceiling(table_np, [make_inputs(rng, args.vocab, args.batch, 10)
                                         for _ in range(ROTATING_BATCHES)])
     print(f"| {width} | - | - | - | numpy take (gather ceiling) | - | - | {ceiling:.1f} | - | - |")
+    if args.dispatch == "in-graph":
+      floor = step_floor([make_inputs(rng, args.vocab, args.batch, 1)
+                          for _ in range(ROTATING_BATCHES)])
+      print(f"| {width} | - | - | - | tf in-graph step floor | {floor * 1e3:.2f} | - | - | - | - |")
     for hotness in args.hotness.split(","):
       for combiner in args.combiners.split(","):
         for row in run_case(rng, table_np, table_var, args.batch, hotness, combiner, args):
