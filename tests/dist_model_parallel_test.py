@@ -221,6 +221,26 @@ class DistributedEmbeddingTest(test_util.TestCase):
     for t, w in zip(on_one[0], weights):
       self.assertAllEqual(w, t)
 
+  def test_set_weights_from_npy_files_in_small_chunks(self):
+    rng = np.random.default_rng(6)
+    weights = [rng.standard_normal(shape).astype(np.float32) for shape in TABLES]
+    paths = []
+    for t, w in enumerate(weights):
+      paths.append(self.create_tempfile(f"table{t}.npy").full_path)
+      np.save(paths[-1], w)
+
+    def work(comm):
+      layer = dmp.DistributedEmbedding([de.Embedding(r, w) for r, w in TABLES],
+                                       communicator=comm, **MODES["mixed"])
+      layer.set_weights(paths, chunk=7, use_lock=True)  # 7 elements: many partial writes
+      with self.assertRaisesRegex(ValueError, "'chunk' must be a positive integer; got 0"):
+        layer.set_weights(paths, chunk=0)
+      return layer.get_weights()
+
+    for tables in comm_lib.run_in_threads(2, work):
+      for t, w in zip(tables, weights):
+        self.assertAllEqual(w, t)
+
   def test_global_batch_must_divide_among_workers(self):
 
     def work(comm):

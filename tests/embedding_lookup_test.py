@@ -241,6 +241,65 @@ class VariableTableTest(test_util.TestCase):
     self.assertAllEqual([[6, 8], [20, 22]], out)
 
 
+class ReadVarNoCopyTest(test_util.TestCase):
+
+  def _copy_on_read_variable(self, rng, shape):
+    table = tf.Variable(rng.standard_normal(shape).astype(np.float32))
+    table.scatter_add(tf.IndexedSlices(tf.ones([2, shape[1]]), tf.constant([0, 3])))
+    return table
+
+  def test_value_matches_the_variable_in_copy_on_read_mode(self):
+    rng = np.random.default_rng(20)
+    table = self._copy_on_read_variable(rng, (10, 4))
+    value = embedding_lookup_ops.read_var_no_copy(table)
+    self.assertEqual(value.dtype, tf.float32)
+    self.assertEqual(value.shape, [10, 4])
+    self.assertAllEqual(table.numpy(), value)
+
+  def test_shares_the_buffer_where_tf_read_copies(self):
+    rng = np.random.default_rng(21)
+    table = self._copy_on_read_variable(rng, (10, 4))
+    # np.asarray views a CPU tensor's buffer (Tensor.numpy() would copy it).
+    ours = [np.asarray(embedding_lookup_ops.read_var_no_copy(table)) for _ in range(2)]
+    native = [np.asarray(table.read_value()) for _ in range(2)]
+    self.assertTrue(np.shares_memory(ours[0], ours[1]))
+    self.assertFalse(np.shares_memory(native[0], native[1]))
+
+  def test_value_is_a_snapshot_across_later_updates(self):
+    rng = np.random.default_rng(22)
+    table = self._copy_on_read_variable(rng, (10, 4))
+    before = table.numpy()
+    value = embedding_lookup_ops.read_var_no_copy(table)
+    table.assign_add(tf.ones([10, 4]))
+    table.scatter_add(tf.IndexedSlices(tf.ones([1, 4]), tf.constant([5])))
+    self.assertAllEqual(before, value)
+    self.assertAllEqual(before + 1 + (np.arange(10) == 5)[:, None], table.numpy())
+
+  def test_gradient_matches_native_read(self):
+    rng = np.random.default_rng(23)
+    table = tf.Variable(rng.standard_normal((6, 3)))
+    weights = tf.constant(rng.standard_normal((6, 3)))
+    grads = []
+    for read in (embedding_lookup_ops.read_var_no_copy, lambda v: v.read_value()):
+      with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(read(table) ** 2 * weights)
+      grads.append(tape.gradient(loss, table))
+    self.assertAllClose(2 * table.numpy() * weights.numpy(), grads[0])
+    self.assertAllClose(grads[1], grads[0])
+
+  def test_in_tf_function_and_for_integer_and_keras_variables(self):
+    import keras  # pylint: disable=import-outside-toplevel
+    counts = tf.Variable(np.arange(5, dtype=np.int64))
+    read = tf.function(embedding_lookup_ops.read_var_no_copy)
+    self.assertAllEqual(np.arange(5), read(counts))
+    kvar = keras.Variable(np.eye(3, dtype=np.float32))
+    self.assertAllEqual(np.eye(3), embedding_lookup_ops.read_var_no_copy(kvar))
+
+  def test_non_variable_is_a_type_error(self):
+    with self.assertRaisesRegex(TypeError, "'res_var'.*ndarray"):
+      embedding_lookup_ops.read_var_no_copy(np.zeros(3))
+
+
 class BoundsCheckSkipTest(test_util.TestCase):
 
   def test_skip_ignores_invalid_ids_and_mean_divides_by_valid_count(self):

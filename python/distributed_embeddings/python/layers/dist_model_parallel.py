@@ -19,6 +19,7 @@ sparse ids of sharded tables need a combiner, and their values travel by a varia
 all-gather. `dp_input=False` supports whole and column-sliced tables only.
 """
 
+import os
 import weakref
 
 import keras
@@ -490,11 +491,26 @@ class DistributedEmbedding(keras.layers.Layer):
       self.build()
     return self._global_tables({id(v): v for v in self._all_vars()})
 
-  def set_weights(self, weights):
-    """Takes the full global tables (any worker count wrote them); keeps this worker's shards."""
+  def set_weights(self, weights, chunk=134217728, use_lock=False):
+    """Takes the full global tables (any worker count wrote them); keeps this worker's shards.
+
+    Args:
+      weights: One table per embedding, in table order: arrays, or paths of `.npy` files, which
+        are memory-mapped so that a worker reads only the rows of its own shards.
+      chunk: At most this many elements are written to a variable at a time, which bounds the
+        temporary memory of loading a large table.
+      use_lock: Accepted for the reference API, which serializes workers' file reads with it;
+        memory-mapped reads of each worker's own rows need no lock.
+    """
+    del use_lock
+    if not isinstance(chunk, (int, np.integer)) or isinstance(chunk, bool) or chunk < 1:
+      raise ValueError(f"set_weights: 'chunk' must be a positive integer; got {chunk!r}.")
+    weights = [np.load(w, mmap_mode="r") if isinstance(w, (str, os.PathLike)) else w
+               for w in weights]
     if not self.built:
       self.build()
-    self._set_global_tables({id(v): v for v in self._all_vars()}, weights, "set_weights")
+    self._set_global_tables({id(v): v for v in self._all_vars()}, weights, "set_weights",
+                            int(chunk))
 
   def get_optimizer_slots(self, optimizer):
     """{slot name: global tables} of `optimizer`'s per-row state for this layer's tables (e.g.
@@ -535,34 +551,51 @@ class DistributedEmbedding(keras.layers.Layer):
   def _global_tables(self, by_var):
     """Global tables from `by_var` (id of one of this layer's variables -> a variable of the
     same shape: the weights themselves or an optimizer slot)."""
+    # One read per variable (fused tables share one), without the whole-variable copy a read
+    # makes in copy-on-read mode.
+    values = {}
+
+    def value_of(var):
+      if id(var) not in values:
+        values[id(var)] = embedding_lookup_ops.read_var_no_copy(by_var[id(var)]).numpy()
+      return values[id(var)]
+
     tables = []
     for t, spec in enumerate(self.plan.tables):
       if t in self._replicated_vars:
-        tables.append(by_var[id(self._replicated_vars[t])].numpy())
+        tables.append(np.array(value_of(self._replicated_vars[t])))
         continue
-      full = np.zeros((spec.input_dim, spec.output_dim), np.float32)
+      # Every worker contributes, shards or not, so the dtype is the layer's, not a variable's.
+      full = np.zeros((spec.input_dim, spec.output_dim), np.dtype(self.variable_dtype))
       for s, (var, offset) in zip(self.local_shards, self._slots):
         if s.table == t:
           full[s.row_begin:s.row_end, s.col_begin:s.col_end] = \
-              by_var[id(var)].numpy()[offset:offset + s.rows]
+              value_of(var)[offset:offset + s.rows]
       tables.append(self.communicator.all_reduce(tf.constant(full)).numpy())
     return tables
 
-  def _set_global_tables(self, by_var, tables, what):
+  def _set_global_tables(self, by_var, tables, what, chunk=134217728):
     if len(tables) != len(self.plan.tables):
       raise ValueError(f"{what}: expected {len(self.plan.tables)} tables; got {len(tables)}.")
     for t, (table, spec) in enumerate(zip(tables, self.plan.tables)):
       if tuple(np.shape(table)) != (spec.input_dim, spec.output_dim):
         raise ValueError(f"{what}: table {t} must be {(spec.input_dim, spec.output_dim)}; "
                          f"got {np.shape(table)}.")
-    values = {id(var): by_var[id(var)].numpy() for var in self._shard_vars}
+
+    def assign_rows(var, first, source):
+      """var[first:first + len(source)] = source, at most `chunk` elements at a time."""
+      var = _tf_variable(var)
+      rows_per_chunk = max(1, chunk // max(1, int(np.prod(source.shape[1:]))))
+      for begin in range(0, source.shape[0], rows_per_chunk):
+        part = np.asarray(source[begin:begin + rows_per_chunk], var.dtype.as_numpy_dtype)
+        var[first + begin:first + begin + part.shape[0]].assign(part)
+
+    tables = [np.asarray(table) for table in tables]  # a memory map stays one, unread
     for s, (var, offset) in zip(self.local_shards, self._slots):
-      values[id(var)][offset:offset + s.rows] = \
-          np.asarray(tables[s.table])[s.row_begin:s.row_end, s.col_begin:s.col_end]
-    for var in self._shard_vars:
-      by_var[id(var)].assign(values[id(var)])
+      assign_rows(by_var[id(var)], offset,
+                  tables[s.table][s.row_begin:s.row_end, s.col_begin:s.col_end])
     for t, var in self._replicated_vars.items():
-      by_var[id(var)].assign(tables[t])
+      assign_rows(by_var[id(var)], 0, tables[t])
 
 
 def _reduce_gradients(grads, variables, communicator):

@@ -160,6 +160,37 @@ def embedding_lookup(param, ids, combiner=None, bounds_check="error"):
   return _lookup_dense(param, ids, width, combiner, bounds_check)
 
 
+def read_var_no_copy(res_var):
+  """Reads a variable's value without copying its buffer.
+
+  TensorFlow's own read copies the whole buffer on every read once the variable is in
+  copy-on-read mode, the mode any sparse update (a sparse optimizer step) leaves it in. This read
+  hands out the variable's buffer itself. The value is still a snapshot: TensorFlow's update ops
+  copy a buffer that is shared before writing to it. The gradient flows to the variable as for an
+  ordinary read.
+
+  Args:
+    res_var: A `tf.Variable` (resource variable) or a Keras variable.
+
+  Returns:
+    A tensor of the variable's dtype and shape.
+
+  Raises:
+    TypeError: If `res_var` is not a variable.
+  """
+  variable = _resource_variable(res_var)
+  if variable is None:
+    raise TypeError("read_var_no_copy: 'res_var' must be a tf.Variable or a Keras variable; "
+                    f"got {type(res_var).__name__}.")
+  resource_variable_ops.variable_accessed(variable)
+  return _ops.de_read_variable_no_copy(variable.handle, dtype=variable.dtype)
+
+
+@framework_ops.RegisterGradient("DeReadVariableNoCopy")
+def _read_var_no_copy_grad(_, grad):
+  return grad
+
+
 def row_id_checks(ids, limit, what, limit_text=None):
   """Assertions that every one of `ids` lies in [0, limit), to run before the ids are offset into
   one part of a shared table (fused tables, concatenated features), where an id past its part
