@@ -28,8 +28,9 @@ bool Enabled() {
 
 // The whole huge pages inside [data, data + bytes), if the buffer is large enough to bother and
 // huge pages are not switched off.
-bool WholeHugePages(const void* data, size_t bytes, uintptr_t* begin, uintptr_t* end) {
-  if (data == nullptr || bytes < kHugePageMinBytes) return false;
+bool WholeHugePages(const void* data, size_t bytes, size_t min_bytes, uintptr_t* begin,
+                    uintptr_t* end) {
+  if (data == nullptr || bytes < min_bytes) return false;
   static const bool enabled = Enabled();
   if (!enabled) return false;
   *begin = (reinterpret_cast<uintptr_t>(data) + kHugePageBytes - 1) & ~(kHugePageBytes - 1);
@@ -42,7 +43,7 @@ bool WholeHugePages(const void* data, size_t bytes, uintptr_t* begin, uintptr_t*
 bool PromoteToHugePages(const void* data, size_t bytes) {
 #if defined(__linux__)
   uintptr_t begin = 0, end = 0;
-  if (!WholeHugePages(data, bytes, &begin, &end)) return false;
+  if (!WholeHugePages(data, bytes, kHugePageMinBytes, &begin, &end)) return false;
   {
     static std::mutex mutex;
     static std::unordered_set<uintptr_t>* seen = new std::unordered_set<uintptr_t>();
@@ -66,7 +67,7 @@ bool PromoteToHugePages(const void* data, size_t bytes) {
 bool AdviseHugePagesBeforeFirstWrite(void* data, size_t bytes) {
 #if defined(__linux__)
   uintptr_t begin = 0, end = 0;
-  if (!WholeHugePages(data, bytes, &begin, &end)) return false;
+  if (!WholeHugePages(data, bytes, kFreshHugePageMinBytes, &begin, &end)) return false;
   return madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE) == 0;
 #else
   (void)data;

@@ -38,15 +38,19 @@ TEST(HugePagesTest, SmallOrNullBuffersAreLeftAlone) {
 }
 
 TEST(HugePagesTest, FreshBufferAdvisedBeforeItsFirstWrite) {
-  // Uninitialized, so its pages are first touched after the advice, as an op's output is.
-  const size_t count = (kHugePageMinBytes * 2 + 4321) / sizeof(uint64_t);
+  // Uninitialized, so its pages are first touched after the advice, as an op's output is. Its
+  // size is below the tables' threshold: a gradient of this size came from the heap and
+  // faulted in 4 KiB at a time whenever glibc had trimmed that memory.
+  static_assert(kFreshHugePageMinBytes * 2 < kHugePageMinBytes, "the test's buffer size");
+  const size_t count = (kFreshHugePageMinBytes * 2 + 4321) / sizeof(uint64_t);
   std::unique_ptr<uint64_t[]> buffer(new uint64_t[count]);
   EXPECT_TRUE(AdviseHugePagesBeforeFirstWrite(buffer.get() + 1, (count - 1) * sizeof(uint64_t)));
   for (size_t i = 0; i < count; ++i) buffer[i] = i * 0x9E3779B97F4A7C15ull;
   for (size_t i = 0; i < count; ++i) {
     ASSERT_EQ(i * 0x9E3779B97F4A7C15ull, buffer[i]) << "at " << i;
   }
-  std::vector<char> small(kHugePageMinBytes - 1);
+  EXPECT_FALSE(PromoteToHugePages(buffer.get(), count * sizeof(uint64_t)));
+  std::vector<char> small(kFreshHugePageMinBytes - 1);
   EXPECT_FALSE(AdviseHugePagesBeforeFirstWrite(small.data(), small.size()));
   EXPECT_FALSE(AdviseHugePagesBeforeFirstWrite(nullptr, kHugePageMinBytes * 4));
 }
