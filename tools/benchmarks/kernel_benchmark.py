@@ -241,6 +241,35 @@ def run_case(rng, table_np, table_var, batch, hotness, combiner, args):
   return rows
 
 
+def summarize(rows):
+  """Markdown lines: for torch and for TF's best path per format, the median over cases of the
+  (paired) ratio peer time / our time, and in how many cases ours is faster."""
+  cases = {}
+  for row in rows:
+    cases.setdefault((row["width"], row["hotness"], row["combiner"], row["format"]),
+                     {})[row["path"]] = row
+
+  def line(label, ratios):
+    if not ratios:
+      return []
+    faster = sum(r > 1 for r in ratios)
+    return [f"| {label} | {statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})"
+            f" | {faster}/{len(ratios)} |"]
+
+  lines = ["| peer, cases | median ratio (range) | ours faster |", "|---|---|---|"]
+  for key, name in (("ours_speedup_fwd", "fwd"), ("ours_speedup_fwd_bwd", "fwd+bwd")):
+    for hotness in (None, "1", "10", "powerlaw"):
+      lines += line(f"torch {name}, " + ("all" if hotness is None else f"hotness {hotness}"),
+                    [c["torch embedding_bag"][key] for k, c in cases.items()
+                     if "torch embedding_bag" in c and hotness in (None, k[1])])
+    for fmt in ("dense", "ragged", "sparse"):
+      # TF's best path in each case: the one with the smallest ratio to ours.
+      lines += line(f"best TF {name}, {fmt} ids",
+                    [min(r[key] for n, r in c.items() if n.startswith("tf "))
+                     for k, c in cases.items() if k[3] == fmt])
+  return lines
+
+
 def main(argv):
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -296,6 +325,8 @@ def main(argv):
                 f"{row['fwd_gb_s']:.1f} | {row['ours_speedup_fwd']:.2f}x | "
                 f"{row['ours_speedup_fwd_bwd']:.2f}x |", flush=True)
     del table_var
+  print()
+  print("\n".join(summarize(rows)))
   if args.json:
     with open(args.json, "w", encoding="utf-8") as f:
       json.dump(rows, f, indent=1)
