@@ -74,6 +74,20 @@ absl::Status CheckSparseInputs(const std::string& op, const Tensor& indices,
   return absl::OkStatus();
 }
 
+absl::Status CheckVariableValue(const std::string& op, tensorflow::Var* variable,
+                                tensorflow::DataType dtype) {
+  const Tensor& value = *variable->tensor();
+  if (!variable->is_initialized || !value.IsInitialized()) {
+    return absl::FailedPreconditionError(op + ": the variable 'resource' is not initialized.");
+  }
+  if (value.dtype() != dtype) {
+    return absl::InvalidArgumentError(op + ": 'resource' must hold " +
+                                      tensorflow::DataTypeString(dtype) + " to match 'dtype'; got " +
+                                      tensorflow::DataTypeString(value.dtype()) + ".");
+  }
+  return absl::OkStatus();
+}
+
 absl::Status ReadLookupAttrs(tensorflow::OpKernelConstruction* ctx, Combiner* combiner,
                              BoundsCheck* bounds_check) {
   std::string combiner_attr, bounds_check_attr;

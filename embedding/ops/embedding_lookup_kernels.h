@@ -31,6 +31,11 @@ absl::Status CheckGradInputs(const std::string& op, const tensorflow::Tensor& gr
 absl::Status CheckSparseInputs(const std::string& op, const tensorflow::Tensor& indices,
                                const tensorflow::Tensor& dense_shape);
 
+// With `variable`'s lock held: whether it is initialized and holds `dtype`, as an op reading it
+// through its 'resource' input needs.
+absl::Status CheckVariableValue(const std::string& op, tensorflow::Var* variable,
+                                tensorflow::DataType dtype);
+
 // Reads the 'combiner' and 'bounds_check' attrs every lookup op has.
 absl::Status ReadLookupAttrs(tensorflow::OpKernelConstruction* ctx, Combiner* combiner,
                              BoundsCheck* bounds_check);
@@ -103,16 +108,9 @@ class PooledLookupOp : public tensorflow::OpKernel {
                                                      &variable));
       // Reading under the shared lock, in place: no copy even in copy-on-read mode.
       tensorflow::tf_shared_lock lock(*variable->mu());
+      OP_REQUIRES_OK(ctx, CheckVariableValue(type_string(), variable.get(),
+                                             tensorflow::DataTypeToEnum<T>::v()));
       const tensorflow::Tensor& params = *variable->tensor();
-      OP_REQUIRES(ctx, variable->is_initialized && params.IsInitialized(),
-                  absl::FailedPreconditionError(type_string() +
-                                                ": the variable 'resource' is not initialized."));
-      OP_REQUIRES(ctx, params.dtype() == tensorflow::DataTypeToEnum<T>::v(),
-                  absl::InvalidArgumentError(
-                      type_string() + ": 'resource' must hold " +
-                      tensorflow::DataTypeString(tensorflow::DataTypeToEnum<T>::v()) +
-                      " to match 'dtype'; got " + tensorflow::DataTypeString(params.dtype()) +
-                      "."));
       Run(ctx, params, ids, row_splits);
     } else {
       Run(ctx, ctx->input(0), ids, row_splits);

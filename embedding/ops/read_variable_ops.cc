@@ -1,9 +1,10 @@
 // DeReadVariableNoCopy: a resource variable's value without the copy TensorFlow's own read makes
 // once the variable is in copy-on-read mode (the mode any sparse update leaves it in).
 //
-// The output aliases the variable's buffer, so a later in-place update of the variable shows
-// through it; callers use it for reads that finish before the next update (weights export,
-// dense reads inside one step), where a copy of a large table would be pure cost.
+// The output shares the variable's buffer and still holds the value at the read: TensorFlow's
+// update ops copy a buffer that anyone else holds before writing to it (a Python test checks).
+// Weights export and dense reads of large tables are where the copy would be pure cost.
+#include "embedding/ops/embedding_lookup_kernels.h"
 #include "tensorflow/core/framework/op.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/resource_mgr.h"
@@ -27,7 +28,7 @@ REGISTER_OP("DeReadVariableNoCopy")
     .Doc(R"doc(
 Reads a resource variable without copying its buffer, even in copy-on-read mode.
 
-value: aliases the variable's buffer; in-place updates made after the read show through it.
+value: shares the variable's buffer; later updates copy it first, so it keeps the value read.
 )doc");
 
 namespace {
@@ -43,15 +44,8 @@ class ReadVariableNoCopyOp : public tensorflow::OpKernel {
     OP_REQUIRES_OK(ctx, tensorflow::LookupResource(ctx, tensorflow::HandleFromInput(ctx, 0),
                                                    &variable));
     tensorflow::tf_shared_lock lock(*variable->mu());
+    OP_REQUIRES_OK(ctx, CheckVariableValue(type_string(), variable.get(), dtype_));
     const tensorflow::Tensor& value = *variable->tensor();
-    OP_REQUIRES(ctx, variable->is_initialized && value.IsInitialized(),
-                absl::FailedPreconditionError(
-                    type_string() + ": the variable 'resource' is not initialized."));
-    OP_REQUIRES(ctx, value.dtype() == dtype_,
-                absl::InvalidArgumentError(type_string() + ": 'resource' holds " +
-                                           tensorflow::DataTypeString(value.dtype()) +
-                                           ", not 'dtype' " +
-                                           tensorflow::DataTypeString(dtype_) + "."));
     ctx->set_output(0, value);  // shares the buffer: a reference count, no copy
   }
 
