@@ -62,18 +62,6 @@ def make_inputs(rng, vocab, batch, hotness):
   return inputs
 
 
-def time_block(fn, batches, iters, repeats):
-  """Median over `repeats` of the mean seconds per call over `iters` calls."""
-  fn(batches[0])  # warm-up: tracing, allocation
-  samples = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    for i in range(iters):
-      fn(batches[i % len(batches)])
-    samples.append((time.perf_counter() - start) / iters)
-  return statistics.median(samples)
-
-
 def time_interleaved(sweeps, passes, repeats):
   """Seconds per lookup of each path: {name: [one sample per repeat]}.
 
@@ -211,7 +199,13 @@ def torch_paths(table_np, combiner, batches):
 def gather_ceiling(table_np, batches):
   """GB/s of NumPy's random-row gather of the same rows (the latency-bound baseline)."""
   values = [b["values"] for b in batches]
-  seconds = time_block(lambda v: np.take(table_np, v, axis=0), values, 5, 5)
+
+  def sweep():
+    for v in values:
+      np.take(table_np, v, axis=0)
+    return len(values)
+
+  seconds = statistics.median(time_interleaved({"take": sweep}, 1, 5)["take"])
   return len(values[0]) * table_np.shape[1] * 4 / seconds / 1e9
 
 

@@ -76,6 +76,10 @@ def _add_to_ids(ids, delta):
   return ids + tf.cast(delta, ids.dtype)
 
 
+# Elements written to a variable at a time by set_weights (the reference API's default).
+_SET_WEIGHTS_CHUNK = 134217728
+
+
 def _tf_variable(variable):
   inner = getattr(variable, "_value", None)
   return inner if isinstance(inner, tf.Variable) else variable
@@ -491,7 +495,7 @@ class DistributedEmbedding(keras.layers.Layer):
       self.build()
     return self._global_tables({id(v): v for v in self._all_vars()})
 
-  def set_weights(self, weights, chunk=134217728, use_lock=False):
+  def set_weights(self, weights, chunk=_SET_WEIGHTS_CHUNK, use_lock=False):
     """Takes the full global tables (any worker count wrote them); keeps this worker's shards.
 
     Args:
@@ -574,7 +578,7 @@ class DistributedEmbedding(keras.layers.Layer):
       tables.append(self.communicator.all_reduce(tf.constant(full)).numpy())
     return tables
 
-  def _set_global_tables(self, by_var, tables, what, chunk=134217728):
+  def _set_global_tables(self, by_var, tables, what, chunk=_SET_WEIGHTS_CHUNK):
     if len(tables) != len(self.plan.tables):
       raise ValueError(f"{what}: expected {len(self.plan.tables)} tables; got {len(tables)}.")
     for t, (table, spec) in enumerate(zip(tables, self.plan.tables)):
