@@ -144,6 +144,7 @@ class ConcatOneHotEmbeddingTest(test_util.TestCase):
     sizes, width = [3, 5, 7, 11], 3
     layer = embedding_module.ConcatOneHotEmbedding(sizes, width)
     self.assertIs(de.ConcatOneHotEmbedding, embedding_module.ConcatOneHotEmbedding)
+    self.assertIs(embedding_module.ConcatEmbedding, embedding_module.ConcatOneHotEmbedding)
     ids = np.array([[1, 2, 3, 4], [2, 4, 6, 10], [0, 0, 0, 0]])
     out = layer(tf.constant(ids, tf.int32))
     table = layer.params.numpy()

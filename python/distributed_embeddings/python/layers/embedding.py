@@ -320,3 +320,7 @@ class ConcatOneHotEmbedding(keras.layers.Layer):
     config.update({"feature_sizes": list(self.feature_sizes),
                    "embedding_width": self.embedding_width})
     return config
+
+
+# The reference API's earlier name for the same layer; code written against it still runs.
+ConcatEmbedding = ConcatOneHotEmbedding
