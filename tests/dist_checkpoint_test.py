@@ -35,6 +35,7 @@ def _build(comm):
   bottom = keras.layers.Dense(4, kernel_initializer=keras.initializers.Constant(0.1))
   top = keras.layers.Dense(1, kernel_initializer=keras.initializers.Constant(0.05))
   rng = np.random.default_rng(7)
+  layer.build()
   layer.set_weights([rng.standard_normal(shape).astype(np.float32) for shape in TABLES])
   optimizer = dmp.DistributedOptimizer(keras.optimizers.Adagrad(0.3), comm)
   return layer, bottom, top, optimizer

@@ -6,6 +6,7 @@ TensorFlow's collective ops.
 
 from absl.testing import absltest
 from absl.testing import parameterized
+import keras
 import numpy as np
 import tensorflow as tf
 
@@ -206,6 +207,7 @@ class DistributedEmbeddingTest(test_util.TestCase):
       def work(comm):
         layer = dmp.DistributedEmbedding([de.Embedding(r, w) for r, w in TABLES],
                                          communicator=comm, **mode)
+        layer.build()
         layer.set_weights(tables)
         return layer.get_weights()
       if world_size == 1:
@@ -232,6 +234,7 @@ class DistributedEmbeddingTest(test_util.TestCase):
     def work(comm):
       layer = dmp.DistributedEmbedding([de.Embedding(r, w) for r, w in TABLES],
                                        communicator=comm, **MODES["mixed"])
+      layer.build()
       layer.set_weights(paths, chunk=7, use_lock=True)  # 7 elements: many partial writes
       with self.assertRaisesRegex(ValueError, "'chunk' must be a positive integer; got 0"):
         layer.set_weights(paths, chunk=0)
@@ -266,6 +269,7 @@ class DistributedEmbeddingTest(test_util.TestCase):
       layer = dmp.DistributedEmbedding(
           [de.Embedding(r, w, combiner=c) for (r, w), c in zip(TABLES, combiners)],
           communicator=comm)
+      layer.build()
       layer.set_weights(weights)
       local = slice(comm.rank * 8 // comm.world_size, (comm.rank + 1) * 8 // comm.world_size)
       return [o.numpy() for o in layer([tf.constant(x[local]) for x in ids])]
@@ -283,6 +287,7 @@ class DistributedEmbeddingTest(test_util.TestCase):
     ids = [rng.integers(0, r, size=(3, 2, 4)) for r, _ in TABLES[:2]]
     layer = dmp.DistributedEmbedding([de.Embedding(*TABLES[0]),
                                       de.Embedding(*TABLES[1], combiner="mean")])
+    layer.build()
     layer.set_weights(weights)
     unpooled, pooled = layer([tf.constant(x) for x in ids])
     self.assertAllClose(weights[0][ids[0]], unpooled, rtol=1e-6)
@@ -293,6 +298,7 @@ class DistributedEmbeddingTest(test_util.TestCase):
     weights = [rng.standard_normal(shape).astype(np.float32) for shape in TABLES]
     layer = dmp.DistributedEmbedding([de.Embedding(r, w, combiner="sum") for r, w in TABLES],
                                      dtype="mixed_float16")
+    layer.build()
     layer.set_weights(weights)
     ids = _inputs(4, list(range(len(TABLES))))
     for t, out in enumerate(layer([tf.constant(x) for x in ids])):
@@ -320,6 +326,115 @@ class DistributedEmbeddingTest(test_util.TestCase):
     for shapes, broadcast in comm_lib.run_in_threads(2, work):
       self.assertEqual([tuple(shape) for shape in TABLES], [tuple(s) for s in shapes])
       self.assertAllEqual([1.0, 1.0, 1.0], broadcast)
+
+  def test_set_weights_needs_a_built_layer_and_shards_are_marked(self):
+    # As in the reference API: no weights to set before build; shard variables carry de_local.
+    def work(comm):
+      layer = dmp.DistributedEmbedding([de.Embedding(r, w) for r, w in TABLES],
+                                       communicator=comm, data_parallel_threshold=100)
+      with self.assertRaisesRegex(ValueError, "set_weights: .* is not built yet"):
+        layer.set_weights([np.zeros(shape, np.float32) for shape in TABLES])
+      layer.build()
+      return [(getattr(v, "de_local", False), dmp.is_model_parallel(v)) for v in layer.weights]
+
+    # One worker holds every table as its own. With two, table 3 (10 x 8 = 80 elements) is
+    # replicated: not local, not model-parallel.
+    one = work(comm_lib.Communicator(0, 1))
+    self.assertEqual([(True, False)] * len(one), one)
+    for marks in comm_lib.run_in_threads(2, work):
+      self.assertEqual([(True, True)] * (len(marks) - 1) + [(False, False)], marks)
+
+  def test_distributed_optimizer_reference_api(self):
+    sgd = keras.optimizers.SGD(0.5)
+    wrapped = dmp.DistributedOptimizer(sgd, name="opt", device_dense="/cpu:0", device_sparse="",
+                                       sparse_as_dense=True, compression=None,
+                                       backward_passes_per_step=1,
+                                       average_aggregated_gradients=True)
+    # A new optimizer of the same class and config; the given one is left as it was.
+    self.assertIsNot(sgd, wrapped)
+    self.assertIs(keras.optimizers.SGD, type(sgd))
+    self.assertIsInstance(wrapped, keras.optimizers.SGD)
+    self.assertEqual(sgd.get_config(), wrapped.get_config())
+    for kwargs, error, text in (
+        (dict(compression="fp16"), ValueError, "'compression' is not supported"),
+        (dict(backward_passes_per_step=2), ValueError, "'backward_passes_per_step' must be 1"),
+        (dict(gradient_predivide_factor=2.0), ValueError, "'gradient_predivide_factor'"),
+        (dict(communicator="nccl"), TypeError, "'communicator' must be a Communicator")):
+      with self.assertRaisesRegex(error, text):
+        dmp.DistributedOptimizer(keras.optimizers.SGD(0.5), **kwargs)
+    with self.assertRaisesRegex(TypeError, "'optimizer' must be a Keras optimizer"):
+      dmp.DistributedOptimizer("sgd")
+    used = keras.optimizers.SGD(0.5)
+    used.build([keras.Variable(np.zeros(2, np.float32))])
+    with self.assertRaisesRegex(ValueError, "already been used"):
+      dmp.DistributedOptimizer(used)
+
+    def work(comm):
+      v = keras.Variable(np.zeros(3, np.float32))
+      optimizer = dmp.DistributedOptimizer(keras.optimizers.SGD(0.5), comm)
+      optimizer.apply([tf.constant([1.0, 2.0, 3.0]) * (comm.rank + 1)], [v])
+      return v.numpy()
+
+    # Worker gradients g and 2g average to 1.5g.
+    for value in comm_lib.run_in_threads(2, work):
+      self.assertAllClose(-0.5 * 1.5 * np.array([1.0, 2.0, 3.0]), value)
+
+  def test_distributed_gradient_tape_reference_api(self):
+    with self.assertRaisesRegex(ValueError, "'compression' is not supported"):
+      dmp.DistributedGradientTape(tf.GradientTape(), compression="fp16")
+
+    def work(comm):
+      a, b = tf.Variable([1.0, 2.0]), tf.Variable(3.0)
+      with tf.GradientTape() as tape:
+        loss = (comm.rank + 1.0) * (tf.reduce_sum(a * a) + b)
+      tape = dmp.DistributedGradientTape(tape, comm, device_dense="", sparse_as_dense=False)
+      self.assertEqual(2, len(tape.watched_variables()))  # other tape methods pass through
+      grads = tape.gradient(loss, {"a": a, "rest": [b]}, output_gradients=tf.constant(2.0))
+      return grads["a"].numpy(), grads["rest"][0].numpy()
+
+    # d/da = 2 * (rank + 1) * 2a, d/db = 2 * (rank + 1); averaged over ranks 0 and 1: x 1.5.
+    for grad_a, grad_b in comm_lib.run_in_threads(2, work):
+      self.assertAllClose(2 * 1.5 * 2 * np.array([1.0, 2.0]), grad_a)
+      self.assertAllClose(2 * 1.5, grad_b)
+
+  def test_broadcast_callback_after_the_first_batch(self):
+    # As the reference callback: at the end of the first batch, root's model and optimizer
+    # variables everywhere, except the sharded tables and their slots; never again after that.
+    def work(comm):
+      inputs = [keras.Input(shape=(h,), dtype="int64") for h in HOTNESS]
+      layer = dmp.DistributedEmbedding([de.Embedding(r, w, combiner="sum") for r, w in TABLES],
+                                       communicator=comm)
+      dense = keras.layers.Dense(
+          1, kernel_initializer=keras.initializers.Constant(comm.rank + 1.0))
+      model = keras.Model(inputs, dense(keras.layers.Concatenate()(layer(inputs))))
+      optimizer = dmp.DistributedOptimizer(keras.optimizers.Adagrad(0.1), comm)
+      model.compile(optimizer=optimizer, loss="mse")
+      optimizer.build(model.trainable_variables)
+      for v in optimizer.variables:
+        if v.dtype == "float32":
+          v.assign(tf.fill(v.shape, comm.rank + 10.0))
+      sharded_before = [v.numpy() for v in layer.weights]
+      callback = dmp.BroadcastGlobalVariablesCallback(1, comm)
+      callback.set_model(model)
+      callback.on_train_batch_end(0)
+      after_first = {"kernel": dense.kernel.numpy(),
+                     "sharded": [v.numpy() for v in layer.weights],
+                     "slots": {v.name: v.numpy() for v in optimizer.variables
+                               if v.dtype == "float32"}}
+      dense.kernel.assign(tf.fill(dense.kernel.shape, comm.rank + 5.0))
+      callback.on_train_batch_end(1)
+      return sharded_before, after_first, dense.kernel.numpy(), [v.path for v in layer.weights]
+
+    for rank, (before, after, kernel, sharded) in enumerate(comm_lib.run_in_threads(2, work)):
+      self.assertAllEqual(np.full_like(after["kernel"], 2.0), after["kernel"])  # root is rank 1
+      for x, y in zip(before, after["sharded"]):
+        self.assertAllEqual(x, y)
+      prefixes = tuple(path.replace("/", "_") + "_" for path in sharded)
+      self.assertTrue(any(name.startswith(prefixes) for name in after["slots"]))
+      for name, value in after["slots"].items():
+        own = name.startswith(prefixes)
+        self.assertAllEqual(np.full_like(value, rank + 10.0 if own else 11.0), value)
+      self.assertAllEqual(np.full_like(kernel, rank + 5.0), kernel)  # no second broadcast
 
   def test_exchange_bytes_against_the_plan(self):
     # 'basic' on 2 workers: tables 0, 2, 4 (widths 8 + 16 + 4 = 28) and 1, 3 (4 + 8 = 12).

@@ -110,6 +110,8 @@ def restore_checkpoint(path, model, optimizer=None):
   for k, layer in enumerate(layers):
     prefix = f"embedding/{k}/"
     n = len(layer.plan.tables)
+    if not layer.built:
+      layer.build()
     layer.set_weights([arrays[f"{prefix}table{t}"] for t in range(n)])
     if optimizer is not None:
       names = {key[len(prefix + "slot/"):].rsplit("/", 1)[0] for key in arrays

@@ -230,8 +230,10 @@ class DistributedEmbedding(keras.layers.Layer):
     for var, _ in self._slots:
       if not any(var is v for v in self._shard_vars):
         self._shard_vars.append(var)
-    if self.world_size > 1:
-      for var in self._shard_vars:
+    for var in self._shard_vars:
+      # The reference API marks shard variables with `de_local`; code that checks it still works.
+      var.de_local = _tf_variable(var).de_local = True
+      if self.world_size > 1:
         _mark_model_parallel(var)
     for t in self.plan.data_parallel_tables:
       spec = self.plan.tables[t]
@@ -507,12 +509,14 @@ class DistributedEmbedding(keras.layers.Layer):
         memory-mapped reads of each worker's own rows need no lock.
     """
     del use_lock
+    if not self.built:
+      # As in the reference API and Keras: a layer has no weights to set before it is built.
+      raise ValueError(f"set_weights: {self.name} is not built yet; call it on inputs or call "
+                       "build() first.")
     if not isinstance(chunk, (int, np.integer)) or isinstance(chunk, bool) or chunk < 1:
       raise ValueError(f"set_weights: 'chunk' must be a positive integer; got {chunk!r}.")
     weights = [np.load(w, mmap_mode="r") if isinstance(w, (str, os.PathLike)) else w
                for w in weights]
-    if not self.built:
-      self.build()
     self._set_global_tables({id(v): v for v in self._all_vars()}, weights, "set_weights",
                             int(chunk))
 
@@ -618,23 +622,81 @@ def _reduce_gradients(grads, variables, communicator):
   return out
 
 
+def _communicator(communicator, api):
+  if communicator is not None and not isinstance(communicator, comm_lib.Communicator):
+    raise TypeError(f"{api}: 'communicator' must be a Communicator or None; got "
+                    f"{communicator!r}.")
+  return communicator or comm_lib.default_communicator()
+
+
+def _check_horovod_options(api, compression=None, gradient_predivide_factor=1.0,
+                           backward_passes_per_step=1):
+  """Horovod's options that would change the numbers must keep their defaults here."""
+  if compression is not None and getattr(compression, "__name__",
+                                         type(compression).__name__) != "NoneCompressor":
+    raise ValueError(f"{api}: 'compression' is not supported (gradients travel uncompressed); "
+                     f"got {compression!r}.")
+  if gradient_predivide_factor != 1.0:
+    raise ValueError(f"{api}: 'gradient_predivide_factor' must be 1.0; got "
+                     f"{gradient_predivide_factor!r}.")
+  if backward_passes_per_step != 1:
+    raise ValueError(f"{api}: 'backward_passes_per_step' must be 1 (gradients are not "
+                     f"accumulated locally); got {backward_passes_per_step!r}.")
+
+
 class DistributedGradientTape:
   """Wraps a tf.GradientTape so that `gradient` returns the gradients of the global batch:
-  sharded tables' gradients scaled, every other gradient averaged over the workers."""
+  sharded tables' gradients scaled, every other gradient averaged over the workers. Other tape
+  methods (watched_variables, ...) pass through.
 
-  def __init__(self, tape, communicator=None):
+  The keyword arguments are the reference (Horovod) API's: `device_dense`, `device_sparse` and
+  `sparse_as_dense` are accepted and have no effect (the communicator places the collectives, and
+  averaged gradients are dense); `compression` and `gradient_predivide_factor` must keep their
+  defaults.
+  """
+
+  def __init__(self, tape, communicator=None, *, device_dense="", device_sparse="",
+               compression=None, sparse_as_dense=False, gradient_predivide_factor=1.0):
+    del device_dense, device_sparse, sparse_as_dense
+    _check_horovod_options("DistributedGradientTape", compression, gradient_predivide_factor)
     self._tape = tape
-    self._comm = communicator or comm_lib.default_communicator()
+    self._comm = _communicator(communicator, "DistributedGradientTape")
 
-  def gradient(self, target, sources):
-    return _reduce_gradients(self._tape.gradient(target, sources), sources, self._comm)
+  def gradient(self, target, sources, output_gradients=None,
+               unconnected_gradients=tf.UnconnectedGradients.NONE):
+    grads = self._tape.gradient(target, sources, output_gradients=output_gradients,
+                                unconnected_gradients=unconnected_gradients)
+    reduced = _reduce_gradients(tf.nest.flatten(grads), tf.nest.flatten(sources), self._comm)
+    return tf.nest.pack_sequence_as(grads, reduced)
+
+  def __getattr__(self, name):
+    return getattr(self._tape, name)
 
 
-def DistributedOptimizer(optimizer, communicator=None):  # pylint: disable=invalid-name
-  """Makes a Keras optimizer reduce gradients across workers before applying them (as
-  DistributedGradientTape does), so `model.fit` trains on the global batch. Returns the same
-  optimizer object, state kept."""
-  comm = communicator or comm_lib.default_communicator()
+def DistributedOptimizer(optimizer, communicator=None, *, name=None, device_dense="",
+                         device_sparse="", compression=None, sparse_as_dense=False,
+                         gradient_predivide_factor=1.0, backward_passes_per_step=1,
+                         average_aggregated_gradients=False):  # pylint: disable=invalid-name
+  """A new optimizer, built from `optimizer`'s config, that reduces gradients across workers
+  before applying them (as DistributedGradientTape does), so `model.fit` trains on the global
+  batch. As in the reference API, `optimizer` itself is left as it was; since its state would not
+  carry over, wrapping one that has already been used is an error.
+
+  The keyword arguments are the reference (Horovod) API's: `name`, `device_dense`,
+  `device_sparse`, `sparse_as_dense` and `average_aggregated_gradients` are accepted and have no
+  effect here; `compression`, `gradient_predivide_factor` and `backward_passes_per_step` must keep
+  their defaults.
+  """
+  del name, device_dense, device_sparse, sparse_as_dense, average_aggregated_gradients
+  _check_horovod_options("DistributedOptimizer", compression, gradient_predivide_factor,
+                         backward_passes_per_step)
+  comm = _communicator(communicator, "DistributedOptimizer")
+  if not isinstance(optimizer, keras.optimizers.Optimizer):
+    raise TypeError(f"DistributedOptimizer: 'optimizer' must be a Keras optimizer; got "
+                    f"{optimizer!r}.")
+  if optimizer.built:
+    raise ValueError("DistributedOptimizer: 'optimizer' has already been used (it has state); "
+                     "wrap it before training.")
   base = type(optimizer)
 
   class _DistributedOptimizer(base):
@@ -646,8 +708,8 @@ def DistributedOptimizer(optimizer, communicator=None):  # pylint: disable=inval
                            trainable_variables)
 
   _DistributedOptimizer.__name__ = base.__name__
-  optimizer.__class__ = _DistributedOptimizer
-  return optimizer
+  _DistributedOptimizer.__qualname__ = base.__qualname__
+  return _DistributedOptimizer.from_config(optimizer.get_config())
 
 
 def broadcast_variables(variables, root_rank=0, communicator=None):
@@ -660,14 +722,28 @@ def broadcast_variables(variables, root_rank=0, communicator=None):
 
 
 class BroadcastGlobalVariablesCallback(keras.callbacks.Callback):
-  """Broadcasts the model's replicated weights from `root_rank` when training begins, so every
-  worker starts from the same dense layers and replicated tables."""
+  """Gives every worker `root_rank`'s replicated state at the end of the first training batch, as
+  the reference (Horovod's) callback does: the model's variables and the optimizer's, except the
+  sharded tables and their optimizer slots, which differ by design. By then the optimizer has
+  built its slots, so random or restored state ends up the same on every worker. `device` is
+  accepted for the reference API; the communicator places the broadcast.
+  """
 
-  def __init__(self, root_rank=0, communicator=None):
+  def __init__(self, root_rank=0, communicator=None, *, device=""):
     super().__init__()
+    del device
     self.root_rank = root_rank
-    self.communicator = communicator
+    self.communicator = _communicator(communicator, "BroadcastGlobalVariablesCallback")
+    self.broadcast_done = False
 
-  def on_train_begin(self, logs=None):
-    broadcast_variables(self.model.weights, root_rank=self.root_rank,
-                        communicator=self.communicator)
+  def on_train_batch_end(self, batch, logs=None):
+    if self.broadcast_done:
+      return
+    variables = list(self.model.variables)
+    optimizer = getattr(self.model, "optimizer", None)
+    if optimizer is not None:
+      # Keras names a slot '<its variable's path with _ for />_<slot name>'.
+      sharded = tuple(v.path.replace("/", "_") + "_" for v in variables if is_model_parallel(v))
+      variables += [v for v in optimizer.variables if not v.name.startswith(sharded)]
+    broadcast_variables(variables, root_rank=self.root_rank, communicator=self.communicator)
+    self.broadcast_done = True
