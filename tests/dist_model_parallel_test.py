@@ -466,6 +466,13 @@ class DistributedEmbeddingTest(test_util.TestCase):
       dmp.DistributedEmbedding(layers, strategy="fastest")
     with self.assertRaisesRegex(ValueError, "expected 5 inputs; got 1"):
       layer([tf.constant([[1]])])
+    # Settings the shards would not honour are errors, not silently dropped.
+    for kwargs, text in ((dict(embeddings_regularizer="l2"), "embeddings_regularizer="),
+                         (dict(embeddings_constraint="non_neg"), "embeddings_constraint="),
+                         (dict(mask_zero=True), "mask_zero=True"),
+                         (dict(trainable=False), "trainable=False")):
+      with self.assertRaisesRegex(ValueError, r"embeddings\[1\] \(Embedding\) has " + text):
+        dmp.DistributedEmbedding([layers[0], keras.layers.Embedding(30, 4, **kwargs)])
 
 
 if __name__ == "__main__":

@@ -97,6 +97,12 @@ def is_model_parallel(variable):
   return ref is not None and ref() is variable
 
 
+# Settings of a wrapped layer that its shards would not honour, with the values that are safe:
+# silently training a frozen or regularized table as a plain one would be worse than an error.
+_UNSUPPORTED_SETTINGS = {"embeddings_regularizer": None, "activity_regularizer": None,
+                         "embeddings_constraint": None, "mask_zero": False, "trainable": True}
+
+
 def _table_configs(embeddings):
   """The layers' configs and the planner's view of their tables."""
   configs = []
@@ -105,6 +111,10 @@ def _table_configs(embeddings):
     if "input_dim" not in config or "output_dim" not in config:
       raise ValueError(f"embeddings[{i}] ({type(layer).__name__}) must have input_dim and "
                        "output_dim in its config.")
+    for key, supported in _UNSUPPORTED_SETTINGS.items():
+      if config.get(key, supported) != supported:
+        raise ValueError(f"embeddings[{i}] ({type(layer).__name__}) has {key}={config[key]!r}, "
+                         f"which DistributedEmbedding does not apply; it must be {supported!r}.")
     configs.append(config)
   return configs, [planner_lib.TableSpec(int(c["input_dim"]), int(c["output_dim"]))
                    for c in configs]
