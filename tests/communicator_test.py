@@ -33,6 +33,17 @@ class CommunicatorTest(test_util.TestCase):
       self.assertAllClose(np.stack([_value(w) + 10 * rank for w in range(n)]), exchanged)
       self.assertAllClose(_value(n - 1), broadcast)
 
+  @parameterized.parameters(1, 2, 4)
+  def test_broadcast_object(self, n):
+    # Root's object, whatever the others hold, including payloads of different sizes.
+    def work(comm):
+      mine = {"seed": 7 * comm.rank + 1, "ids": list(range(comm.rank * 5))}
+      return comm.broadcast_object(mine, root=n - 1), comm.broadcast_object(comm.rank)
+
+    for got, rank_zero in comm_lib.run_in_threads(n, work):
+      self.assertEqual({"seed": 7 * (n - 1) + 1, "ids": list(range((n - 1) * 5))}, got)
+      self.assertEqual(0, rank_zero)
+
   @parameterized.parameters(2, 4)
   def test_gradients_in_tf_function(self, n):
 

@@ -20,8 +20,10 @@ cross-device deadlocks.
 """
 
 import itertools
+import pickle
 import threading
 
+import numpy as np
 import tensorflow as tf
 from tensorflow.python.ops import collective_ops
 from tensorflow.python.ops import resource_variable_ops
@@ -253,6 +255,21 @@ class Communicator:
     if tensor.dtype.is_integer or tensor.dtype == tf.bool:
       return tf.cast(self.all_reduce(tf.cast(contribution, tf.int64)), tensor.dtype)
     return self.all_reduce(contribution)
+
+  def broadcast_object(self, obj, root=0):
+    """Worker `root`'s `obj` (anything picklable: a seed, a config), on every worker; eager
+    only. The reference API's `hvd.broadcast_object`. Pickles come from the job's own workers."""
+    if self.world_size == 1:
+      return obj
+    if not tf.executing_eagerly():
+      raise RuntimeError("broadcast_object runs eagerly only; call it outside tf.function.")
+    payload = np.frombuffer(pickle.dumps(obj), np.uint8) if self.rank == root else None
+    size = self.broadcast(tf.constant([0 if payload is None else payload.size], tf.int64), root)
+    data = np.zeros(int(size[0]), np.int32)
+    if payload is not None:
+      data[:] = payload
+    received = self.broadcast(tf.constant(data), root).numpy().astype(np.uint8)
+    return obj if self.rank == root else pickle.loads(received.tobytes())
 
 
 def run_in_threads(world_size, fn):
