@@ -36,14 +36,18 @@ class PlannerInvariantTest(parameterized.TestCase):
         self.assertEqual((spec.input_dim, spec.output_dim), (shards[0].rows, shards[0].width))
       elif kind == "column_slice":
         count = len(shards)
-        self.assertEqual(0, count & (count - 1), f"{count} column slices is no power of two")
+        # A power of two, or capped at the worker count.
+        self.assertLessEqual(count, plan.world_size)
+        if count < plan.world_size:
+          self.assertEqual(0, count & (count - 1), f"{count} column slices is no power of two")
         cols = sorted((s.col_begin, s.col_end) for s in shards)
         self.assertEqual(0, cols[0][0])
         self.assertEqual(spec.output_dim, cols[-1][1])
         for (_, end), (begin, _) in zip(cols, cols[1:]):
           self.assertEqual(end, begin, f"table {t} columns overlap or leave a gap")
         self.assertTrue(all(s.rows == spec.input_dim for s in shards))
-        if column_slice_threshold is not None and count * 2 <= spec.output_dim:
+        if (column_slice_threshold is not None and count * 2 <= spec.output_dim and
+            count < plan.world_size):
           self.assertLessEqual(max(s.size for s in shards), column_slice_threshold * 1.5 + spec.input_dim)
       else:
         self.assertLen(shards, plan.world_size, "row slices go to every worker")
@@ -96,6 +100,19 @@ class PlannerInvariantTest(parameterized.TestCase):
       self.assertLessEqual(max(loads) - min(loads), max(sizes))
       basic = [sum(s.size for s in w) for w in planner.make_plan(tables, world_size).shards]
       self.assertLessEqual(max(loads), max(basic))
+
+  def test_column_slices_never_outnumber_workers(self):
+    # 800 elements under a threshold of 45 would want 16 slices; width 8 allows 8; the worker
+    # count caps them, and no worker holds two slices of one table.
+    tables = [TableSpec(100, 8), TableSpec(5, 8), TableSpec(10, 8), TableSpec(25, 4)]
+    for world_size, strategy in ((2, "basic"), (3, "memory_balanced"), (4, "memory_balanced")):
+      plan = planner.make_plan(tables, world_size, strategy, column_slice_threshold=45)
+      slices = [s for w in plan.shards for s in w if s.table == 0]
+      self.assertLen(slices, world_size)
+      self.assertEqual(8, sum(s.width for s in slices))
+      for worker in plan.shards:
+        tables_here = [s.table for s in worker]
+        self.assertEqual(len(tables_here), len(set(tables_here)))
 
   def test_shared_tables_through_input_table_map(self):
     plan = planner.make_plan([TableSpec(10, 4), TableSpec(20, 4)], 2,

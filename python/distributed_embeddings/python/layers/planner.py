@@ -5,8 +5,9 @@ A table is placed whole, in column slices, in row slices, or replicated:
     parallel; their gradients are all-reduced);
   * tables larger than `row_slice_threshold` are split by rows across all workers;
   * tables larger than `column_slice_threshold` are split into a power-of-two number of column
-    slices, each at most the threshold; with no threshold and fewer tables than workers, the largest
-    tables are halved until every worker can get a slice;
+    slices, each at most the threshold, capped at the number of workers (so with, say, 6 workers
+    a table may get 6 slices over the threshold); with no threshold and fewer tables than
+    workers, the largest tables are halved until every worker can get a slice;
   * the resulting shards are assigned to workers by `strategy`: 'basic' (round-robin in order),
     'memory_balanced' (round-robin from the largest down) or 'memory_optimized' (each shard, largest
     first, to the least-loaded worker).
@@ -152,7 +153,8 @@ def make_plan(tables: Sequence[TableSpec], world_size: int, strategy: str = "bas
     else:
       model_parallel.append(t)
 
-  # Column slicing: a power-of-two number of slices, each at most the threshold.
+  # Column slicing: a power-of-two number of slices, each at most the threshold, but never more
+  # slices than workers (as in the reference API), since a worker would hold two of them.
   pieces = {t: 1 for t in model_parallel}
   if column_slice_threshold is not None and world_size > 1:  # One worker: nothing to spread.
     for t in model_parallel:
@@ -167,6 +169,7 @@ def make_plan(tables: Sequence[TableSpec], world_size: int, strategy: str = "bas
         break
       widest = max(candidates, key=lambda t: (tables[t].size / pieces[t], -t))
       pieces[widest] *= 2
+  pieces = {t: min(count, world_size) for t, count in pieces.items()}
 
   units = []
   for t in model_parallel:
