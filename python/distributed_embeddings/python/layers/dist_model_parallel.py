@@ -90,6 +90,11 @@ def _mark_model_parallel(variable):
   _MODEL_PARALLEL_VARIABLES[id(variable)] = weakref.ref(variable)
 
 
+def _slot_prefix(variable):
+  """Keras names an optimizer slot '<its variable's path with _ for />_<slot name>'."""
+  return variable.path.replace("/", "_") + "_"
+
+
 def is_model_parallel(variable):
   """True for the shard variables of a DistributedEmbedding with more than one worker."""
   variable = _tf_variable(variable)
@@ -549,15 +554,14 @@ class DistributedEmbedding(keras.layers.Layer):
     return self._shard_vars + [self._replicated_vars[t] for t in sorted(self._replicated_vars)]
 
   def _slot_variables(self, optimizer):
-    """{slot name: {id(layer variable): optimizer variable}}. Keras names a slot
-    '<variable path with _ for />_<slot>' and gives it the variable's shape."""
+    """{slot name: {id(layer variable): optimizer variable}}; a slot has its variable's shape."""
     if not self.built:
       self.build()
     if not optimizer.built:
       optimizer.build(self.trainable_variables)
     slots = {}
     for var in self._all_vars():
-      prefix = var.path.replace("/", "_") + "_"
+      prefix = _slot_prefix(var)
       for slot in optimizer.variables:
         if slot.name.startswith(prefix) and tuple(slot.shape) == tuple(var.shape):
           slots.setdefault(slot.name[len(prefix):], {})[id(var)] = slot
@@ -725,7 +729,7 @@ def DistributedOptimizer(optimizer, communicator=None, *, name=None, device_dens
 def broadcast_variables(variables, root_rank=0, communicator=None):
   """Gives every worker `root_rank`'s values of `variables`, skipping sharded tables (each worker
   owns different shards). Call on every worker."""
-  comm = communicator or comm_lib.default_communicator()
+  comm = _communicator(communicator, "broadcast_variables")
   for v in variables:
     if not is_model_parallel(v):
       v.assign(comm.broadcast(tf.convert_to_tensor(v), root_rank))
@@ -752,8 +756,7 @@ class BroadcastGlobalVariablesCallback(keras.callbacks.Callback):
     variables = list(self.model.variables)
     optimizer = getattr(self.model, "optimizer", None)
     if optimizer is not None:
-      # Keras names a slot '<its variable's path with _ for />_<slot name>'.
-      sharded = tuple(v.path.replace("/", "_") + "_" for v in variables if is_model_parallel(v))
+      sharded = tuple(_slot_prefix(v) for v in variables if is_model_parallel(v))
       variables += [v for v in optimizer.variables if not v.name.startswith(sharded)]
     broadcast_variables(variables, root_rank=self.root_rank, communicator=self.communicator)
     self.broadcast_done = True

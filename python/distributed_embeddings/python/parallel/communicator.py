@@ -265,9 +265,7 @@ class Communicator:
       raise RuntimeError("broadcast_object runs eagerly only; call it outside tf.function.")
     payload = np.frombuffer(pickle.dumps(obj), np.uint8) if self.rank == root else None
     size = self.broadcast(tf.constant([0 if payload is None else payload.size], tf.int64), root)
-    data = np.zeros(int(size[0]), np.int32)
-    if payload is not None:
-      data[:] = payload
+    data = payload.astype(np.int32) if payload is not None else np.zeros(int(size[0]), np.int32)
     received = self.broadcast(tf.constant(data), root).numpy().astype(np.uint8)
     return obj if self.rank == root else pickle.loads(received.tobytes())
 
