@@ -464,6 +464,8 @@ class DistributedEmbeddingTest(test_util.TestCase):
     self.assertIn("worker 0", str(layer.plan))
     with self.assertRaisesRegex(ValueError, "'strategy' must be one of"):
       dmp.DistributedEmbedding(layers, strategy="fastest")
+    with self.assertRaisesRegex(TypeError, "DistributedEmbedding: 'communicator' must be a"):
+      dmp.DistributedEmbedding(layers, communicator="grpc")
     with self.assertRaisesRegex(ValueError, "expected 5 inputs; got 1"):
       layer([tf.constant([[1]])])
     # Settings the shards would not honour are errors, not silently dropped.

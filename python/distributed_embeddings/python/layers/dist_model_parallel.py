@@ -184,7 +184,7 @@ class DistributedEmbedding(keras.layers.Layer):
                **kwargs):
     super().__init__(autocast=False, **kwargs)
     self.supports_jit = False  # Custom ops and collectives: no XLA.
-    self.communicator = communicator or comm_lib.default_communicator()
+    self.communicator = _communicator(communicator, "DistributedEmbedding")
     self.world_size = self.communicator.world_size
     self.rank = self.communicator.rank
     self.dp_input = dp_input
