@@ -151,5 +151,30 @@ class CommunicatorTest(test_util.TestCase):
     self.assertLessEqual(used[0], 2 + comm_lib._SIZE_BUCKETS)  # pylint: disable=protected-access
 
 
+class WorkerPlacementTest(absltest.TestCase):
+
+  def test_local_rank_prefers_the_most_specific_variable(self):
+    local_rank = comm_lib.local_rank
+    self.assertEqual(5, local_rank(5, {}))
+    self.assertEqual(5, local_rank(5, {"DE_LOCAL_RANK": ""}))
+    self.assertEqual(2, local_rank(5, {"OMPI_COMM_WORLD_LOCAL_RANK": "2"}))
+    self.assertEqual(1, local_rank(5, {"LOCAL_RANK": "1", "OMPI_COMM_WORLD_LOCAL_RANK": "2"}))
+    self.assertEqual(0, local_rank(5, {"DE_LOCAL_RANK": "0", "LOCAL_RANK": "1"}))
+
+  def test_local_rank_rejects_a_value_that_is_not_an_index(self):
+    for value in ("one", "-1", "1.5"):
+      with self.assertRaisesRegex(ValueError, f"LOCAL_RANK must be a worker index; got '{value}'"):
+        comm_lib.local_rank(0, {"LOCAL_RANK": value})
+
+  def test_each_worker_takes_a_gpu_by_local_rank(self):
+    placement = comm_lib.worker_placement
+    self.assertEqual((None, "CPU:0", "auto"), placement(3, 0, {}))
+    # Four workers on a host with 4 GPUs: one each; with 2 GPUs, round robin.
+    self.assertEqual([0, 1, 2, 3], [placement(r, 4, {})[0] for r in range(4)])
+    self.assertEqual([0, 1, 0, 1], [placement(r, 2, {})[0] for r in range(4)])
+    # A second host's workers (global ranks 4..7) count from 0 by their local rank.
+    self.assertEqual((2, "GPU:0", "nccl"), placement(6, 4, {"DE_LOCAL_RANK": "2"}))
+
+
 if __name__ == "__main__":
   absltest.main()

@@ -9,6 +9,7 @@ import numpy as np
 import tensorflow as tf
 
 from distributed_embeddings import dist_model_parallel as dmp
+from distributed_embeddings.python.parallel import communicator as comm_lib
 import dist_case
 
 
@@ -52,7 +53,8 @@ def main():
                                    callbacks=[backup, CrashOnce()])
   else:
     tables, kernel = dist_case.fit(comm)
-  np.savez(os.path.join(args.out, f"rank{comm.rank}.npz"), kernel=kernel, *tables)
+  np.savez(os.path.join(args.out, f"rank{comm.rank}.npz"), kernel=kernel,
+           local_rank=comm_lib.local_rank(-1), *tables)
   return 0
 
 

@@ -39,6 +39,8 @@ class MultiProcessTest(test_util.TestCase):
       self.assertAllClose(ref_kernel, saved["kernel"], rtol=1e-5, atol=1e-6)
       for t, ref in enumerate(ref_tables):
         self.assertAllClose(ref, saved[f"arr_{t}"], rtol=1e-5, atol=1e-6)
+      # The launcher tells each worker its index on this host (it picks the worker's GPU).
+      self.assertEqual(rank, int(saved["local_rank"]))
 
   @parameterized.parameters(2, 4)
   def test_every_mode_matches_one_worker(self, n):

@@ -1,8 +1,9 @@
 """Starts N local workers of a training script: `python -m distributed_embeddings.launch -n 4 train.py ARGS`.
 
 Each worker is a process with TF_CONFIG naming all workers (free localhost ports) and its own
-index; the script calls `distributed_embeddings.dist_model_parallel.init_from_env()`. Output is
-streamed with a `[rank N]` prefix. If a worker exits with an error the launcher says which, stops
+index, and DE_LOCAL_RANK, which picks its GPU on a GPU host; the script calls
+`distributed_embeddings.dist_model_parallel.init_from_env()`. Output is streamed with a
+`[rank N]` prefix. If a worker exits with an error the launcher says which, stops
 the others at once and exits with that worker's code, so a dead worker never leaves the rest
 hanging in a collective.
 """
@@ -62,6 +63,8 @@ def launch(num_workers, command, env=None):
     worker_env["TF_CONFIG"] = json.dumps({"cluster": {"worker": workers},
                                           "task": {"type": "worker", "index": rank}})
     worker_env["PYTHONUNBUFFERED"] = "1"
+    # All workers share this host: the local rank picks each one's GPU (init_from_env).
+    worker_env["DE_LOCAL_RANK"] = str(rank)
     p = subprocess.Popen(command, env=worker_env, stdout=subprocess.PIPE,
                          stderr=subprocess.STDOUT)
     processes.append(p)

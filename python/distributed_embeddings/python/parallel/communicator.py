@@ -318,12 +318,70 @@ def set_default_communicator(communicator):
   _DEFAULT = communicator
 
 
+# Where a process learns its index among the workers on its own host, most specific first: our
+# launcher, then torchrun's and Open MPI's conventions.
+_LOCAL_RANK_VARIABLES = ("DE_LOCAL_RANK", "LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK")
+
+
+def local_rank(rank, environ=None):
+  """This worker's index among the workers on its host (the first variable set in
+  _LOCAL_RANK_VARIABLES), else its global `rank`, right when every worker runs on one host."""
+  import os  # pylint: disable=import-outside-toplevel
+  environ = os.environ if environ is None else environ
+  for name in _LOCAL_RANK_VARIABLES:
+    value = environ.get(name)
+    if value is None or value == "":
+      continue
+    try:
+      index = int(value)
+    except ValueError:
+      raise ValueError(f"Environment variable {name} must be a worker index; got {value!r}") \
+          from None
+    if index < 0:
+      raise ValueError(f"Environment variable {name} must be a worker index; got {value!r}")
+    return index
+  return rank
+
+
+def worker_placement(rank, num_gpus, environ=None):
+  """(GPU index to use or None, local device name, communication hint) for worker `rank`.
+
+  With GPUs each worker takes one of its host's GPUs by local rank (round robin when there are
+  more workers than GPUs) and exchanges over NCCL; without, it stays on its CPU and TensorFlow
+  picks the collective implementation (ring over gRPC).
+  """
+  if num_gpus <= 0:
+    return None, "CPU:0", "auto"
+  return local_rank(rank, environ) % num_gpus, "GPU:0", "nccl"
+
+
+def _pin_to_gpu(gpu_index):
+  """Makes GPU `gpu_index` this process's only visible GPU (GPU:0); returns the device to use.
+
+  Once TensorFlow has initialized its devices the choice is fixed; then the worker addresses its
+  GPU by index instead, and variables created without a device scope land on GPU:0, so say so.
+  """
+  gpus = tf.config.list_physical_devices("GPU")
+  try:
+    tf.config.set_visible_devices(gpus[gpu_index], "GPU")
+    return "GPU:0"
+  except RuntimeError:
+    if gpu_index != 0:
+      import warnings  # pylint: disable=import-outside-toplevel
+      warnings.warn(f"init_from_env: TensorFlow had already initialized its devices, so this "
+                    f"worker could not be limited to GPU {gpu_index}; call init_from_env before "
+                    f"any other TensorFlow work.", RuntimeWarning, stacklevel=3)
+    return f"GPU:{gpu_index}"
+
+
 def init_from_env():
   """Joins the workers named by TF_CONFIG (as `distributed_embeddings.launch` sets it).
 
   Each process calls this once, before creating variables. It connects the processes over gRPC
   for TensorFlow's collective ops, makes the resulting communicator the default one, and returns
-  it. Without TF_CONFIG the process is the only worker.
+  it. Without TF_CONFIG the process is the only worker. On a host with GPUs each worker keeps one
+  of them (by local rank: `DE_LOCAL_RANK`, which the launcher sets, `LOCAL_RANK` or
+  `OMPI_COMM_WORLD_LOCAL_RANK`, else its task index), and collectives run on it over NCCL.
   """
   import json  # pylint: disable=import-outside-toplevel
   import os  # pylint: disable=import-outside-toplevel
@@ -337,6 +395,9 @@ def init_from_env():
     communicator = Communicator(0, 1)
   else:
     rank = int(config["task"]["index"])
+    gpu_index, device, hint = worker_placement(rank, len(tf.config.list_physical_devices("GPU")))
+    if gpu_index is not None:
+      device = _pin_to_gpu(gpu_index)
     leader = "/job:worker/replica:0/task:0"
     cluster = tf.train.ClusterSpec({"worker": workers})
     # The group leader must be in the server's session config: configure_collective_ops alone
@@ -349,8 +410,7 @@ def init_from_env():
                                                  protocol="grpc")
     context.context().configure_collective_ops(collective_leader=leader)
     context.context().enable_collective_ops(server_def)
-    hint = "nccl" if tf.config.list_physical_devices("GPU") else "auto"
     communicator = Communicator(rank, len(workers), new_group_key(),
-                                f"/job:worker/replica:0/task:{rank}/device:CPU:0", hint)
+                                f"/job:worker/replica:0/task:{rank}/device:{device}", hint)
   set_default_communicator(communicator)
   return communicator
