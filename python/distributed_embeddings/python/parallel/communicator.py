@@ -20,6 +20,7 @@ cross-device deadlocks.
 """
 
 import itertools
+import os
 import pickle
 import threading
 
@@ -324,9 +325,11 @@ _LOCAL_RANK_VARIABLES = ("DE_LOCAL_RANK", "LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_R
 
 
 def local_rank(rank, environ=None):
-  """This worker's index among the workers on its host (the first variable set in
-  _LOCAL_RANK_VARIABLES), else its global `rank`, right when every worker runs on one host."""
-  import os  # pylint: disable=import-outside-toplevel
+  """This worker's index among the workers on its host.
+
+  The first of _LOCAL_RANK_VARIABLES that is set, else the global `rank` (right when every worker
+  runs on one host).
+  """
   environ = os.environ if environ is None else environ
   for name in _LOCAL_RANK_VARIABLES:
     value = environ.get(name)
@@ -384,7 +387,6 @@ def init_from_env():
   `OMPI_COMM_WORLD_LOCAL_RANK`, else its task index), and collectives run on it over NCCL.
   """
   import json  # pylint: disable=import-outside-toplevel
-  import os  # pylint: disable=import-outside-toplevel
   from tensorflow.core.protobuf import config_pb2  # pylint: disable=import-outside-toplevel
   from tensorflow.core.protobuf import tensorflow_server_pb2  # pylint: disable=import-outside-toplevel
   from tensorflow.python.eager import context  # pylint: disable=import-outside-toplevel
