@@ -4,6 +4,8 @@ Workers are threads on logical CPU devices (also run by MirroredStrategy), commu
 TensorFlow's collective ops.
 """
 
+from unittest import mock
+
 from absl.testing import absltest
 from absl.testing import parameterized
 import keras
@@ -112,6 +114,24 @@ class DistributedEmbeddingTest(test_util.TestCase):
         bags = ids[t][rank * local:(rank + 1) * local]
         expected = [weights[t][b].mean(0) if len(b) else np.zeros(shapes[t][1]) for b in bags]
         self.assertAllClose(np.array(expected), o, rtol=1e-5)
+
+  def test_stacked_variables_stop_growing_at_the_cap(self):
+    # Cap 100 elements: 10x4 + 10x4 share one variable, 20x4 would pass the cap and starts the
+    # next, 30x4 is over the cap alone; the 8-wide table has its own width.
+    shapes = [(10, 4), (10, 4), (20, 4), (30, 4), (5, 8)]
+    self.enter_context(mock.patch.object(dmp, "_MAX_FUSED_ELEMENTS", 100))
+    layer = dmp.DistributedEmbedding([de.Embedding(r, w, combiner="sum") for r, w in shapes])
+    layer.build()
+    self.assertEqual([(20, 4), (20, 4), (30, 4), (5, 8)],
+                     [tuple(v.shape) for v in layer.trainable_variables])
+    rng = np.random.default_rng(3)
+    weights = [rng.standard_normal(shape).astype(np.float32) for shape in shapes]
+    layer.set_weights(weights)
+    ids = [rng.integers(0, r, (6, 3)) for r, _ in shapes]
+    for t, out in enumerate(layer([tf.constant(x) for x in ids])):
+      self.assertAllClose(weights[t][ids[t]].sum(1), out, rtol=1e-6)
+    for t, w in enumerate(layer.get_weights()):
+      self.assertAllEqual(weights[t], w)
 
   def test_fused_tables_reject_ids_of_their_neighbours(self):
     layer = dmp.DistributedEmbedding([de.Embedding(10, 4, combiner="sum"),

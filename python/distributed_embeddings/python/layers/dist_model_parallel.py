@@ -79,6 +79,14 @@ def _add_to_ids(ids, delta):
 # Elements written to a variable at a time by set_weights (the reference API's default).
 _SET_WEIGHTS_CHUNK = 134217728
 
+# The most elements tables are stacked to in one shared variable (32 MiB of float32); a larger
+# table keeps a variable of its own. Keras 3 optimizers apply even a sparse gradient with some
+# whole-variable ops (Adagrad: sqrt(accumulator + epsilon)), so each step allocates temporaries the
+# size of the variable, and above glibc's 32 MiB mmap ceiling every one of them is fresh memory:
+# stacking 8 tables of 200k x 32 into one variable made an Adagrad step 3.5x slower (4.9M page
+# faults against 0.8M, BENCHMARKS.md). Lookups gain little from larger stacks.
+_MAX_FUSED_ELEMENTS = 8 * 2**20
+
 
 def _tf_variable(variable):
   inner = getattr(variable, "_value", None)
@@ -215,7 +223,8 @@ class DistributedEmbedding(keras.layers.Layer):
     if self.built:
       return
     # Whole tables and column slices of one width share a variable (rows stacked), so a worker
-    # looks all of them up in one kernel call; row slices keep their own variables.
+    # looks all of them up in one kernel call; row slices keep their own variables. A shared
+    # variable stops growing at _MAX_FUSED_ELEMENTS (see there).
     self._slots = [None] * len(self.local_shards)  # per local shard: (variable, first row)
     groups = {}
     for k, s in enumerate(self.local_shards):
@@ -224,9 +233,14 @@ class DistributedEmbedding(keras.layers.Layer):
                               name=f"table{s.table}_r{s.row_begin}_c{s.col_begin}")
         self._slots[k] = (var, 0)
         self._fused_count[id(var)] = 1
-      else:
-        groups.setdefault(s.width, []).append(k)
-    for width, members in sorted(groups.items()):
+        continue
+      by_width = groups.setdefault(s.width, [[]])
+      if by_width[-1] and (sum(self.local_shards[m].rows for m in by_width[-1]) + s.rows) * \
+          s.width > _MAX_FUSED_ELEMENTS:
+        by_width.append([])
+      by_width[-1].append(k)
+    groups = [(width, members) for width, split in sorted(groups.items()) for members in split]
+    for width, members in groups:
       parts = [(self.local_shards[k].rows, self._initializer(self.local_shards[k].table))
                for k in members]
       tables = "_".join(str(self.local_shards[k].table) for k in members)
