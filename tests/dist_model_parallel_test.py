@@ -399,6 +399,69 @@ class DistributedEmbeddingTest(test_util.TestCase):
     for value in comm_lib.run_in_threads(2, work):
       self.assertAllClose(-0.5 * 1.5 * np.array([1.0, 2.0, 3.0]), value)
 
+  def test_distributed_adagrad_updates_only_the_touched_rows(self):
+    rows, width, lr, initial, epsilon = 40, 3, 0.1, 0.1, 1e-7
+    rng = np.random.default_rng(7)
+    start = rng.normal(size=(rows, width)).astype(np.float32)
+    # Ids repeat within a step (shared tables, or stock Embedding gradients): Adagrad squares the
+    # summed gradient of a row, not each piece.
+    steps = [(rng.integers(0, rows // 2, size=12), rng.normal(size=(12, width)).astype(np.float32))
+             for _ in range(4)]
+
+    table = keras.Variable(start)
+    bias = keras.Variable(np.ones(2, np.float32))
+    optimizer = dmp.DistributedOptimizer(
+        keras.optimizers.Adagrad(lr, initial_accumulator_value=initial, epsilon=epsilon),
+        comm_lib.Communicator(0, 1))
+
+    @tf.function
+    def step(ids, values):
+      grad = tf.IndexedSlices(values, ids, tf.constant([rows, width], tf.int64))
+      optimizer.apply([grad, tf.constant([1.0, -2.0])], [table, bias])
+
+    for ids, values in steps:
+      step(tf.constant(ids, tf.int64), tf.constant(values))
+
+    # Float64 reference of the Adagrad rule on the dense (summed) gradient.
+    ref, acc = start.astype(np.float64), np.full((rows, width), initial)
+    ref_bias, acc_bias = np.ones(2), np.full(2, initial)
+    for ids, values in steps:
+      grad = np.zeros((rows, width))
+      np.add.at(grad, ids, values.astype(np.float64))
+      acc += grad * grad
+      ref -= lr * grad / np.sqrt(acc + epsilon)
+      acc_bias += np.array([1.0, 4.0])
+      ref_bias -= lr * np.array([1.0, -2.0]) / np.sqrt(acc_bias + epsilon)
+    self.assertAllClose(ref, table.numpy(), rtol=1e-5, atol=1e-6)
+    self.assertAllClose(ref_bias, bias.numpy(), rtol=1e-5, atol=1e-6)
+    self.assertAllEqual(start[rows // 2:], table.numpy()[rows // 2:])  # never touched
+    accumulators = {v.path: v.numpy() for v in optimizer.variables if v.shape == (rows, width)}
+    self.assertLen(accumulators, 1)
+    self.assertAllClose(acc, next(iter(accumulators.values())), rtol=1e-5, atol=1e-6)
+
+    # No op in the step works on the whole table: square roots only of touched rows.
+    ids, values = steps[0]
+    graph = step.get_concrete_function(tf.constant(ids, tf.int64), tf.constant(values)).graph
+    sqrt_shapes = [op.outputs[0].shape.as_list() for op in graph.get_operations()
+                   if op.type in ("Sqrt", "Rsqrt")]
+    self.assertIn([None, width], sqrt_shapes)
+    self.assertNotIn([rows, width], sqrt_shapes)
+
+  def test_distributed_optimizer_keeps_dense_rules_of_other_optimizers(self):
+    # Adam's Keras update decays the moments of every row, touched or not: left as Keras has it.
+    def train(optimizer):
+      table = keras.Variable(np.arange(12, dtype=np.float32).reshape(6, 2))
+      for ids in ([0, 1], [2, 2], [5, 0]):
+        grad = tf.IndexedSlices(tf.ones([2, 2]), tf.constant(ids, tf.int64),
+                                tf.constant([6, 2], tf.int64))
+        optimizer.apply([grad], [table])
+      return table.numpy()
+
+    stock = train(keras.optimizers.Adam(0.1))
+    self.assertAllEqual(stock, train(dmp.DistributedOptimizer(keras.optimizers.Adam(0.1))))
+    # Row 1 has a gradient in the first step only, a step of lr; its momentum moves it on.
+    self.assertTrue(np.all(np.array([2.0, 3.0]) - stock[1] > 0.11), stock[1])
+
   def test_distributed_gradient_tape_reference_api(self):
     with self.assertRaisesRegex(ValueError, "'compression' is not supported"):
       dmp.DistributedGradientTape(tf.GradientTape(), compression="fp16")

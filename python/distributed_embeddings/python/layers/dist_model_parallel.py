@@ -650,6 +650,42 @@ def _reduce_gradients(grads, variables, communicator):
   return out
 
 
+def _unique_rows(gradient):
+  """A sparse gradient with each row index once, its values summed."""
+  indices, positions = tf.unique(gradient.indices)
+  values = tf.math.unsorted_segment_sum(gradient.values, positions, tf.shape(indices)[0])
+  return indices, values
+
+
+def _sparse_adagrad_step(optimizer, gradient, variable, learning_rate):
+  """Keras Adagrad's update on the rows a sparse gradient touches only.
+
+  Keras 3 applies even an `IndexedSlices` gradient with whole-variable ops (the square root of
+  the whole accumulator every step), which for a large table costs more than the rest of the
+  step. A row without gradient is left unchanged by that update (its accumulator gains 0 and
+  its step is 0), so updating only the touched rows, with the same float operations in the same
+  order, gives the same variable and accumulator.
+  """
+  # pylint: disable=protected-access
+  accumulator = optimizer._accumulators[optimizer._get_variable_index(variable)]
+  accumulator = _tf_variable(accumulator)
+  variable = _tf_variable(variable)
+  lr = tf.cast(learning_rate, variable.dtype)
+  indices, values = _unique_rows(gradient)
+  values = tf.cast(values, variable.dtype)
+  new_accumulator = tf.gather(accumulator, indices) + tf.square(values)
+  accumulator.scatter_update(tf.IndexedSlices(new_accumulator, indices))
+  variable.scatter_sub(
+      tf.IndexedSlices((lr * values) / tf.sqrt(new_accumulator + optimizer.epsilon), indices))
+
+
+# Optimizers whose update of a sparse gradient DistributedOptimizer replaces by one that touches
+# only the gradient's rows and gives the same result. Exact types: a subclass may change the rule.
+# Not here: Adam, RMSprop and SGD with momentum, whose Keras updates move every row each step
+# (decaying moments), so a rows-only update would change the numbers.
+_SPARSE_UPDATE_STEPS = {keras.optimizers.Adagrad: _sparse_adagrad_step}
+
+
 def _communicator(communicator, api):
   if communicator is not None and not isinstance(communicator, comm_lib.Communicator):
     raise TypeError(f"{api}: 'communicator' must be a Communicator or None; got "
@@ -710,6 +746,10 @@ def DistributedOptimizer(optimizer, communicator=None, *, name=None, device_dens
   batch. As in the reference API, `optimizer` itself is left as it was; since its state would not
   carry over, wrapping one that has already been used is an error.
 
+  With Keras's `Adagrad`, a sparse gradient (an embedding table's `IndexedSlices`) updates only
+  the rows it touches; Keras's own update gives the same numbers but runs over the whole table
+  every step. Other optimizers apply their own rules unchanged.
+
   The keyword arguments are the reference (Horovod) API's: `name`, `device_dense`,
   `device_sparse`, `sparse_as_dense` and `average_aggregated_gradients` are accepted and have no
   effect here; `compression`, `gradient_predivide_factor` and `backward_passes_per_step` must keep
@@ -726,6 +766,7 @@ def DistributedOptimizer(optimizer, communicator=None, *, name=None, device_dens
     raise ValueError("DistributedOptimizer: 'optimizer' has already been used (it has state); "
                      "wrap it before training.")
   base = type(optimizer)
+  sparse_update_step = _SPARSE_UPDATE_STEPS.get(base)
 
   class _DistributedOptimizer(base):
 
@@ -734,6 +775,11 @@ def DistributedOptimizer(optimizer, communicator=None, *, name=None, device_dens
           self._trainable_variables
       return super().apply(_reduce_gradients(list(grads), list(variables), comm),
                            trainable_variables)
+
+    def update_step(self, gradient, variable, learning_rate):  # pylint: disable=missing-function-docstring
+      if sparse_update_step is not None and isinstance(gradient, tf.IndexedSlices):
+        return sparse_update_step(self, gradient, variable, learning_rate)
+      return super().update_step(gradient, variable, learning_rate)
 
   _DistributedOptimizer.__name__ = base.__name__
   _DistributedOptimizer.__qualname__ = base.__qualname__
