@@ -447,6 +447,16 @@ class DistributedEmbeddingTest(test_util.TestCase):
     self.assertIn([None, width], sqrt_shapes)
     self.assertNotIn([rows, width], sqrt_shapes)
 
+    # Float16 gradient pieces (mixed precision) are summed in the table's float32: 2049 + 1
+    # pieces of 1.0 would stay at 2048 in float16.
+    table = keras.Variable(np.zeros((2, 1), np.float32))
+    optimizer = dmp.DistributedOptimizer(keras.optimizers.Adagrad(1.0, epsilon=0.0),
+                                         comm_lib.Communicator(0, 1))
+    optimizer.apply([tf.IndexedSlices(tf.ones([2050, 1], tf.float16), tf.zeros([2050], tf.int64),
+                                      tf.constant([2, 1], tf.int64))], [table])
+    accumulator = [v for v in optimizer.variables if v.shape == (2, 1)][0]
+    self.assertAllClose([[0.1 + 2050.0**2], [0.1]], accumulator.numpy(), rtol=1e-6)
+
   def test_distributed_optimizer_keeps_dense_rules_of_other_optimizers(self):
     # Adam's Keras update decays the moments of every row, touched or not: left as Keras has it.
     def train(optimizer):

@@ -671,8 +671,10 @@ def _sparse_adagrad_step(optimizer, gradient, variable, learning_rate):
   accumulator = _tf_variable(accumulator)
   variable = _tf_variable(variable)
   lr = tf.cast(learning_rate, variable.dtype)
-  indices, values = _unique_rows(gradient)
-  values = tf.cast(values, variable.dtype)
+  # Summed in the variable's dtype, as Keras's dense gradient would be (float16 under mixed
+  # precision would lose the small pieces).
+  indices, values = _unique_rows(
+      tf.IndexedSlices(tf.cast(gradient.values, variable.dtype), gradient.indices))
   new_accumulator = tf.gather(accumulator, indices) + tf.square(values)
   accumulator.scatter_update(tf.IndexedSlices(new_accumulator, indices))
   variable.scatter_sub(
