@@ -132,7 +132,7 @@ def build_model(cards, width, communicator, data_parallel_threshold, stock=False
     embeddings = dmp.DistributedEmbedding(
         [de.Embedding(c, width, combiner="sum" if f not in MULTI_HOT else "mean",
                       embeddings_initializer=initializer) for f, c in enumerate(cards)],
-        strategy="memory_optimized", data_parallel_threshold=data_parallel_threshold,
+        strategy="balanced", data_parallel_threshold=data_parallel_threshold,
         communicator=communicator, name="embeddings")
   x = bottom(dense_in)
   pooled = embeddings(cat_in)

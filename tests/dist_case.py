@@ -20,6 +20,8 @@ MODES = {
     "mixed": dict(column_slice_threshold=200, row_slice_threshold=500,
                   data_parallel_threshold=100, strategy="memory_balanced"),
     "shared_tables": dict(input_table_map=[0, 1, 2, 3, 4, 0, 2]),
+    "balanced": dict(strategy="balanced", column_slice_threshold=150,
+                     input_table_map=[0, 1, 2, 3, 4, 0, 2]),
     "model_parallel_input": dict(dp_input=False, column_slice_threshold=150),
 }
 

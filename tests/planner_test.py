@@ -101,6 +101,40 @@ class PlannerInvariantTest(parameterized.TestCase):
       basic = [sum(s.size for s in w) for w in planner.make_plan(tables, world_size).shards]
       self.assertLessEqual(max(loads), max(basic))
 
+  def test_balanced_spreads_small_tables_by_output_width(self):
+    # Four large tables of unequal size and twelve small ones, all of width 16, on four workers.
+    # 'memory_optimized' gives every small table to the worker with the smallest large one (its
+    # all-to-all block, which every worker pads to, is 13 tables wide); 'balanced' gives each
+    # worker three, at the cost of three small tables' memory.
+    large = [TableSpec(rows, 16) for rows in (100_000, 90_000, 80_000, 70_000)]
+    tables = large + [TableSpec(100, 16) for _ in range(12)]
+    widths = lambda plan: sorted(sum(s.width for s in w) for w in plan.shards)
+    peak = lambda plan: max(plan.bytes_per_worker())
+    optimized = planner.make_plan(tables, 4, "memory_optimized")
+    balanced = planner.make_plan(tables, 4, "balanced")
+    self.assertEqual([16, 16, 16, 13 * 16], widths(optimized))
+    self.assertEqual([64, 64, 64, 64], widths(balanced))
+    self.assertLessEqual(peak(balanced), peak(optimized) + 4 * 3 * 100 * 16)
+    self.assertEqual([[t] for t in range(4)],
+                     [[s.table for s in w if s.table < 4] for w in balanced.shards])
+
+  def test_balanced_counts_a_shared_table_once_per_input(self):
+    # Three equal tables on two workers, table 0 read by two inputs: its rows go out twice, so
+    # it is as wide as tables 1 and 2 together.
+    tables = [TableSpec(20, 4)] * 3
+    plan = planner.make_plan(tables, 2, "balanced", input_table_map=[0, 1, 2, 0])
+    self.assertEqual([[0], [1, 2]], [[s.table for s in w] for w in plan.shards])
+    unshared = planner.make_plan(tables, 2, "balanced")
+    self.assertEqual([[0, 2], [1]], [[s.table for s in w] for w in unshared.shards])
+
+  def test_balanced_puts_slices_of_a_table_on_different_workers(self):
+    # Two slices of 3000 elements (table 0) and two of 1000 (table 1) on three workers: by the
+    # two loads alone both slices of table 1 would join the third worker.
+    tables = [TableSpec(3000, 2), TableSpec(1000, 2)]
+    plan = planner.make_plan(tables, 3, "balanced", column_slice_threshold=1000)
+    self.assertEqual([[0, 1], [0], [1]], [[s.table for s in w] for w in plan.shards])
+    self.assertTrue(all(s.kind == "column_slice" for w in plan.shards for s in w))
+
   def test_column_slices_never_outnumber_workers(self):
     # 800 elements under a threshold of 45 would want 16 slices; width 8 allows 8; the worker
     # count caps them, and no worker holds two slices of one table.

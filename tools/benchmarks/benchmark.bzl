@@ -1,13 +1,13 @@
 """A benchmark program plus the smoke test that keeps it runnable."""
 
-def py_benchmark(name, smoke_test_size = "medium"):
+def py_benchmark(name, smoke_test_size = "medium", deps = []):
     """`name`: a py_binary from name.py, run with `bazel run`; `name_smoke_test`: the same program
     with --quick (one tiny case, no timing asserted) in `bazel test`."""
     native.py_binary(
         name = name,
         srcs = [name + ".py"],
         python_version = "PY3",
-        deps = ["//python:distributed_embeddings"],
+        deps = ["//python:distributed_embeddings"] + deps,
     )
     native.py_test(
         name = name + "_smoke_test",
@@ -16,5 +16,5 @@ def py_benchmark(name, smoke_test_size = "medium"):
         args = ["--quick"],
         main = name + ".py",
         python_version = "PY3",
-        deps = ["//python:distributed_embeddings"],
+        deps = ["//python:distributed_embeddings"] + deps,
     )

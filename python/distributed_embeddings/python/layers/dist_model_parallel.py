@@ -173,7 +173,8 @@ class DistributedEmbedding(keras.layers.Layer):
   Args:
     embeddings: list of embedding layers (ours, keras.layers.Embedding, or any layer whose
       get_config has input_dim and output_dim; a 'combiner' entry pools the last input axis).
-    strategy: 'basic', 'memory_balanced' or 'memory_optimized' (see planner.py).
+    strategy: 'basic', 'memory_balanced', 'memory_optimized' or 'balanced' (memory and
+      all-to-all width together; see planner.py).
     column_slice_threshold: largest column slice, in elements; None slices only when there are
       more workers than tables.
     row_slice_threshold: tables larger than this (elements) are split by rows across all workers.
