@@ -457,6 +457,33 @@ class DistributedEmbeddingTest(test_util.TestCase):
     accumulator = [v for v in optimizer.variables if v.shape == (2, 1)][0]
     self.assertAllClose([[0.1 + 2050.0**2], [0.1]], accumulator.numpy(), rtol=1e-6)
 
+  def test_distributed_adagrad_equals_keras_adagrad_on_unique_ids(self):
+    # Each id once per gradient, as our lookups' gradients have them: Keras's own whole-table
+    # update and the rows-only one give the same table and accumulator, bit for bit (eagerly),
+    # also with clipping, int32 ids and an empty gradient.
+    rng = np.random.default_rng(3)
+    start = rng.normal(size=(30, 4)).astype(np.float32)
+    steps = [rng.permutation(30)[:n] for n in (12, 0, 7, 20)]
+    values = [rng.normal(size=(len(ids), 4)).astype(np.float32) for ids in steps]
+
+    def train(wrap, index_dtype):
+      table = keras.Variable(start)
+      optimizer = keras.optimizers.Adagrad(0.3, clipnorm=2.0, epsilon=1e-3)
+      if wrap:
+        optimizer = dmp.DistributedOptimizer(optimizer, comm_lib.Communicator(0, 1))
+      for ids, vals in zip(steps, values):
+        optimizer.apply([tf.IndexedSlices(tf.constant(vals), tf.constant(ids, index_dtype),
+                                          tf.constant([30, 4], index_dtype))], [table])
+      accumulator, = [v.numpy() for v in optimizer.variables if v.shape == (30, 4)]
+      return table.numpy(), accumulator
+
+    for index_dtype in (tf.int32, tf.int64):
+      keras_table, keras_accumulator = train(False, index_dtype)
+      ours_table, ours_accumulator = train(True, index_dtype)
+      self.assertAllEqual(keras_table, ours_table)
+      self.assertAllEqual(keras_accumulator, ours_accumulator)
+      self.assertFalse(np.array_equal(start, ours_table))
+
   def test_distributed_optimizer_keeps_dense_rules_of_other_optimizers(self):
     # Adam's Keras update decays the moments of every row, touched or not: left as Keras has it.
     def train(optimizer):

@@ -665,7 +665,8 @@ def _sparse_adagrad_step(optimizer, gradient, variable, learning_rate):
   the whole accumulator every step), which for a large table costs more than the rest of the
   step. A row without gradient is left unchanged by that update (its accumulator gains 0 and
   its step is 0), so updating only the touched rows, with the same float operations in the same
-  order, gives the same variable and accumulator.
+  order, gives the same variable and accumulator when each id appears once. Repeated ids are
+  summed before squaring (the Adagrad rule, and legacy tf.keras's); Keras 3 squares each piece.
   """
   # pylint: disable=protected-access
   accumulator = optimizer._accumulators[optimizer._get_variable_index(variable)]
@@ -683,7 +684,8 @@ def _sparse_adagrad_step(optimizer, gradient, variable, learning_rate):
 
 
 # Optimizers whose update of a sparse gradient DistributedOptimizer replaces by one that touches
-# only the gradient's rows and gives the same result. Exact types: a subclass may change the rule.
+# only the gradient's rows (same result for unique ids). Exact types: a subclass may change the
+# rule.
 # Not here: Adam, RMSprop and SGD with momentum, whose Keras updates move every row each step
 # (decaying moments), so a rows-only update would change the numbers.
 _SPARSE_UPDATE_STEPS = {keras.optimizers.Adagrad: _sparse_adagrad_step}
@@ -750,8 +752,10 @@ def DistributedOptimizer(optimizer, communicator=None, *, name=None, device_dens
   carry over, wrapping one that has already been used is an error.
 
   With Keras's `Adagrad`, a sparse gradient (an embedding table's `IndexedSlices`) updates only
-  the rows it touches; Keras's own update gives the same numbers but runs over the whole table
-  every step. Other optimizers apply their own rules unchanged.
+  the rows it touches; Keras's own update runs over the whole table every step and, for a
+  gradient with each id once, gives the same numbers (repeated ids are summed before squaring
+  here, as the Adagrad rule says; Keras 3 squares each piece). Other optimizers apply their own
+  rules unchanged.
 
   The keyword arguments are the reference (Horovod) API's: `name`, `device_dense`,
   `device_sparse`, `sparse_as_dense` and `average_aggregated_gradients` are accepted and have no

@@ -118,7 +118,8 @@ def _place_balanced(units, uses, world_size):
   small tables onto whichever worker holds the least memory, so the widest block can be several
   times the average (5.9x for 26 Criteo-like tables on 8 workers). Small tables barely move the
   memory bottleneck, so here they spread by width; large ones still go where memory is lowest.
-  A unit's width counts once per input that reads its table. Slices of one table go to
+  A unit's width counts once per input that reads its table (an input without a combiner sends
+  hotness x width, but its hotness is not known when planning). Slices of one table go to
   different workers while any worker has none.
   """
   total_memory = sum(u.size for u in units) or 1
