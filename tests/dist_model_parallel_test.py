@@ -484,6 +484,71 @@ class DistributedEmbeddingTest(test_util.TestCase):
       self.assertAllEqual(keras_accumulator, ours_accumulator)
       self.assertFalse(np.array_equal(start, ours_table))
 
+  def test_lazy_adam_updates_only_the_touched_rows(self):
+    rows, width, lr, b1, b2, eps = 20, 3, 0.05, 0.8, 0.9, 1e-4
+    rng = np.random.default_rng(11)
+    start = rng.normal(size=(rows, width)).astype(np.float32)
+    # Ids repeat within a step, and rows 15-19 never get a gradient.
+    steps = [(rng.integers(0, 15, size=9), rng.normal(size=(9, width)).astype(np.float32))
+             for _ in range(5)]
+
+    for amsgrad in (False, True):
+      table = keras.Variable(start)
+      optimizer = dmp.DistributedOptimizer(
+          keras.optimizers.Adam(lr, beta_1=b1, beta_2=b2, epsilon=eps, amsgrad=amsgrad),
+          comm_lib.Communicator(0, 1), lazy_sparse_updates=True)
+      step = tf.function(lambda ids, values: optimizer.apply(
+          [tf.IndexedSlices(values, ids, tf.constant([rows, width], tf.int64))], [table]))
+      for ids, values in steps:
+        step(tf.constant(ids, tf.int64), tf.constant(values))
+
+      # Float64 reference: summed gradient per row; a row's moments move only when it has one.
+      ref, m, v = start.astype(np.float64), np.zeros((rows, width)), np.zeros((rows, width))
+      v_hat = np.zeros((rows, width))
+      for t, (ids, values) in enumerate(steps, start=1):
+        grad = np.zeros((rows, width))
+        np.add.at(grad, ids, values.astype(np.float64))
+        touched = np.unique(ids)
+        g = grad[touched]
+        m[touched] += (g - m[touched]) * (1 - b1)
+        v[touched] += (g * g - v[touched]) * (1 - b2)
+        v_hat[touched] = np.maximum(v_hat[touched], v[touched])
+        alpha = lr * np.sqrt(1 - b2**t) / (1 - b1**t)
+        denominator = np.sqrt(v_hat[touched] if amsgrad else v[touched]) + eps
+        ref[touched] -= m[touched] * alpha / denominator
+      self.assertAllClose(ref, table.numpy(), rtol=1e-5, atol=1e-6)
+      self.assertAllEqual(start[15:], table.numpy()[15:])
+      moments = {v.path.rsplit("/", 1)[-1].split("_")[-1]: v.numpy() for v in optimizer.variables
+                 if v.shape == (rows, width)}
+      self.assertAllClose(m, moments["momentum"], rtol=1e-5, atol=1e-7)
+      self.assertAllClose(v, moments["velocity"], rtol=1e-5, atol=1e-7)
+
+  def test_lazy_adam_equals_keras_adam_when_every_row_has_a_gradient(self):
+    rng = np.random.default_rng(5)
+    start = rng.normal(size=(16, 4)).astype(np.float32)
+    steps = [(rng.permutation(16), rng.normal(size=(16, 4)).astype(np.float32))
+             for _ in range(4)]
+
+    def train(lazy):
+      table = keras.Variable(start)
+      optimizer = keras.optimizers.Adam(0.01, amsgrad=True)
+      if lazy:
+        optimizer = dmp.DistributedOptimizer(optimizer, comm_lib.Communicator(0, 1),
+                                             lazy_sparse_updates=True)
+      for ids, values in steps:
+        optimizer.apply([tf.IndexedSlices(tf.constant(values), tf.constant(ids, tf.int64),
+                                          tf.constant([16, 4], tf.int64))], [table])
+      return table.numpy()
+
+    self.assertAllEqual(train(False), train(True))
+
+  def test_lazy_sparse_updates_arguments(self):
+    with self.assertRaisesRegex(ValueError, r"'lazy_sparse_updates' is supported for \['Adam'\]; "
+                                r"got SGD"):
+      dmp.DistributedOptimizer(keras.optimizers.SGD(0.1, momentum=0.9), lazy_sparse_updates=True)
+    with self.assertRaisesRegex(TypeError, "'lazy_sparse_updates' must be a bool; got 'yes'"):
+      dmp.DistributedOptimizer(keras.optimizers.Adam(), lazy_sparse_updates="yes")
+
   def test_distributed_optimizer_keeps_dense_rules_of_other_optimizers(self):
     # Adam's Keras update decays the moments of every row, touched or not: left as Keras has it.
     def train(optimizer):

@@ -683,6 +683,45 @@ def _sparse_adagrad_step(optimizer, gradient, variable, learning_rate):
       tf.IndexedSlices((lr * values) / tf.sqrt(new_accumulator + optimizer.epsilon), indices))
 
 
+def _lazy_adam_step(optimizer, gradient, variable, learning_rate):
+  """Lazy Adam: Keras Adam's update on the rows a sparse gradient touches only.
+
+  Unlike Adagrad this changes the numbers: Keras decays every row's moments each step and moves
+  rows that had a gradient earlier, while here untouched rows keep their moments and values (the
+  rule of TF1's LazyAdamOptimizer and of FBGEMM's and SOK's Adam). Touched rows go through
+  Keras's operations in Keras's order, with the step count and bias correction of the whole
+  optimizer, so a gradient that touches every row gives Keras's result.
+  """
+  # pylint: disable=protected-access
+  index = optimizer._get_variable_index(variable)
+  momentum = _tf_variable(optimizer._momentums[index])
+  velocity = _tf_variable(optimizer._velocities[index])
+  variable = _tf_variable(variable)
+  dtype = variable.dtype
+  lr = tf.cast(learning_rate, dtype)
+  local_step = tf.cast(optimizer.iterations + 1, dtype)
+  beta_1_power = tf.pow(tf.cast(optimizer.beta_1, dtype), local_step)
+  beta_2_power = tf.pow(tf.cast(optimizer.beta_2, dtype), local_step)
+  alpha = lr * tf.sqrt(1 - beta_2_power) / (1 - beta_1_power)
+  indices, values = _unique_rows(
+      tf.IndexedSlices(tf.cast(gradient.values, dtype), gradient.indices))
+  m = tf.gather(momentum, indices)
+  m = m + (values - m) * (1 - optimizer.beta_1)
+  v = tf.gather(velocity, indices)
+  v = v + (tf.square(values) - v) * (1 - optimizer.beta_2)
+  momentum.scatter_update(tf.IndexedSlices(m, indices))
+  velocity.scatter_update(tf.IndexedSlices(v, indices))
+  if optimizer.amsgrad:
+    velocity_hat = _tf_variable(optimizer._velocity_hats[index])
+    v = tf.maximum(tf.gather(velocity_hat, indices), v)
+    velocity_hat.scatter_update(tf.IndexedSlices(v, indices))
+  variable.scatter_sub(tf.IndexedSlices((m * alpha) / (tf.sqrt(v) + optimizer.epsilon), indices))
+
+
+# Rows-only updates that change the numbers, used only when asked for (`lazy_sparse_updates`).
+_LAZY_UPDATE_STEPS = {keras.optimizers.Adam: _lazy_adam_step}
+
+
 # Optimizers whose update of a sparse gradient DistributedOptimizer replaces by one that touches
 # only the gradient's rows (same result for unique ids). Exact types: a subclass may change the
 # rule.
@@ -745,7 +784,8 @@ class DistributedGradientTape:
 def DistributedOptimizer(optimizer, communicator=None, *, name=None, device_dense="",
                          device_sparse="", compression=None, sparse_as_dense=False,
                          gradient_predivide_factor=1.0, backward_passes_per_step=1,
-                         average_aggregated_gradients=False):  # pylint: disable=invalid-name
+                         average_aggregated_gradients=False,
+                         lazy_sparse_updates=False):  # pylint: disable=invalid-name
   """A new optimizer, built from `optimizer`'s config, that reduces gradients across workers
   before applying them (as DistributedGradientTape does), so `model.fit` trains on the global
   batch. As in the reference API, `optimizer` itself is left as it was; since its state would not
@@ -755,7 +795,10 @@ def DistributedOptimizer(optimizer, communicator=None, *, name=None, device_dens
   the rows it touches; Keras's own update runs over the whole table every step and, for a
   gradient with each id once, gives the same numbers (repeated ids are summed before squaring
   here, as the Adagrad rule says; Keras 3 squares each piece). Other optimizers apply their own
-  rules unchanged.
+  rules unchanged, unless `lazy_sparse_updates=True`: then Keras's `Adam` also updates only the
+  rows a sparse gradient touches, and rows without gradient keep their moments (lazy Adam, as
+  TF1's LazyAdamOptimizer and FBGEMM do). That changes the results, hence opt-in; it is an error
+  for other optimizers.
 
   The keyword arguments are the reference (Horovod) API's: `name`, `device_dense`,
   `device_sparse`, `sparse_as_dense` and `average_aggregated_gradients` are accepted and have no
@@ -772,8 +815,17 @@ def DistributedOptimizer(optimizer, communicator=None, *, name=None, device_dens
   if optimizer.built:
     raise ValueError("DistributedOptimizer: 'optimizer' has already been used (it has state); "
                      "wrap it before training.")
+  if not isinstance(lazy_sparse_updates, bool):
+    raise TypeError(f"DistributedOptimizer: 'lazy_sparse_updates' must be a bool; got "
+                    f"{lazy_sparse_updates!r}.")
   base = type(optimizer)
   sparse_update_step = _SPARSE_UPDATE_STEPS.get(base)
+  if lazy_sparse_updates:
+    if base not in _LAZY_UPDATE_STEPS:
+      raise ValueError(f"DistributedOptimizer: 'lazy_sparse_updates' is supported for "
+                       f"{sorted(t.__name__ for t in _LAZY_UPDATE_STEPS)}; got "
+                       f"{base.__name__}.")
+    sparse_update_step = _LAZY_UPDATE_STEPS[base]
 
   class _DistributedOptimizer(base):
 
