@@ -651,10 +651,13 @@ def _reduce_gradients(grads, variables, communicator):
   return out
 
 
-def _unique_rows(gradient):
-  """A sparse gradient with each row index once, its values summed."""
+def _unique_rows(gradient, dtype):
+  """A sparse gradient's row indices, each once, and its values summed per row in `dtype` (the
+  variable's, as Keras's dense gradient would be: float16 pieces under mixed precision would lose
+  the small ones)."""
   indices, positions = tf.unique(gradient.indices)
-  values = tf.math.unsorted_segment_sum(gradient.values, positions, tf.shape(indices)[0])
+  values = tf.math.unsorted_segment_sum(tf.cast(gradient.values, dtype), positions,
+                                        tf.shape(indices)[0])
   return indices, values
 
 
@@ -673,10 +676,7 @@ def _sparse_adagrad_step(optimizer, gradient, variable, learning_rate):
   accumulator = _tf_variable(accumulator)
   variable = _tf_variable(variable)
   lr = tf.cast(learning_rate, variable.dtype)
-  # Summed in the variable's dtype, as Keras's dense gradient would be (float16 under mixed
-  # precision would lose the small pieces).
-  indices, values = _unique_rows(
-      tf.IndexedSlices(tf.cast(gradient.values, variable.dtype), gradient.indices))
+  indices, values = _unique_rows(gradient, variable.dtype)
   new_accumulator = tf.gather(accumulator, indices) + tf.square(values)
   accumulator.scatter_update(tf.IndexedSlices(new_accumulator, indices))
   variable.scatter_sub(
@@ -703,8 +703,7 @@ def _lazy_adam_step(optimizer, gradient, variable, learning_rate):
   beta_1_power = tf.pow(tf.cast(optimizer.beta_1, dtype), local_step)
   beta_2_power = tf.pow(tf.cast(optimizer.beta_2, dtype), local_step)
   alpha = lr * tf.sqrt(1 - beta_2_power) / (1 - beta_1_power)
-  indices, values = _unique_rows(
-      tf.IndexedSlices(tf.cast(gradient.values, dtype), gradient.indices))
+  indices, values = _unique_rows(gradient, dtype)
   m = tf.gather(momentum, indices)
   m = m + (values - m) * (1 - optimizer.beta_1)
   v = tf.gather(velocity, indices)
@@ -726,7 +725,7 @@ _LAZY_UPDATE_STEPS = {keras.optimizers.Adam: _lazy_adam_step}
 # only the gradient's rows (same result for unique ids). Exact types: a subclass may change the
 # rule.
 # Not here: Adam, RMSprop and SGD with momentum, whose Keras updates move every row each step
-# (decaying moments), so a rows-only update would change the numbers.
+# (decaying moments), so a rows-only update would change the numbers (Adam's is opt-in, above).
 _SPARSE_UPDATE_STEPS = {keras.optimizers.Adagrad: _sparse_adagrad_step}
 
 
