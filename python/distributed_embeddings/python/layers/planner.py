@@ -109,6 +109,11 @@ def _row_split(table_index, spec, pieces):
   return shards
 
 
+def _largest_first(units):
+  """Units by size, largest first; ties in table and column order, so plans are deterministic."""
+  return sorted(units, key=lambda u: (-u.size, u.table, u.col_begin))
+
+
 def _place_balanced(units, uses, world_size):
   """Per worker, its units: each unit, largest first, to the worker where it leaves the sum of
   two bottlenecks lowest, the largest memory load and the widest all-to-all block (each over its
@@ -126,7 +131,7 @@ def _place_balanced(units, uses, world_size):
   total_width = sum(u.width * uses[u.table] for u in units) or 1
   memory, width = [0] * world_size, [0] * world_size
   shards = [[] for _ in range(world_size)]
-  for unit in sorted(units, key=lambda u: (-u.size, u.table, u.col_begin)):
+  for unit in _largest_first(units):
     size, w = unit.size, unit.width * uses[unit.table]
     peak_memory, peak_width = max(memory), max(width)
 
@@ -218,7 +223,7 @@ def make_plan(tables: Sequence[TableSpec], world_size: int, strategy: str = "bas
     for i, unit in enumerate(units):
       shards[i % world_size].append(unit)
   elif strategy == "memory_balanced":
-    ordered = sorted(units, key=lambda u: (-u.size, u.table, u.col_begin))
+    ordered = _largest_first(units)
     for i, unit in enumerate(ordered):
       shards[i % world_size].append(unit)
   elif strategy == "balanced":
@@ -226,7 +231,7 @@ def make_plan(tables: Sequence[TableSpec], world_size: int, strategy: str = "bas
     shards = _place_balanced(units, uses, world_size)
   else:
     loads = [0] * world_size
-    for unit in sorted(units, key=lambda u: (-u.size, u.table, u.col_begin)):
+    for unit in _largest_first(units):
       rank = min(range(world_size), key=lambda r: (loads[r], r))
       shards[rank].append(unit)
       loads[rank] += unit.size
