@@ -148,7 +148,66 @@ class CommunicatorTest(test_util.TestCase):
     used = comm_lib.run_in_threads(2, work)
     # One key for the all-reduce, one for the size exchange, one block for the padded gather.
     self.assertEqual(used[0], used[1])
-    self.assertLessEqual(used[0], 2 + comm_lib._SIZE_BUCKETS)  # pylint: disable=protected-access
+    self.assertLessEqual(used[0], 2 + comm_lib.SIZE_CLASSES)
+
+
+  def test_size_classes_pad_little_and_agree_with_python(self):
+    sizes = list(range(0, 70)) + [127, 128, 129, 1000, 4095, 4096, 4097, 6000, 10**6, 2**40]
+    classes = [comm_lib.size_class(n) for n in sizes]
+    padded = [int(p) for _, p in classes]
+    self.assertEqual([comm_lib.padded_size(n) for n in sizes], padded)
+    for n, p in zip(sizes, padded):
+      self.assertGreaterEqual(p, n)
+      self.assertLessEqual(p, max(n * 1.125, 16))
+    # One class per padded size, within [0, SIZE_CLASSES).
+    by_class = {}
+    for (index, _), p in zip(classes, padded):
+      by_class.setdefault(int(index), set()).add(p)
+    self.assertTrue(all(len(v) == 1 for v in by_class.values()))
+    self.assertLess(max(by_class), comm_lib.SIZE_CLASSES)
+
+  def test_sites_keep_keys_when_workers_retrace_differently(self):
+    # Worker 0 sees three batch sizes (three traces of one tf.function), worker 1 one size: with
+    # a site, both use the same instance keys, and the shapes padded to a size class.
+    batches = {0: [3, 5, 20, 3], 1: [4, 4, 4, 4]}
+    owner = object.__new__(type("Owner", (), {}))
+
+    def work(comm):
+      comm.reserve_keys_for(owner, {"sum#0": comm_lib.SIZE_CLASSES, "largest#0": 1})
+
+      def total(x):
+        largest = comm.all_reduce_max(tf.shape(x, tf.int64)[0], site=comm.site(owner, "largest"))
+        index, padded = comm_lib.size_class(largest)
+        summed = comm.all_reduce(comm_lib.pad_rows(x, padded), size_class=index,
+                                 site=comm.site(owner, "sum"))
+        return tf.reduce_sum(summed)
+
+      traced = tf.function(total, reduce_retracing=False)
+      return [float(traced(tf.ones([n, 2]))) for n in batches[comm.rank]]
+
+    for got in comm_lib.run_in_threads(2, work, timeout=60):
+      self.assertEqual([2.0 * (a + b) for a, b in zip(batches[0], batches[1])], got)
+
+  @parameterized.parameters(2, 4)
+  def test_broadcast_to_receivers_that_hold_nothing(self, n):
+    shape = (3000, 700)  # 8 MiB of float32: several pieces
+
+    def work(comm):
+      root = n - 1
+      mine = tf.constant(_value(comm.rank, shape)) if comm.rank == root else None
+      got = comm.broadcast(mine, root, shape=shape, dtype=tf.float32).numpy()
+      variable = tf.Variable(_value(comm.rank, shape))
+      comm.broadcast_variable(variable, root)
+      return got, variable.numpy()
+
+    for got, variable in comm_lib.run_in_threads(n, work):
+      self.assertAllEqual(_value(n - 1, shape), got)
+      self.assertAllEqual(_value(n - 1, shape), variable)
+
+  def test_timeout_must_be_a_number_of_seconds(self):
+    for bad in (-1, "5", True):
+      with self.assertRaisesRegex(ValueError, "'timeout' must be None or a number of seconds"):
+        comm_lib.Communicator(0, 2, timeout=bad)
 
 
 class WorkerPlacementTest(absltest.TestCase):

@@ -6,6 +6,7 @@ import tensorflow as tf
 
 import distributed_embeddings as de
 from distributed_embeddings.python.layers import dist_model_parallel as dmp
+from distributed_embeddings.python.training import sparse_updates
 
 TABLES = [(50, 8), (30, 4), (64, 16), (10, 8), (100, 4)]  # (rows, width)
 GLOBAL_BATCH = 8
@@ -58,7 +59,7 @@ def sgd_apply(variables, grads, lr):
   """Plain SGD: sparse gradients scattered into their rows, dense ones subtracted."""
   for v, g in zip(variables, grads):
     if isinstance(g, tf.IndexedSlices):
-      dmp._tf_variable(v).scatter_sub(  # pylint: disable=protected-access
+      sparse_updates.backing_variable(v).scatter_sub(
           tf.IndexedSlices(lr * g.values, g.indices, g.dense_shape))
     else:
       v.assign_sub(lr * g)
@@ -99,7 +100,7 @@ def train_worker(comm, mode, combiner, steps=3, lr=0.5, id_format="dense", compi
     outs = step(feed)
     if first is None:
       first = [o.numpy() for o in outs]
-  return first, layer.get_weights()
+  return first, layer.get_weights(all_ranks=True)
 
 
 MODE = dict(column_slice_threshold=200, row_slice_threshold=500, data_parallel_threshold=100)
@@ -143,4 +144,4 @@ def fit(communicator, epochs=2, lr=0.05, optimizer="sgd", callbacks=()):
   y = np.concatenate([target[local] for target in ys])
   model.fit(x, y, batch_size=GLOBAL_BATCH // n, epochs=epochs, shuffle=False, verbose=2,
             callbacks=list(callbacks) + [dmp.BroadcastGlobalVariablesCallback(0, communicator)])
-  return layer.get_weights(), model.layers[-1].kernel.numpy()
+  return layer.get_weights(all_ranks=True), model.layers[-1].kernel.numpy()

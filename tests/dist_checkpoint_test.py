@@ -65,8 +65,8 @@ class _Model(keras.Model):
 
 def _state(parts, comm):
   layer, bottom, top, optimizer = parts
-  slots = layer.get_optimizer_slots(optimizer)
-  return (layer.get_weights(), [s for name in sorted(slots) for s in slots[name]],
+  slots = layer.get_optimizer_slots(optimizer, all_ranks=True)
+  return (layer.get_weights(all_ranks=True), [s for name in sorted(slots) for s in slots[name]],
           [v.numpy() for v in bottom.weights + top.weights], int(optimizer.iterations.numpy()))
 
 

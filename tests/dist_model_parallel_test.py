@@ -13,6 +13,7 @@ import numpy as np
 import tensorflow as tf
 
 import distributed_embeddings as de
+from distributed_embeddings.python.layers import dist_embedding
 from distributed_embeddings.python.layers import dist_model_parallel as dmp
 from distributed_embeddings.python.parallel import communicator as comm_lib
 import dist_case
@@ -22,53 +23,12 @@ comm_lib.configure_logical_devices(4)
 
 TABLES, GLOBAL_BATCH, HOTNESS, MODES = (dist_case.TABLES, dist_case.GLOBAL_BATCH,
                                         dist_case.HOTNESS, dist_case.MODES)
+# What the old per-mode training cases covered is in model_parallel_patterns_test.py, trained the
+# ways users build models; this file tests the layer's own behaviour.
 _inputs, _feed = dist_case.inputs, dist_case.feed_ids
 
 
-def _train(world_size, mode, combiner, **kwargs):
-  """Per worker, (first-step outputs, tables after training); workers are threads."""
-  if world_size == 1:
-    return [dist_case.train_worker(comm_lib.Communicator(0, 1), mode, combiner, **kwargs)]
-  return comm_lib.run_in_threads(
-      world_size, lambda comm: dist_case.train_worker(comm, mode, combiner, **kwargs))
-
-
 class DistributedEmbeddingTest(test_util.TestCase):
-
-  @parameterized.product(mode=list(MODES), world_size=[2, 4], combiner=["sum", "mean"])
-  def test_matches_single_worker(self, mode, world_size, combiner):
-    (ref_out, ref_tables), = _train(1, MODES[mode], combiner)
-    results = _train(world_size, MODES[mode], combiner)
-    local = GLOBAL_BATCH // world_size
-    for rank, (outs, tables) in enumerate(results):
-      for o, r in zip(outs, ref_out):
-        self.assertAllClose(r[rank * local:(rank + 1) * local], o, rtol=1e-5, atol=1e-6)
-      for t, r in zip(tables, ref_tables):
-        self.assertAllClose(r, t, rtol=1e-5, atol=1e-6)
-
-  @parameterized.product(mode=list(MODES), world_size=[2, 4], id_format=["ragged", "sparse"])
-  def test_variable_hotness_matches_single_worker(self, mode, world_size, id_format):
-    combiner = "mean" if id_format == "ragged" else "sum"
-    (ref_out, ref_tables), = _train(1, MODES[mode], combiner, id_format=id_format)
-    results = _train(world_size, MODES[mode], combiner, id_format=id_format)
-    local = GLOBAL_BATCH // world_size
-    for rank, (outs, tables) in enumerate(results):
-      for o, r in zip(outs, ref_out):
-        self.assertAllClose(r[rank * local:(rank + 1) * local], o, rtol=1e-5, atol=1e-6)
-      for t, r in zip(tables, ref_tables):
-        self.assertAllClose(r, t, rtol=1e-5, atol=1e-6)
-
-  @parameterized.parameters("dense", "ragged")
-  def test_tf_function_steps_match_single_worker(self, id_format):
-    # Traced once; the ragged ids change size every step (padded exchange, bucketed keys).
-    mode = MODES["mixed"]
-    (ref_out, ref_tables), = _train(1, mode, "mean", steps=4, id_format=id_format)
-    results = _train(2, mode, "mean", steps=4, id_format=id_format, compiled=True)
-    for rank, (outs, tables) in enumerate(results):
-      for o, r in zip(outs, ref_out):
-        self.assertAllClose(r[rank * 4:(rank + 1) * 4], o, rtol=1e-5, atol=1e-6)
-      for t, r in zip(tables, ref_tables):
-        self.assertAllClose(r, t, rtol=1e-5, atol=1e-6)
 
   def test_ragged_ids_of_a_sharded_table_need_a_combiner(self):
 
@@ -119,7 +79,7 @@ class DistributedEmbeddingTest(test_util.TestCase):
     # Cap 100 elements: 10x4 + 10x4 share one variable, 20x4 would pass the cap and starts the
     # next, 30x4 is over the cap alone; the 8-wide table has its own width.
     shapes = [(10, 4), (10, 4), (20, 4), (30, 4), (5, 8)]
-    self.enter_context(mock.patch.object(dmp, "_MAX_FUSED_ELEMENTS", 100))
+    self.enter_context(mock.patch.object(dist_embedding, "_MAX_FUSED_ELEMENTS", 100))
     layer = dmp.DistributedEmbedding([de.Embedding(r, w, combiner="sum") for r, w in shapes])
     layer.build()
     self.assertEqual([(20, 4), (20, 4), (30, 4), (5, 8)],
@@ -154,7 +114,8 @@ class DistributedEmbeddingTest(test_util.TestCase):
     n, steps, lr = 2, 3, 0.5
     mode = MODES[mode_name]
     input_table_map = mode.get("input_table_map", list(range(len(TABLES))))
-    (ref_out, ref_tables), = _train(1, mode, "mean", steps=steps, lr=lr)
+    ref_out, ref_tables = dist_case.train_worker(comm_lib.Communicator(0, 1), mode, "mean",
+                                                 steps=steps, lr=lr)
     weights, coefs = dist_case.initial_state(input_table_map)
     devices = [f"/cpu:{r}" for r in range(n)]
     group = comm_lib.new_group_key()
@@ -198,7 +159,8 @@ class DistributedEmbeddingTest(test_util.TestCase):
     for rank in range(n):
       self.assertAllClose(expected[rank * local:(rank + 1) * local], first[rank], rtol=1e-5,
                           atol=1e-6)
-    for tables in comm_lib.run_in_threads(n, lambda comm: layers[comm.rank].get_weights()):
+    for tables in comm_lib.run_in_threads(
+        n, lambda comm: layers[comm.rank].get_weights(all_ranks=True)):
       for t, r in zip(tables, ref_tables):
         self.assertAllClose(r, t, rtol=1e-5, atol=1e-6)
 
@@ -229,7 +191,7 @@ class DistributedEmbeddingTest(test_util.TestCase):
                                          communicator=comm, **mode)
         layer.build()
         layer.set_weights(tables)
-        return layer.get_weights()
+        return layer.get_weights(all_ranks=True)
       if world_size == 1:
         return [work(comm_lib.Communicator(0, 1))]
       return comm_lib.run_in_threads(world_size, work)
@@ -258,7 +220,7 @@ class DistributedEmbeddingTest(test_util.TestCase):
       layer.set_weights(paths, chunk=7, use_lock=True)  # 7 elements: many partial writes
       with self.assertRaisesRegex(ValueError, "'chunk' must be a positive integer; got 0"):
         layer.set_weights(paths, chunk=0)
-      return layer.get_weights()
+      return layer.get_weights(all_ranks=True)
 
     for tables in comm_lib.run_in_threads(2, work):
       for t, w in zip(tables, weights):
@@ -630,6 +592,158 @@ class DistributedEmbeddingTest(test_util.TestCase):
     self.assertEqual(2 * 2 * 4 * 28 * 4, got["all_to_all"])
     # Minimum: worker 0 sends 4 rows x 28, worker 1 sends 4 rows x 12, both directions.
     self.assertEqual(2 * (4 * 28 + 4 * 12) * 4, got["minimum"])
+
+  @parameterized.product(
+      mode=["row_sliced", "table_wise", "column_sliced", "data_parallel", "mixed"],
+      id_format=["dense", "ragged", "sparse"], traced=[False, True])
+  def test_ids_outside_their_table_fail_on_every_worker(self, mode, id_format, traced):
+    # Worker 1 gets id 400 for input 1 (a 30-row table, row-sliced in 'row_sliced'); every
+    # worker raises the same InvalidArgumentError, nothing is written, and the next call works.
+    combiner = "mean" if id_format == "ragged" else "sum"
+
+    def work(comm):
+      layer = dmp.DistributedEmbedding([de.Embedding(r, w, combiner=combiner) for r, w in TABLES],
+                                       communicator=comm, **MODES[mode])
+      layer.build()
+      before = layer.get_weights(all_ranks=True)
+      ids = _inputs(3, list(range(len(TABLES))), id_format)
+      local = slice(comm.rank * 4, comm.rank * 4 + 4)
+      good = [_feed(x, local, id_format) for x in ids]
+      bad = list(good)
+      if comm.rank == 1:
+        ids[1] = [list(b) for b in ids[1]] if id_format != "dense" else ids[1].copy()
+        if id_format == "dense":
+          ids[1][5, 0] = 400
+        else:
+          ids[1][5] = [2, 400]
+        bad[1] = _feed(ids[1], local, id_format)
+      call = tf.function(layer.__call__) if traced else layer
+      try:
+        call(bad)
+        error = None
+      except tf.errors.InvalidArgumentError as e:
+        error = str(e)
+      after = layer.get_weights(all_ranks=True)
+      outs = [o.numpy() for o in call(good)]
+      return error, before, after, outs
+
+    for error, before, after, outs in comm_lib.run_in_threads(2, work):
+      self.assertIsNotNone(error)
+      self.assertIn("ids of input 1 must be in [0, 30), the rows of table 1", error)
+      self.assertIn("= 400 on worker 1", error)
+      for b, a in zip(before, after):
+        self.assertAllEqual(b, a)
+      self.assertLen(outs, len(TABLES))
+
+  @parameterized.parameters(False, True)
+  def test_malformed_sparse_ids_fail_on_every_worker_with_our_message(self, traced):
+
+    def work(comm):
+      layer = dmp.DistributedEmbedding([de.Embedding(r, w, combiner="sum") for r, w in TABLES],
+                                       communicator=comm, row_slice_threshold=300)
+      good = [tf.ragged.constant([[1, 2], [3]], dtype=tf.int64).to_sparse()] * len(TABLES)
+      bad = list(good)
+      if comm.rank == 0:  # indices out of row-major order
+        bad[2] = tf.SparseTensor([[1, 0], [0, 0]], tf.constant([1, 2], tf.int64), [2, 2])
+      call = tf.function(layer.__call__) if traced else layer
+      with self.assertRaisesRegex(tf.errors.InvalidArgumentError,
+                                  "input 2 on worker 0 is malformed.*canonical row-major"):
+        call(bad)
+      return [o.numpy() for o in call(good)]
+
+    for outs in comm_lib.run_in_threads(2, work):
+      self.assertLen(outs, len(TABLES))
+
+  @parameterized.parameters(False, True)
+  def test_workers_that_disagree_fail_with_what_differs(self, traced):
+    # Worker 1 builds a different table 2, then feeds input 0 ragged where worker 0 feeds it
+    # dense. Each time every worker raises an error that says what differs, promptly, and the
+    # collectives stay usable.
+    def work(comm):
+      tables = [list(t) for t in TABLES]
+      if comm.rank == 1:
+        tables[2][0] += 1
+      odd = dmp.DistributedEmbedding([de.Embedding(r, w, combiner="sum") for r, w in tables],
+                                     communicator=comm)
+      same = dmp.DistributedEmbedding([de.Embedding(r, w, combiner="sum") for r, w in TABLES],
+                                      communicator=comm)
+      ids = [tf.constant([[1, 2], [3, 4]], tf.int64)] * len(TABLES)
+      errors = []
+      for layer, feed in ((odd, ids), (same, [tf.ragged.constant([[1, 2], [3, 4]])] + ids[1:]
+                                       if comm.rank == 1 else ids)):
+        call = tf.function(layer.__call__) if traced else layer
+        with self.assertRaises(tf.errors.InvalidArgumentError) as raised:
+          call(feed)
+        errors.append(str(raised.exception))
+      return errors, [o.numpy() for o in same(ids)]
+
+    for (plan, formats), outs in comm_lib.run_in_threads(2, work, timeout=60):
+      self.assertIn("the workers disagree on the tables and their placement", plan)
+      self.assertIn("the workers were fed inputs of different structure", formats)
+      self.assertLen(outs, len(TABLES))
+
+  def test_model_parallel_input_without_a_combiner_must_be_one_hot(self):
+
+    def work(comm):
+      layer = dmp.DistributedEmbedding([de.Embedding(r, w) for r, w in TABLES],
+                                       communicator=comm, dp_input=False)
+      feed = [tf.zeros([4, 2], tf.int64) for _ in layer.local_input_indices]
+      with self.assertRaisesRegex(ValueError, r"dp_input=False, input \d+ of table \d+ \(no "
+                                  r"combiner\) must be one-hot: 1-D ids"):
+        layer(feed)
+
+    comm_lib.run_in_threads(2, work)
+
+  def test_replicated_tables_get_their_gradients_sparse(self):
+    # Two replicated tables: each worker's IndexedSlices gradient is gathered, rows of every
+    # worker with values / 2, never a table-sized all-reduce.
+    tables = [(1000, 4), (500, 8)]
+    rng = np.random.default_rng(5)
+    weights = [rng.standard_normal(t).astype(np.float32) for t in tables]
+    ids = [rng.integers(0, r, size=(4, 3)) for r, _ in tables]
+
+    def work(comm):
+      layer = dmp.DistributedEmbedding([de.Embedding(r, w, combiner="sum") for r, w in tables],
+                                       communicator=comm, data_parallel_threshold=10**6)
+      layer.build()
+      layer.set_weights(weights)
+      local = slice(comm.rank * 2, comm.rank * 2 + 2)
+
+      def step(feed):
+        with tf.GradientTape() as tape:
+          loss = sum(tf.reduce_sum(o * (t + 1.0)) for t, o in enumerate(layer(feed)))
+        return dmp.DistributedGradientTape(tape, comm).gradient(loss, layer.trainable_variables)
+
+      feed = [tf.constant(x[local]) for x in ids]
+      graph = tf.function(step).get_concrete_function(feed).graph
+      reduced = [op.outputs[0].shape.as_list() for op in graph.get_operations()
+                 if op.type == "CollectiveReduceV2"]
+      grads = step(feed)
+      return reduced, [(type(g).__name__, g.indices.numpy(), g.values.numpy()) for g in grads]
+
+    for reduced, grads in comm_lib.run_in_threads(2, work):
+      for (rows, width) in tables:
+        self.assertNotIn([rows, width], reduced)
+      for t, (kind, indices, values) in enumerate(grads):
+        self.assertEqual("IndexedSlices", kind)
+        dense = np.zeros(tables[t])
+        np.add.at(dense, indices, values)
+        expected = np.zeros(tables[t])
+        np.add.at(expected, ids[t].reshape(-1), (t + 1.0) / 2)
+        self.assertAllClose(expected, dense, rtol=1e-6)
+
+  def test_get_weights_on_rank_zero_unless_all_ranks(self):
+
+    def work(comm):
+      layer = dmp.DistributedEmbedding([de.Embedding(r, w) for r, w in TABLES],
+                                       communicator=comm, **MODES["mixed"])
+      layer.build()
+      optimizer = keras.optimizers.Adagrad(0.1)
+      return (len(layer.get_weights()), len(layer.get_weights(all_ranks=True)),
+              len(layer.get_optimizer_slots(optimizer)),
+              len(layer.get_optimizer_slots(optimizer, all_ranks=True)))
+
+    self.assertEqual([(5, 5, 1, 1), (0, 5, 0, 1)], comm_lib.run_in_threads(2, work))
 
   def test_package_exports(self):
     self.assertIs(de.dist_model_parallel.DistributedEmbedding, dmp.DistributedEmbedding)

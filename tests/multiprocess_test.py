@@ -1,5 +1,6 @@
 """Workers as separate processes over gRPC, started by distributed_embeddings.launch."""
 
+import json
 import os
 import subprocess
 import sys
@@ -9,20 +10,56 @@ from absl.testing import absltest
 from absl.testing import parameterized
 import numpy as np
 
+from distributed_embeddings import launch
 from distributed_embeddings.python.parallel import communicator as comm_lib
 import dist_case
+import dist_worker
 import test_util
 
 _WORKER = os.path.join(os.path.dirname(os.path.abspath(dist_case.__file__)), "dist_worker.py")
 
 
-def _launch(n, *args, timeout=300):
+def _environment(**extra):
   env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p),
-             TF_CPP_MIN_LOG_LEVEL="3")
+             TF_CPP_MIN_LOG_LEVEL="3", **extra)
   env.pop("PYTHONSAFEPATH", None)
+  return env
+
+
+def _launch(n, *args, timeout=300):
   return subprocess.run([sys.executable, "-m", "distributed_embeddings.launch", "-n", str(n),
-                         _WORKER, *args], env=env, capture_output=True, text=True,
+                         _WORKER, *args], env=_environment(), capture_output=True, text=True,
                         timeout=timeout)
+
+
+def _spawn_workers(n, out, *args, env=None, kill_after=120):
+  """Starts `n` workers with TF_CONFIG as a cluster manager would, without our launcher; returns
+  their exit codes (None for one still running after `kill_after` seconds, then killed) and
+  their output."""
+  workers = [f"127.0.0.1:{port}" for port in launch.free_ports(n)]
+  processes, logs = [], []
+  for rank in range(n):
+    config = {"cluster": {"worker": workers}, "task": {"type": "worker", "index": rank}}
+    logs.append(open(os.path.join(out, f"worker{rank}.log"), "w+"))
+    processes.append(subprocess.Popen(
+        [sys.executable, _WORKER, "--out", out, *args],
+        env=_environment(TF_CONFIG=json.dumps(config), **(env or {})), stdout=logs[-1],
+        stderr=subprocess.STDOUT))
+  deadline = time.monotonic() + kill_after
+  codes = []
+  for p in processes:
+    try:
+      codes.append(p.wait(timeout=max(1, deadline - time.monotonic())))
+    except subprocess.TimeoutExpired:
+      p.kill()
+      p.wait()
+      codes.append(None)
+  output = []
+  for log in logs:
+    log.seek(0)
+    output.append(log.read()[-3000:])
+    log.close()
+  return codes, "\n".join(output)
 
 
 class MultiProcessTest(test_util.TestCase):
@@ -43,23 +80,46 @@ class MultiProcessTest(test_util.TestCase):
       self.assertEqual(rank, int(saved["local_rank"]))
 
   @parameterized.parameters(2, 4)
-  def test_every_mode_matches_one_worker(self, n):
+  def test_user_patterns_train_like_one_worker(self, n):
     out = self.create_tempdir().full_path
-    result = _launch(n, "--out", out, "--mode", "modes")
+    result = _launch(n, "--out", out, "--mode", "patterns", timeout=900)
     self.assertEqual(0, result.returncode, result.stdout + result.stderr)
-    local = dist_case.GLOBAL_BATCH // n
-    saved = [np.load(os.path.join(out, f"rank{rank}.npz")) for rank in range(n)]
-    for name, mode in dist_case.MODES.items():
-      for id_format, combiner in (("dense", "sum"), ("ragged", "mean")):
-        outs, tables = dist_case.train_worker(comm_lib.Communicator(0, 1), mode, combiner,
-                                              id_format=id_format)
-        for rank in range(n):
-          for k, ref in enumerate(outs):
-            self.assertAllClose(ref[rank * local:(rank + 1) * local],
-                                saved[rank][f"{name}/{id_format}/{k}"], rtol=1e-5, atol=1e-6)
-          for k, ref in enumerate(tables, start=len(outs)):
-            self.assertAllClose(ref, saved[rank][f"{name}/{id_format}/{k}"], rtol=1e-5,
-                                atol=1e-6)
+    for rank in range(n):
+      with open(os.path.join(out, f"rank{rank}.json")) as f:
+        report = json.load(f)
+      self.assertEqual(sorted(dist_worker.pattern_cases(n)), sorted(report))
+      for name, got in report.items():
+        # Largest difference, relative to 1 + |reference|, of any output or weight.
+        self.assertLess(got["error"], 5e-5, f"{name} on worker {rank}")
+        self.assertTrue(got["sharded"], name)
+
+  def test_a_dead_peer_fails_the_others_quickly_without_a_launcher(self):
+    # As under a cluster manager: nothing stops worker 0 when worker 1 dies, yet its next
+    # collective fails within seconds (the default collective timeout is 30 minutes), with an
+    # error that names the dead worker.
+    out = self.create_tempdir().full_path
+    codes, output = _spawn_workers(2, out, "--mode", "peer_dies",
+                                   env={"DE_PEER_CHECK_SECONDS": "1"})
+    self.assertEqual([0, 3], codes, output)
+    with open(os.path.join(out, "rank0.json")) as f:
+      result = json.load(f)
+    self.assertEqual("UnavailableError", result["error"])
+    self.assertIn("worker 1 (/job:worker/replica:0/task:1) is gone", result["message"])
+    self.assertIn("restart all workers", result["message"])
+    self.assertLess(result["seconds"], 30)
+
+  def test_a_hung_peer_fails_the_others_at_the_collective_timeout(self):
+    out = self.create_tempdir().full_path
+    start = time.monotonic()
+    codes, output = _spawn_workers(2, out, "--mode", "stuck",
+                                   env={"DE_COLLECTIVE_TIMEOUT_SECONDS": "3"}, kill_after=60)
+    self.assertEqual(0, codes[0], output)
+    with open(os.path.join(out, "rank0.json")) as f:
+      result = json.load(f)
+    self.assertEqual("DeadlineExceededError", result["error"])
+    self.assertIn("timed out", result["message"])
+    self.assertLess(result["seconds"], 20)
+    self.assertLess(time.monotonic() - start, 100)
 
   def test_dead_worker_stops_the_run_quickly(self):
     start = time.monotonic()

@@ -1,5 +1,6 @@
 """Model-parallel embeddings: `distributed_embeddings.dist_model_parallel`."""
 
+# pylint: disable=unused-import
 from distributed_embeddings.python.layers.dist_checkpoint import BackupAndRestore
 from distributed_embeddings.python.layers.dist_checkpoint import restore_checkpoint
 from distributed_embeddings.python.layers.dist_checkpoint import save_checkpoint

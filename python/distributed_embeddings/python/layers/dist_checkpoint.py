@@ -15,7 +15,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from distributed_embeddings.python.layers import dist_model_parallel as dmp_lib
+from distributed_embeddings.python.layers import dist_embedding
 from distributed_embeddings.python.parallel import communicator as comm_lib
 
 _FORMAT_VERSION = 1
@@ -24,16 +24,16 @@ _FORMAT_VERSION = 1
 def _distributed_layers(model):
   """The model's DistributedEmbedding layers, in its layer order (their keys are positions)."""
   return [l for l in model._flatten_layers(include_self=False)  # pylint: disable=protected-access
-          if isinstance(l, dmp_lib.DistributedEmbedding)]
+          if isinstance(l, dist_embedding.DistributedEmbedding)]
 
 
 def _other_state(model, optimizer, layers):
   """{key: variable} of everything outside the DistributedEmbedding tables and their slots."""
   owned = set()
   for layer in layers:
-    owned.update(id(v) for v in layer._all_vars())  # pylint: disable=protected-access
+    owned.update(id(v) for v in layer.table_variables)
     if optimizer is not None:
-      for by_var in layer._slot_variables(optimizer).values():  # pylint: disable=protected-access
+      for by_var in layer.optimizer_slot_variables(optimizer).values():
         owned.update(id(v) for v in by_var.values())
   # Keyed by position, not name: automatic layer names depend on what else the process built,
   # and without the tables and their slots the order is the same on any worker count.

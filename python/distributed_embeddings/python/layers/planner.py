@@ -242,3 +242,58 @@ def make_plan(tables: Sequence[TableSpec], world_size: int, strategy: str = "bas
   for worker in shards:
     worker.sort(key=lambda u: (u.table, u.row_begin, u.col_begin))
   return Plan(world_size, tables, input_table_map, shards, data_parallel)
+
+
+# Settings of a wrapped layer that its shards would not honour, with the values that are safe:
+# silently training a frozen or regularized table as a plain one would be worse than an error.
+_UNSUPPORTED_SETTINGS = {"embeddings_regularizer": None, "activity_regularizer": None,
+                         "embeddings_constraint": None, "mask_zero": False, "trainable": True}
+
+
+def table_configs(embeddings):
+  """The configs of embedding layers `embeddings` and the planner's view of their tables."""
+  configs = []
+  for i, layer in enumerate(embeddings):
+    config = layer.get_config()
+    if "input_dim" not in config or "output_dim" not in config:
+      raise ValueError(f"embeddings[{i}] ({type(layer).__name__}) must have input_dim and "
+                       "output_dim in its config.")
+    for key, supported in _UNSUPPORTED_SETTINGS.items():
+      if config.get(key, supported) != supported:
+        raise ValueError(f"embeddings[{i}] ({type(layer).__name__}) has {key}={config[key]!r}, "
+                         f"which DistributedEmbedding does not apply; it must be {supported!r}.")
+    configs.append(config)
+  return configs, [TableSpec(int(c["input_dim"]), int(c["output_dim"])) for c in configs]
+
+
+class DistEmbeddingStrategy:
+  """The placement of `embeddings` (embedding layers) on `world_size` workers, without building
+  anything: `.plan` (a printable Plan) is what DistributedEmbedding would execute.
+
+  Per worker rank r, as the reference API names them: `table_ids[r]` lists the tables with a
+  shard on r (each once), and `input_ids_list[r]` the inputs r is fed with dp_input=False, in
+  the order DistributedEmbedding takes them.
+  """
+
+  def __init__(self, embeddings, world_size, strategy="basic", input_table_map=None,
+               column_slice_threshold=None, row_slice_threshold=None,
+               data_parallel_threshold=None, gpu_embedding_size=None):
+    _, specs = table_configs(embeddings)
+    self.strategy = strategy
+    self.world_size = world_size
+    self.column_slice_threshold = column_slice_threshold
+    self.row_slice_threshold = row_slice_threshold
+    self.data_parallel_threshold = data_parallel_threshold
+    self.gpu_embedding_size = gpu_embedding_size  # Accepted for the reference API; unused.
+    self.plan = make_plan(specs, world_size, strategy, column_slice_threshold,
+                          row_slice_threshold, data_parallel_threshold, input_table_map)
+    self.input_table_map = list(self.plan.input_table_map)
+    self.inputs_of_table = {}  # table -> the inputs looked up in it
+    for i, t in enumerate(self.input_table_map):
+      self.inputs_of_table.setdefault(t, []).append(i)
+    self.table_ids = [list(dict.fromkeys(s.table for s in shards)) for shards in self.plan.shards]
+    self.input_ids_list = [sorted({i for t in tables for i in self.inputs_of_table[t]})
+                           for tables in self.table_ids]
+
+  def __str__(self):
+    return str(self.plan)

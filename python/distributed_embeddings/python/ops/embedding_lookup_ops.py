@@ -90,10 +90,16 @@ def _lookup_ragged(param, ids, width, combiner, bounds_check):
   return output
 
 
+def sparse_row_splits(indices, dense_shape):
+  """int64 row_splits (CSR) of a 2-D SparseTensor's `indices`; an InvalidArgumentError names
+  an index outside `dense_shape` or out of canonical row-major order."""
+  return _ops.de_sparse_row_splits(indices, dense_shape, out_type=tf.int64)
+
+
 def _lookup_sparse(param, ids, width, combiner, bounds_check):
   _check_ids_dtype(ids.values.dtype)
   # Validates bounds and canonical order of the indices, and gives the CSR row_splits.
-  row_splits = _ops.de_sparse_row_splits(ids.indices, ids.dense_shape, out_type=tf.int64)
+  row_splits = sparse_row_splits(ids.indices, ids.dense_shape)
   if combiner is None:
     values = _pooled_lookup(param, ids.values, _unit_splits(tf.size(ids.values), tf.int64), "sum",
                             bounds_check)

@@ -1,0 +1,1 @@
+"""Training with model-parallel embeddings: gradient reduction, optimizers, broadcasts."""
