@@ -26,6 +26,8 @@ CASES = {
     "subclassed_table_wise": Case(dict(), TWO),
     "subclassed_traced_with_a_partial_batch": Case(dict(), [[6, 6], [6, 6], [2, 2]], graph=True),
     "local_batches_that_differ": Case(dict(), [[7, 5], [3, 9]], graph=True),
+    "a_worker_with_an_empty_batch": Case(dict(row_slice_threshold=200), [[0, 6], [6, 0], [3, 3]],
+                                         graph=True),
     "column_slices": Case(dict(column_slice_threshold=30), TWO),
     "row_slices": Case(dict(row_slice_threshold=1), TWO),
     "data_parallel": Case(dict(data_parallel_threshold=100000), TWO),

@@ -60,7 +60,7 @@ _F_VERSION, _F_WORLD, _F_PLAN, _F_FEED, _F_BATCH, _F_VALUES = range(6)
 _F_ERROR, _F_INPUT, _F_POSITION, _F_VALUE = range(6, 10)
 _CHECK_FIELDS = 10
 _CHECK_VERSION = 1
-_NO_ERROR, _BAD_ID, _MALFORMED = 0, 1, 2
+_NO_ERROR, _BAD_ID, _MALFORMED, _UNEQUAL_BATCH = 0, 1, 2, 3
 
 # Collective instance keys of one layer, per call site and per call in one traced function: the
 # check, the id and value gathers, and the row-slice all-reduce and the all-to-all with their
@@ -468,7 +468,8 @@ class DistributedEmbedding(keras.layers.Layer):
     values = tf.concat(ids, axis=0)
     limits = tf.repeat(tf.constant([self.plan.tables[self.plan.input_table_map[f.index]].input_dim
                                     for f in feeds], tf.int64), sizes)
-    bad = tf.logical_or(values < 0, values >= limits)
+    # A sentinel keeps argmax defined when a worker holds no ids at all.
+    bad = tf.concat([tf.logical_or(values < 0, values >= limits), [False]], 0)
     first = tf.argmax(tf.cast(bad, tf.int32), output_type=tf.int64)
     starts = tf.cumsum(sizes, exclusive=True)
     feed = tf.searchsorted(tf.cumsum(sizes), first[tf.newaxis], side="right",
@@ -506,7 +507,8 @@ class DistributedEmbedding(keras.layers.Layer):
         mine = tf.where(tf.logical_and(tf.not_equal(f.batch, batch),
                                        tf.equal(mine[_F_ERROR], _NO_ERROR)),
                         tf.tensor_scatter_nd_update(mine, [[_F_ERROR], [_F_INPUT], [_F_VALUE]],
-                                                    tf.stack([tf.constant(3, tf.int64),
+                                                    tf.stack([tf.constant(_UNEQUAL_BATCH,
+                                                                          tf.int64),
                                                               tf.constant(f.index, tf.int64),
                                                               f.batch])), mine)
     table = tf.reshape(self.communicator.all_gather(mine, site=self._site("check")),
@@ -578,7 +580,7 @@ class DistributedEmbedding(keras.layers.Layer):
              "SparseTensor's indices must lie inside its dense_shape (at most 2**31 - 1 rows), in "
              "canonical row-major order (tf.sparse.reorder), each position once.",
              (row[_F_INPUT], worker))),
-        (tf.equal(row[_F_ERROR], 3),
+        (tf.equal(row[_F_ERROR], _UNEQUAL_BATCH),
          lambda: tf.strings.format(
              "DistributedEmbedding: every input of a worker must have the same batch; on worker "
              "{} input {} has {} rows, input 0 has {}.",
