@@ -4,6 +4,7 @@ Workers are threads on logical CPU devices (also run by MirroredStrategy), commu
 TensorFlow's collective ops.
 """
 
+import time
 from unittest import mock
 
 from absl.testing import absltest
@@ -693,6 +694,92 @@ class DistributedEmbeddingTest(test_util.TestCase):
         layer(feed)
 
     comm_lib.run_in_threads(2, work)
+
+  @parameterized.parameters(False, True)
+  def test_ids_whose_hotness_or_format_changes_between_calls(self, traced):
+    # The same layer sees dense ids of hotness 2, then 3, then ragged ids: each collective's
+    # shape follows from its size class, so no instance key meets two shapes.
+    rng = np.random.default_rng(2)
+    weights = [rng.standard_normal(shape).astype(np.float32) for shape in TABLES]
+    batches = [[rng.integers(0, r, size=(4, h)) for r, _ in TABLES] for h in (2, 3)]
+    batches.append([[list(rng.integers(0, r, size=n)) for n in (0, 3, 1, 2)]
+                    for r, _ in TABLES])
+
+    def work(comm):
+      layer = dmp.DistributedEmbedding([de.Embedding(r, w, combiner="sum") for r, w in TABLES],
+                                       communicator=comm, row_slice_threshold=300)
+      layer.build()
+      layer.set_weights(weights)
+      call = tf.function(layer.__call__, reduce_retracing=True) if traced else layer
+      local = slice(comm.rank * 2, comm.rank * 2 + 2)
+      outs = []
+      for ids in batches:
+        fmt = "ragged" if isinstance(ids[0], list) else "dense"
+        outs.append([o.numpy() for o in call([_feed(x, local, fmt) for x in ids])])
+      return outs
+
+    for rank, outs in enumerate(comm_lib.run_in_threads(2, work, timeout=60)):
+      for ids, got in zip(batches, outs):
+        for t, (x, o) in enumerate(zip(ids, got)):
+          bags = x[rank * 2:rank * 2 + 2]
+          expected = [weights[t][list(b)].sum(0) if len(b) else np.zeros(TABLES[t][1])
+                      for b in bags]
+          self.assertAllClose(np.array(expected), o, rtol=1e-5)
+
+  @parameterized.parameters(False, True)
+  def test_a_mistake_found_on_one_worker_fails_every_worker_at_once(self, traced):
+    # With dp_input=False each worker checks only its own inputs: worker 0 passes 2-D ids to a
+    # table without a combiner. It raises its ValueError and worker 1 learns of it in the check,
+    # instead of waiting in a collective; afterwards both work.
+    layers = [de.Embedding(r, w) for r, w in TABLES]
+
+    def work(comm):
+      layer = dmp.DistributedEmbedding(layers, communicator=comm, dp_input=False)
+      good = [tf.zeros([4], tf.int64) for _ in layer.local_input_indices]
+      bad = [tf.zeros([4, 2], tf.int64) for _ in layer.local_input_indices] \
+          if comm.rank == 0 else good
+      call = tf.function(layer.__call__) if traced else layer
+      start = time.monotonic()
+      try:
+        call(bad)
+        error = None
+      except (ValueError, tf.errors.InvalidArgumentError) as e:
+        error = (type(e).__name__, str(e))
+      return error, time.monotonic() - start, [o.shape for o in layer(good)]
+
+    for rank, (error, seconds, shapes) in enumerate(comm_lib.run_in_threads(2, work,
+                                                                           timeout=60)):
+      self.assertIsNotNone(error)
+      self.assertLess(seconds, 30)
+      if traced:
+        self.assertEqual("InvalidArgumentError", error[0])
+      else:
+        self.assertEqual("ValueError", error[0])
+      text = "must be one-hot" if rank == 0 else "worker 0 could not use its inputs"
+      if not (traced and rank == 0):
+        self.assertIn(text, error[1])
+      self.assertLen(shapes, len(TABLES))
+
+  def test_model_parallel_inputs_of_one_worker_need_one_batch(self):
+
+    def work(comm):
+      layer = dmp.DistributedEmbedding([de.Embedding(r, w, combiner="sum") for r, w in TABLES],
+                                       communicator=comm, dp_input=False)
+      feed = [tf.zeros([4 if k == 0 else 8, 2], tf.int64)
+              for k, _ in enumerate(layer.local_input_indices)]
+      if len(feed) < 2:
+        feed = [tf.zeros([4, 2], tf.int64)] * len(feed)
+      with self.assertRaisesRegex(tf.errors.InvalidArgumentError,
+                                  "every input of a worker must have the same batch"):
+        layer(feed)
+
+    comm_lib.run_in_threads(2, work)
+
+  def test_many_layers_on_one_communicator(self):
+    # Keys are reserved per layer; layers that are gone leave room for new ones.
+    comm = comm_lib.Communicator(0, 2, comm_lib.new_group_key())
+    for _ in range(300):
+      dmp.DistributedEmbedding([de.Embedding(10, 4)], communicator=comm)
 
   def test_replicated_tables_get_their_gradients_sparse(self):
     # Two replicated tables: each worker's IndexedSlices gradient is gathered, rows of every

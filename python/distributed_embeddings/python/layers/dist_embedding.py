@@ -60,17 +60,13 @@ _F_VERSION, _F_WORLD, _F_PLAN, _F_FEED, _F_BATCH, _F_VALUES = range(6)
 _F_ERROR, _F_INPUT, _F_POSITION, _F_VALUE = range(6, 10)
 _CHECK_FIELDS = 10
 _CHECK_VERSION = 1
-_NO_ERROR, _BAD_ID, _MALFORMED, _UNEQUAL_BATCH = 0, 1, 2, 3
+_NO_ERROR, _BAD_ID, _MALFORMED, _UNEQUAL_BATCH, _STRUCTURE = 0, 1, 2, 3, 4
 
-# Collective instance keys of one layer, per call site and per call in one traced function: the
-# check, the id and value gathers, and the row-slice all-reduce and the all-to-all with their
-# gradients.
-_CALLS_PER_FUNCTION = 4
-_SITE_KEYS = {f"{name}#{call}": keys for call in range(_CALLS_PER_FUNCTION)
-              for name, keys in (("check", 1), ("ids", comm_lib.SIZE_CLASSES),
-                                 ("values", comm_lib.SIZE_CLASSES),
-                                 ("row_slices", 2 * comm_lib.SIZE_CLASSES),
-                                 ("exchange", 2 * comm_lib.SIZE_CLASSES))}
+# Collective instance keys of one layer's call sites, reserved when it is created: the check,
+# the id and value gathers, and the row-slice all-reduce and the all-to-all with their
+# gradients. A second call of the layer in one traced function takes further keys then.
+_SITE_KEYS = {"check#0": 1, "ids#0": comm_lib.SIZE_CLASSES, "values#0": comm_lib.SIZE_CLASSES,
+              "row_slices#0": 2 * comm_lib.SIZE_CLASSES, "exchange#0": 2 * comm_lib.SIZE_CLASSES}
 
 
 def _fingerprint(*parts):
@@ -118,6 +114,17 @@ class _Feed:
   hotness: int = 1
   one_hot: bool = False
   structure_ok: tf.Tensor = None
+
+
+def _padded_rows(tensor, parts):
+  """`tensor` as `parts` rows, each flattened and padded to the size class of its length;
+  returns (rows, class, length). A collective on these rows sees a shape that follows from
+  the class alone, whatever the batch or the widths, so the class can pick its instance key
+  and one key never sees two shapes."""
+  rows = tf.reshape(tensor, [parts, -1])
+  length = tf.shape(rows, out_type=tf.int64)[1]
+  index, padded = comm_lib.size_class(length)
+  return tf.pad(rows, [[0, 0], [0, padded - length]]), index, length
 
 
 def _after(feed, dependency):
@@ -275,21 +282,64 @@ class DistributedEmbedding(keras.layers.Layer):
   def call(self, inputs):
     inputs = list(inputs)
     n_inputs = len(self.plan.input_table_map)
+    indices = list(range(n_inputs)) if self.dp_input else self.local_input_indices
+    if self.world_size == 1:
+      self._check_input_count(inputs)
+      outputs = self._call_one_worker(dict(zip(indices, inputs)))
+      return [self._in_compute_dtype(out) for out in outputs]
+    for var in self._shard_vars:
+      inner = sparse_updates.backing_variable(var)
+      if inner is not var:
+        inner.de_local = True
+    # A mistake found here, before any collective, must still reach the other workers, or
+    # they would wait for this one in the check until the collective timeout.
+    at = -1
+    try:
+      self._check_input_count(inputs)
+      feeds = []
+      for at, x in zip(indices, inputs):
+        feeds.append(self._feed(at, x))
+      at = -1
+      self._check_static_batch(feeds)
+    except (ValueError, TypeError) as error:
+      return self._fail_together(error, at)
+    outputs = self._call_workers(feeds)
+    return [self._in_compute_dtype(out) for out in outputs]
+
+  def _check_input_count(self, inputs):
+    n_inputs = len(self.plan.input_table_map)
     if self.dp_input and len(inputs) != n_inputs:
       raise ValueError(f"DistributedEmbedding: expected {n_inputs} inputs; got {len(inputs)}.")
     if not self.dp_input and len(inputs) != len(self.local_input_indices):
       raise ValueError(f"DistributedEmbedding: with dp_input=False worker {self.rank} takes "
                        f"inputs {self.local_input_indices}; got {len(inputs)} tensors.")
-    indices = list(range(n_inputs)) if self.dp_input else self.local_input_indices
-    if self.world_size == 1:
-      outputs = self._call_one_worker(dict(zip(indices, inputs)))
-    else:
-      for var in self._shard_vars:
-        inner = sparse_updates.backing_variable(var)
-        if inner is not var:
-          inner.de_local = True
-      outputs = self._call_workers([self._feed(i, x) for i, x in zip(indices, inputs)])
-    return [self._in_compute_dtype(out) for out in outputs]
+
+  def _check_static_batch(self, feeds):
+    """With dp_input=False, a global batch whose shape shows it does not divide among the
+    workers (the check finds the rest)."""
+    if self.dp_input:
+      return
+    static = [f.original.shape[0] for f in feeds if f.original.shape[0] is not None]
+    if static and static[0] % self.world_size:
+      raise ValueError(f"DistributedEmbedding: the global batch ({static[0]}) is not "
+                       f"divisible by the number of workers ({self.world_size}); it must "
+                       f"divide evenly among {self.world_size} workers.")
+
+  def _fail_together(self, error, index):
+    """Sends the check with this worker's mistake, so that every worker fails at once: here
+    with `error` itself, elsewhere with a ValueError (eagerly) naming this worker."""
+    mine = tf.constant([_CHECK_VERSION, self.world_size, self._plan_fingerprint, 0, -1, 0,
+                        _STRUCTURE, index, 0, 0], tf.int64)
+    gathered = self.communicator.all_gather(mine, site=self._site("check"))
+    if tf.executing_eagerly():
+      raise error
+    # Traced: the function must still build; it fails when the check runs.
+    # Always false, but only once the check has run everywhere.
+    check = tf.debugging.Assert(tf.equal(tf.size(gathered), -1),
+                                [f"{type(error).__name__}: {error}"])
+    with tf.control_dependencies([check]):
+      return [tf.zeros([0, self.plan.tables[t].output_dim], self.compute_dtype)
+              for t in self.plan.input_table_map]
 
   def _in_compute_dtype(self, out):
     """Under a mixed precision policy the tables stay float32 and the outputs come in the
@@ -416,14 +466,9 @@ class DistributedEmbedding(keras.layers.Layer):
         feed.ids = tf.cast(x.values, tf.int64)
         feed.lengths = tf.cast(x.row_lengths(), tf.int64)
       else:
-        # The lengths are used only once the check has found the indices well formed; until
-        # then nothing may depend on a dense_shape that could be anything.
+        # Its lengths come after the check (_sparse_lengths): until then nothing may depend on
+        # a dense_shape that could be anything.
         feed.ids = tf.cast(x.values, tf.int64)
-        rows_count = tf.where(feed.structure_ok, feed.batch, 0)
-        segments = tf.maximum(rows_count, 1)
-        rows = tf.clip_by_value(x.indices[:, 0], 0, segments - 1)
-        feed.lengths = tf.math.unsorted_segment_sum(tf.ones_like(rows), rows,
-                                                    segments)[:rows_count]
       return feed
     if x.shape.rank == 1:
       feed.kind, feed.ids, feed.one_hot = "dense", tf.cast(x, tf.int64)[:, tf.newaxis], True
@@ -501,22 +546,23 @@ class DistributedEmbedding(keras.layers.Layer):
         tf.constant([_CHECK_VERSION, self.world_size, self._plan_fingerprint,
                      self._feed_fingerprint(feeds)], tf.int64),
         tf.stack([batch, n_values]), self._local_status(feeds)], axis=0)
-    if self.dp_input:
-      # Every input of one worker must have the same batch; a mismatch is this worker's error.
-      for f in feeds[1:]:
-        mine = tf.where(tf.logical_and(tf.not_equal(f.batch, batch),
-                                       tf.equal(mine[_F_ERROR], _NO_ERROR)),
-                        tf.tensor_scatter_nd_update(mine, [[_F_ERROR], [_F_INPUT], [_F_VALUE]],
-                                                    tf.stack([tf.constant(_UNEQUAL_BATCH,
-                                                                          tf.int64),
-                                                              tf.constant(f.index, tf.int64),
-                                                              f.batch])), mine)
+    # Every input of one worker must have the same batch; a mismatch is this worker's error.
+    for f in (feeds if self.dp_input else sharded)[1:]:
+      unequal = tf.stack([tf.constant(_UNEQUAL_BATCH, tf.int64), tf.constant(f.index, tf.int64),
+                          f.batch])
+      mine = tf.where(tf.logical_and(tf.not_equal(f.batch, batch),
+                                     tf.equal(mine[_F_ERROR], _NO_ERROR)),
+                      tf.tensor_scatter_nd_update(mine, [[_F_ERROR], [_F_INPUT], [_F_VALUE]],
+                                                  unequal), mine)
     table = tf.reshape(self.communicator.all_gather(mine, site=self._site("check")),
                        [self.world_size, _CHECK_FIELDS])
     failed, message = self._check_message(table)
     if tf.executing_eagerly():
       if bool(failed):
-        raise tf.errors.InvalidArgumentError(None, None, message.numpy().decode())
+        text = message.numpy().decode()
+        if bool(tf.reduce_any(tf.equal(table[:, _F_ERROR], _STRUCTURE))):
+          raise ValueError(text)  # as the worker that found it raised
+        raise tf.errors.InvalidArgumentError(None, None, text)
       return table
     check = tf.debugging.Assert(tf.logical_not(failed), [message])
     with tf.control_dependencies([check]):
@@ -528,6 +574,8 @@ class DistributedEmbedding(keras.layers.Layer):
     column = lambda field: table[:, field]  # pylint: disable=unnecessary-lambda-assignment
     differs = lambda field: tf.reduce_any(  # pylint: disable=unnecessary-lambda-assignment
         tf.not_equal(column(field), column(field)[0]))
+    errors = column(_F_ERROR)
+    structure = tf.equal(errors, _STRUCTURE)
     problems = [
         (differs(_F_VERSION) | differs(_F_WORLD),
          lambda: tf.strings.format(
@@ -540,6 +588,12 @@ class DistributedEmbedding(keras.layers.Layer):
              "per worker: {}). Every worker must build DistributedEmbedding from the same "
              "embeddings and arguments and call its DistributedEmbedding layers in the same "
              "order.", column(_F_PLAN), summarize=-1)),
+        (tf.reduce_any(structure),
+         lambda: tf.strings.format(
+             name + ": worker {} could not use its inputs (input {}, -1: all of them) and "
+             "raised an error that says why; every worker stops with it.",
+             (tf.argmax(tf.cast(structure, tf.int32)),
+              table[tf.argmax(tf.cast(structure, tf.int32)), _F_INPUT]))),
         (differs(_F_FEED),
          lambda: tf.strings.format(
              name + ": the workers were fed inputs of different structure (dense, ragged or "
@@ -560,7 +614,6 @@ class DistributedEmbedding(keras.layers.Layer):
                f"({self.world_size}); it must divide evenly among {self.world_size} workers.",
                tf.reduce_max(column(_F_BATCH)))),
       ]
-    errors = column(_F_ERROR)
     worker = tf.argmax(tf.cast(tf.not_equal(errors, _NO_ERROR), tf.int32), output_type=tf.int64)
     row = table[worker]
     tables = tf.constant(self.plan.input_table_map, tf.int64)
@@ -598,20 +651,16 @@ class DistributedEmbedding(keras.layers.Layer):
     return failed, tf.cond(failed, describe, lambda: tf.constant(""))
 
   def _call_workers(self, feeds):
-    comm = self.communicator
-    if not self.dp_input:
-      # Caught before any collective when the shapes tell (every worker sees the same global
-      # batch); otherwise the check below raises on every worker at once.
-      static = [f.original.shape[0] for f in feeds if f.original.shape[0] is not None]
-      if static and static[0] % self.world_size:
-        raise ValueError(f"DistributedEmbedding: the global batch ({static[0]}) is not "
-                         f"divisible by the number of workers ({self.world_size}); it must "
-                         f"divide evenly among {self.world_size} workers.")
     table = self._check_workers(feeds)
     if not tf.executing_eagerly():
       # Nothing may run on the inputs before the check has passed: a malformed input would fail
       # this worker's step on its own and leave the others waiting in a collective.
       feeds = [_after(f, table) for f in feeds]
+    for f in feeds:
+      if f.kind == "ragged" and f.lengths is None:  # sparse ids, well formed by now
+        f.lengths = tf.math.bincount(tf.cast(f.original.indices[:, 0], tf.int32),
+                                     minlength=tf.cast(f.batch, tf.int32),
+                                     maxlength=tf.cast(f.batch, tf.int32), dtype=tf.int64)
     outputs = [None] * len(self.plan.input_table_map)
     by_index = {f.index: f for f in feeds}
     if self.dp_input:
@@ -619,7 +668,8 @@ class DistributedEmbedding(keras.layers.Layer):
     else:
       global_batch = tf.reduce_max(table[:, _F_BATCH])
       batches = tf.fill([self.world_size], global_batch // self.world_size)
-    size_class, block = comm_lib.size_class(tf.maximum(tf.reduce_max(batches), 1))
+    # Every worker's block of the global batch has the rows of the largest local batch.
+    block = tf.maximum(tf.reduce_max(batches), 1)
     local_batch = batches[self.rank]
     # Rows of the padded global batch that hold a real bag: block w's first batches[w] rows.
     valid = tf.reshape(tf.sequence_mask(batches, block), [-1])
@@ -645,16 +695,16 @@ class DistributedEmbedding(keras.layers.Layer):
       shapes = {i: (1, True) for i, t in enumerate(self.plan.input_table_map)
                 if self.combiners[t] is None}
     if self.dp_input:
-      global_ids = self._gather_ids(sharded, table, size_class, block)
+      global_ids = self._gather_ids(sharded, table, block)
     else:
       global_ids = {f.index: self._global_layout(f, block) for f in sharded}
     bags = {i: self._bags(by_index[i], ids, valid) for i, ids in global_ids.items()}
 
-    self._row_slices(bags, shapes, outputs, size_class, block, local_batch)
-    self._exchange(bags, shapes, outputs, size_class, block, local_batch)
+    self._row_slices(bags, shapes, outputs, block, local_batch)
+    self._exchange(bags, shapes, outputs, block, local_batch)
     return outputs
 
-  def _gather_ids(self, sharded, table, size_class, block):
+  def _gather_ids(self, sharded, table, block):
     """{input: its ids of the global batch, laid out in blocks of `block` rows per worker}: a
     dense [world * block, hotness] matrix, or (row lengths, flat values) for ragged ids."""
     comm = self.communicator
@@ -663,8 +713,11 @@ class DistributedEmbedding(keras.layers.Layer):
     columns = [f.ids for f in dense] + [f.lengths[:, tf.newaxis] for f in ragged]
     if not columns:
       return {}
-    matrix = comm.all_gather(comm_lib.pad_rows(tf.concat(columns, axis=1), block),
-                             size_class=size_class, site=self._site("ids"))
+    local = comm_lib.pad_rows(tf.concat(columns, axis=1), block)
+    row, index, length = _padded_rows(local, 1)
+    gathered = comm.all_gather(row[0], size_class=index, site=self._site("ids"))
+    matrix = tf.reshape(tf.reshape(gathered, [self.world_size, -1])[:, :length],
+                        [-1, local.shape[1]])
     out, column = {}, 0
     for f in dense:
       out[f.index] = matrix[:, column:column + f.hotness]
@@ -712,7 +765,7 @@ class DistributedEmbedding(keras.layers.Layer):
       values = tf.reshape(tf.boolean_mask(ids, valid), [-1])
     return tf.RaggedTensor.from_row_lengths(values, lengths, validate=False)
 
-  def _row_slices(self, bags, shapes, outputs, size_class, block, local_batch):
+  def _row_slices(self, bags, shapes, outputs, block, local_batch):
     """Row-sliced tables: partial sums over this worker's rows of the global batch, summed
     across workers in one all-reduce; each worker keeps its local rows."""
     partials, parts = [], []
@@ -731,8 +784,11 @@ class DistributedEmbedding(keras.layers.Layer):
         parts.append((i, ids))
     if not partials:
       return
-    total = self.communicator.all_reduce(tf.concat(partials, axis=1), size_class=size_class,
-                                         site=self._site("row_slices"))
+    partials_of_all = tf.concat(partials, axis=1)
+    row, index, length = _padded_rows(partials_of_all, 1)
+    summed = self.communicator.all_reduce(row[0], size_class=index,
+                                          site=self._site("row_slices"))
+    total = tf.reshape(summed[:length], tf.shape(partials_of_all))
     start = tf.cast(self.rank, tf.int64) * block
     offset = 0
     for (i, ids), partial in zip(parts, partials):
@@ -745,7 +801,7 @@ class DistributedEmbedding(keras.layers.Layer):
         mine = mine / tf.cast(tf.maximum(count, 1), mine.dtype)[:, tf.newaxis]
       outputs[i] = self._unflatten(i, [mine], shapes, local_batch)
 
-  def _exchange(self, bags, shapes, outputs, size_class, block, local_batch):
+  def _exchange(self, bags, shapes, outputs, block, local_batch):
     """Whole tables and column slices: look up the global batch, one all-to-all back."""
     layout = self.exchange_layout({i: h for i, (h, _) in shapes.items()})
     if layout.max_width == 0:
@@ -757,9 +813,9 @@ class DistributedEmbedding(keras.layers.Layer):
     dtype = self.variable_dtype
     send = tf.concat(sends, axis=1) if sends else tf.zeros([self.world_size * block, 0], dtype)
     send = tf.pad(send, [[0, 0], [0, layout.max_width - layout.block_widths[self.rank]]])
-    received = self.communicator.all_to_all(
-        tf.reshape(send, [self.world_size, block, layout.max_width]), size_class=size_class,
-        site=self._site("exchange"))
+    rows, index, length = _padded_rows(send, self.world_size)
+    received = self.communicator.all_to_all(rows, size_class=index, site=self._site("exchange"))
+    received = tf.reshape(received[:, :length], [self.world_size, block, layout.max_width])
     assembled = {}
     for source, pieces in enumerate(layout.pieces):
       offset = 0

@@ -68,10 +68,13 @@ def structure_ok(ids):
   """
   if isinstance(ids, tf.RaggedTensor):
     splits = ids.row_splits
+    # Read through a padded copy: row_splits built without validation may even be empty.
+    ends = tf.concat([[-1], splits, [-1]], 0)
+    size = tf.size(splits)
     return tf.logical_and(
-        tf.logical_and(tf.equal(splits[0], 0),
-                       tf.equal(splits[-1], tf.shape(ids.values, out_type=splits.dtype)[0])),
-        tf.reduce_all(splits[1:] >= splits[:-1]))
+        tf.logical_and(tf.equal(ends[1], 0),
+                       tf.equal(ends[size], tf.shape(ids.values, out_type=splits.dtype)[0])),
+        tf.logical_and(size > 0, tf.reduce_all(splits[1:] >= splits[:-1])))
   if isinstance(ids, tf.SparseTensor):
     shape = ids.dense_shape
     rows, cols = ids.indices[:, 0], ids.indices[:, 1]

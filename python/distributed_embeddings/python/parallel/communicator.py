@@ -204,14 +204,18 @@ class Communicator:
     """Reserves instance keys for the call sites of `owner` now (e.g. when a layer is built):
     `sites` maps each site name (as given to `site`, with its '#use' suffix) to the number of
     keys its collectives need. Every worker creates its layers in the same order, so the keys
-    agree whatever each worker traced or failed at since. Sites of an owner without a
-    reservation take their keys when first used."""
+    agree whatever each worker traced or failed at since. Other sites (of other owners, or
+    further uses) take their keys when first used."""
     first = self._reserve_keys(sum(sites.values()))
     blocks, offset = {}, first
     for name in sorted(sites):
       blocks[name] = [offset, offset + sites[name]]
       offset += sites[name]
     with self._lock:
+      # Forget owners that are gone (their keys are not reused: workers may collect their
+      # objects in different orders).
+      for key in [k for k, e in self._site_keys.items() if e.owner() is None]:
+        del self._site_keys[key]
       self._site_keys[id(owner)] = _OwnerKeys(weakref.ref(owner), blocks)
 
   def _keys_of(self, site, count):
@@ -227,9 +231,9 @@ class Communicator:
       known = entry.sites.get(site.name)
       if known is not None:
         return known
-      if entry.blocks is not None:
-        block = entry.blocks.get(root)
-        if block is None or block[0] + count > block[1]:
+      block = entry.blocks.get(root) if entry.blocks is not None else None
+      if block is not None:
+        if block[0] + count > block[1]:
           raise RuntimeError(f"{type(site.owner).__name__} has no collective instance keys left "
                              f"for '{site.name}': more call sites, or more calls in one traced "
                              "function, than it reserved.")
@@ -509,7 +513,10 @@ def pad_rows(tensor, rows):
   """`tensor` with zero rows appended along axis 0 up to `rows`."""
   extra = tf.cast(rows, tf.int64) - tf.shape(tensor, out_type=tf.int64)[0]
   paddings = tf.concat([[[0, extra]], tf.zeros([tf.rank(tensor) - 1, 2], tf.int64)], axis=0)
-  return tf.pad(tensor, paddings)
+  padded = tf.pad(tensor, paddings)
+  if tensor.shape.rank is not None:
+    padded.set_shape(tf.TensorShape([None]).concatenate(tensor.shape[1:]))
+  return padded
 
 
 def run_in_threads(world_size, fn, timeout=None):
