@@ -1,5 +1,7 @@
 """Tests of distributed_embeddings.embedding_lookup against TF's native ops and NumPy."""
 
+import threading
+
 from absl.testing import absltest
 from absl.testing import parameterized
 import numpy as np
@@ -260,8 +262,8 @@ class ReadVarNoCopyTest(test_util.TestCase):
     rng = np.random.default_rng(21)
     table = self._copy_on_read_variable(rng, (10, 4))
     # np.asarray views a CPU tensor's buffer (Tensor.numpy() would copy it).
-    ours = [np.asarray(embedding_lookup_ops.read_var_no_copy(table)) for _ in range(2)]
     native = [np.asarray(table.read_value()) for _ in range(2)]
+    ours = [np.asarray(embedding_lookup_ops.read_var_no_copy(table)) for _ in range(2)]
     self.assertTrue(np.shares_memory(ours[0], ours[1]))
     self.assertFalse(np.shares_memory(native[0], native[1]))
 
@@ -274,6 +276,40 @@ class ReadVarNoCopyTest(test_util.TestCase):
     table.scatter_add(tf.IndexedSlices(tf.ones([1, 4]), tf.constant([5])))
     self.assertAllEqual(before, value)
     self.assertAllEqual(before + 1 + (np.arange(10) == 5)[:, None], table.numpy())
+
+  def test_snapshot_survives_sparse_updates_in_copy_on_read_mode(self):
+    # Copy-on-read mode lets TF's sparse updates write the buffer in place: the read must not
+    # hand that buffer out as a snapshot without leaving the mode.
+    rng = np.random.default_rng(24)
+    table = self._copy_on_read_variable(rng, (10, 4))
+    before = table.numpy()
+    value = embedding_lookup_ops.read_var_no_copy(table)
+    table.scatter_add(tf.IndexedSlices(tf.ones([1, 4]), tf.constant([5])))
+    table.scatter_sub(tf.IndexedSlices(tf.ones([1, 4]), tf.constant([0])))
+    self.assertAllEqual(before, value)
+    expected = before + (np.arange(10) == 5)[:, None] - (np.arange(10) == 0)[:, None]
+    self.assertAllEqual(expected, table.numpy())
+    # A read after the update sees it, and the earlier value is still intact.
+    self.assertAllEqual(expected, embedding_lookup_ops.read_var_no_copy(table))
+    self.assertAllEqual(before, value)
+
+  def test_snapshot_survives_a_sparse_optimizer_step_in_a_tf_function(self):
+    import keras  # pylint: disable=import-outside-toplevel
+    rng = np.random.default_rng(25)
+    table = keras.Variable(rng.standard_normal((8, 3)).astype(np.float32))
+    optimizer = keras.optimizers.SGD(0.5)
+
+    @tf.function
+    def step(ids):
+      grad = tf.IndexedSlices(tf.ones([2, 3]), ids, tf.constant([8, 3]))
+      optimizer.apply_gradients([(grad, table)])
+
+    step(tf.constant([1, 2]))  # copy-on-read mode from here on
+    before = table.numpy()
+    value = tf.function(lambda: embedding_lookup_ops.read_var_no_copy(table))()
+    step(tf.constant([2, 7]))
+    self.assertAllEqual(before, value)
+    self.assertAllClose(before - 0.5 * np.isin(np.arange(8), [2, 7])[:, None], table.numpy())
 
   def test_gradient_matches_native_read(self):
     rng = np.random.default_rng(23)
@@ -304,6 +340,35 @@ class ReadVarNoCopyTest(test_util.TestCase):
     with self.assertRaisesRegex(tf.errors.InvalidArgumentError,
                                 "'resource' must hold double to match 'dtype'; got float"):
       embedding_lookup_ops._ops.de_read_variable_no_copy(table.handle, dtype=tf.float64)  # pylint: disable=protected-access
+
+
+class ConcurrentUpdateTest(test_util.TestCase):
+  """What the lookup's shared lock guarantees against updates in other threads."""
+
+  def test_lookup_never_sees_a_dense_update_half_applied(self):
+    # assign_add holds the variable's lock exclusively while it writes the buffer in place, and
+    # the lookup reads under the shared lock: every output is one version of the whole table.
+    rows, width = 20000, 64
+    table = tf.Variable(tf.zeros([rows, width]))
+    ids = tf.reshape(tf.range(rows), [rows, 1])
+    stop = threading.Event()
+
+    def update():
+      while not stop.is_set():
+        table.assign_add(tf.ones([rows, width]))
+
+    writer = threading.Thread(target=update)
+    writer.start()
+    try:
+      versions = set()
+      for _ in range(200):
+        out = de.embedding_lookup(table, ids, combiner="sum").numpy()
+        self.assertEqual(out.min(), out.max(), "a lookup saw two versions of the table")
+        versions.add(float(out[0, 0]))
+    finally:
+      stop.set()
+      writer.join()
+    self.assertGreater(len(versions), 1, "the writer never ran during the lookups")
 
 
 class BoundsCheckSkipTest(test_util.TestCase):

@@ -1,9 +1,12 @@
 // DeReadVariableNoCopy: a resource variable's value without the copy TensorFlow's own read makes
 // once the variable is in copy-on-read mode (the mode any sparse update leaves it in).
 //
-// The output shares the variable's buffer and still holds the value at the read: TensorFlow's
-// update ops copy a buffer that anyone else holds before writing to it (a Python test checks).
-// Weights export and dense reads of large tables are where the copy would be pure cost.
+// The output shares the variable's buffer and keeps the value at the read. Dense updates copy a
+// buffer that someone else holds before writing it. Sparse updates do so only when the variable
+// is not in copy-on-read mode: in that mode TF assumes no reader holds the buffer and writes it
+// in place. So the read leaves copy-on-read mode (under the variable's exclusive lock); the next
+// sparse update then copies the buffer once if this value is still alive, and re-enters the mode.
+// Weights export and dense reads of large tables are where a copy per read would be pure cost.
 #include "embedding/ops/embedding_lookup_kernels.h"
 #include "tensorflow/core/framework/op.h"
 #include "tensorflow/core/framework/op_kernel.h"
@@ -28,7 +31,8 @@ REGISTER_OP("DeReadVariableNoCopy")
     .Doc(R"doc(
 Reads a resource variable without copying its buffer, even in copy-on-read mode.
 
-value: shares the variable's buffer; later updates copy it first, so it keeps the value read.
+value: shares the variable's buffer; later updates, dense or sparse, copy it before writing, so
+  it keeps the value read.
 )doc");
 
 namespace {
@@ -43,10 +47,11 @@ class ReadVariableNoCopyOp : public tensorflow::OpKernel {
     tensorflow::core::RefCountPtr<tensorflow::Var> variable;
     OP_REQUIRES_OK(ctx, tensorflow::LookupResource(ctx, tensorflow::HandleFromInput(ctx, 0),
                                                    &variable));
-    tensorflow::tf_shared_lock lock(*variable->mu());
+    // Exclusive: no sparse update may be writing the buffer in place while the mode changes.
+    tensorflow::mutex_lock lock(*variable->mu());
     OP_REQUIRES_OK(ctx, CheckVariableValue(type_string(), variable.get(), dtype_));
-    const tensorflow::Tensor& value = *variable->tensor();
-    ctx->set_output(0, value);  // shares the buffer: a reference count, no copy
+    variable->copy_on_read_mode.store(false);
+    ctx->set_output(0, *variable->tensor());  // shares the buffer: a reference count, no copy
   }
 
  private:

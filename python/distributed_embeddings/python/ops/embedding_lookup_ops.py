@@ -171,9 +171,12 @@ def read_var_no_copy(res_var):
 
   TensorFlow's own read copies the whole buffer on every read once the variable is in
   copy-on-read mode, the mode any sparse update (a sparse optimizer step) leaves it in. This read
-  hands out the variable's buffer itself. The value is still a snapshot: TensorFlow's update ops
-  copy a buffer that is shared before writing to it. The gradient flows to the variable as for an
-  ordinary read.
+  hands out the variable's buffer itself, and takes the variable out of copy-on-read mode, so the
+  value is a snapshot: later updates, dense or sparse, copy a buffer that is still shared before
+  writing it (a sparse update re-enters copy-on-read mode, copying the table once if the value is
+  still alive). A read that runs concurrently with an unordered update (two threads, no control
+  dependency) can see it half applied, as TensorFlow's own reads can. The gradient flows to the
+  variable as for an ordinary read.
 
   Args:
     res_var: A `tf.Variable` (resource variable) or a Keras variable.
