@@ -390,6 +390,19 @@ class BoundsCheckSkipTest(test_util.TestCase):
 
 class BadInputTest(test_util.TestCase):
 
+  def test_output_shape_past_int64_is_an_error_not_an_abort(self):
+    # [4, 2**62] elements overflow int64: TensorShape's constructor would CHECK-fail.
+    table = tf.zeros([0, 2**62])
+    with self.assertRaisesRegex(tf.errors.InvalidArgumentError,
+                                r"output \[batch, width\] would have shape \[4, 4611686018427387904\]"):
+      de.embedding_lookup(table, tf.ragged.constant([[], [], [], []], dtype=tf.int64),
+                          combiner="sum")
+
+  def test_sparse_dense_shape_at_int64_max_is_an_error_not_an_abort(self):
+    ids = tf.SparseTensor(tf.zeros([0, 2], tf.int64), tf.zeros([0], tf.int64), [2**63 - 1, 3])
+    with self.assertRaises((tf.errors.InvalidArgumentError, ValueError)):
+      de.embedding_lookup(tf.ones([5, 2]), ids, combiner="sum")
+
   def test_param_must_be_tensor_or_variable(self):
     with self.assertRaisesRegex(TypeError, "'param' must be a tf.Tensor or a variable; got list"):
       de.embedding_lookup([[1.0, 2.0]], tf.constant([[0]]))

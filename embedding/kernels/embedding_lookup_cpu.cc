@@ -13,6 +13,8 @@
 #include <cstring>
 #include <limits>
 #include <type_traits>
+#include <new>
+#include <string>
 #include <vector>
 
 #include "embedding/kernels/embedding_lookup.h"
@@ -530,14 +532,15 @@ Status PooledLookupForwardCpu(const T* params, int64_t num_rows, int64_t width,
   return Status::Ok();
 }
 
+namespace {
+
+// PooledLookupBackwardCpu once the ids are validated.
 template <typename T, typename IdT, typename OffsetT>
-Status PooledLookupBackwardCpu(const T* grad_output, int64_t num_rows, int64_t width,
-                               const CsrIds<IdT, OffsetT>& csr, Combiner combiner,
-                               BoundsCheck bounds_check, IdT* unique_ids, T* unique_grad,
-                               int64_t* num_unique, const ParallelFor& parallel_for) {
-  DE_RETURN_IF_ERROR(ValidateCsrIds(csr, num_rows, bounds_check));
+void BackwardValidated(const T* grad_output, int64_t num_rows, int64_t width,
+                       const CsrIds<IdT, OffsetT>& csr, Combiner combiner, IdT* unique_ids,
+                       T* unique_grad, int64_t* num_unique, const ParallelFor& parallel_for) {
   *num_unique = 0;
-  if (csr.nnz == 0) return Status::Ok();
+  if (csr.nnz == 0) return;
 
   // 1. Unique ids in first-occurrence order; -1 marks a skipped invalid id.
   constexpr int64_t kHashPrefetchDistance = 16;
@@ -552,7 +555,7 @@ Status PooledLookupBackwardCpu(const T* grad_output, int64_t num_rows, int64_t w
     }
   }
   const int64_t n_unique = *num_unique;
-  if (n_unique == 0) return Status::Ok();  // Every id skipped (BoundsCheck::kSkip).
+  if (n_unique == 0) return;  // Every id skipped (BoundsCheck::kSkip).
 
   // 2. The gradient each occurrence contributes: its bag's output gradient, divided by the bag's
   //    valid length for mean (once per bag, as tf.reduce_mean's gradient does).
@@ -602,6 +605,26 @@ Status PooledLookupBackwardCpu(const T* grad_output, int64_t num_rows, int64_t w
     SumGradRowsPortable(source, width, starts.data(), bags.data(), begin, end, unique_grad);
   };
   RunParallelBalanced(parallel_for, n_unique, starts.data(), cost_per_occurrence, sum_grad_rows);
+}
+
+}  // namespace
+
+template <typename T, typename IdT, typename OffsetT>
+Status PooledLookupBackwardCpu(const T* grad_output, int64_t num_rows, int64_t width,
+                               const CsrIds<IdT, OffsetT>& csr, Combiner combiner,
+                               BoundsCheck bounds_check, IdT* unique_ids, T* unique_grad,
+                               int64_t* num_unique, const ParallelFor& parallel_for) {
+  DE_RETURN_IF_ERROR(ValidateCsrIds(csr, num_rows, bounds_check));
+  // The scratch buffers (hash slots, per-id indices) are allocated on this thread; running out
+  // of memory for them is an error for the caller, never std::terminate.
+  try {
+    BackwardValidated(grad_output, num_rows, width, csr, combiner, unique_ids, unique_grad,
+                      num_unique, parallel_for);
+  } catch (const std::bad_alloc&) {
+    *num_unique = 0;
+    return Status::ResourceExhausted("out of memory for the backward pass's scratch buffers (" +
+                                     std::to_string(csr.nnz) + " ids).");
+  }
   return Status::Ok();
 }
 

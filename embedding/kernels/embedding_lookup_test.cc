@@ -1,17 +1,23 @@
 // Tests of the CPU kernels against the naive double-precision reference in lookup_test_util.h.
 #include <algorithm>
 #include <cstdint>
+#include <cstdio>
 #include <functional>
 #include <limits>
 #include <mutex>
+#include <numeric>
 #include <random>
 #include <utility>
 #include <vector>
+
+#include <sys/resource.h>
+#include <unistd.h>
 
 #include "embedding/kernels/embedding_lookup.h"
 #include "embedding/kernels/lookup_test_util.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "embedding/kernels/status.h"
 
 namespace distributed_embeddings {
 namespace {
@@ -343,6 +349,46 @@ TEST(RunParallelBalancedTest, RunsInlineWithoutParallelFor) {
   RunParallelBalanced(ParallelFor(), 3, prefix.data(), 1,
                       [&](int64_t begin, int64_t end) { ranges.emplace_back(begin, end); });
   EXPECT_THAT(ranges, ::testing::ElementsAre(std::make_pair(int64_t{0}, int64_t{3})));
+}
+
+// The address space this process has mapped now, in bytes.
+size_t MappedBytes() {
+  FILE* statm = fopen("/proc/self/statm", "r");
+  size_t pages = 0;
+  if (statm != nullptr) {
+    if (fscanf(statm, "%zu", &pages) != 1) pages = 0;
+    fclose(statm);
+  }
+  return pages * static_cast<size_t>(sysconf(_SC_PAGESIZE));
+}
+
+TEST(LookupCpuMemoryTest, OutOfMemoryForScratchIsResourceExhaustedNotTerminate) {
+#if defined(__SANITIZE_ADDRESS__)
+  GTEST_SKIP() << "AddressSanitizer maps more address space than any RLIMIT_AS left to us.";
+#else
+  // 8M distinct ids: the backward's scratch (hash slots, per-id indices) needs about 400 MB.
+  const int64_t nnz = int64_t{8} << 20;
+  std::vector<int64_t> ids(nnz);
+  std::iota(ids.begin(), ids.end(), 0);
+  const std::vector<int64_t> splits = {0, nnz};
+  const CsrIds<int64_t, int64_t> csr{ids.data(), nnz, splits.data(), 1};
+  const std::vector<float> grad(1, 1.0f);
+  std::vector<int64_t> unique_ids(nnz);
+  std::vector<float> unique_grad(nnz);
+  int64_t num_unique = -1;
+  rlimit old_limit;
+  ASSERT_EQ(getrlimit(RLIMIT_AS, &old_limit), 0);
+  rlimit tight = old_limit;
+  tight.rlim_cur = MappedBytes() + (size_t{64} << 20);  // far less than the scratch needs
+  ASSERT_EQ(setrlimit(RLIMIT_AS, &tight), 0);
+  const Status status =
+      PooledLookupBackwardCpu(grad.data(), nnz, 1, csr, Combiner::kSum, BoundsCheck::kError,
+                              unique_ids.data(), unique_grad.data(), &num_unique);
+  ASSERT_EQ(setrlimit(RLIMIT_AS, &old_limit), 0);
+  EXPECT_EQ(status.code(), Status::Code::kResourceExhausted);
+  EXPECT_THAT(status.message(), HasSubstr("out of memory"));
+  EXPECT_EQ(num_unique, 0);
+#endif
 }
 
 }  // namespace

@@ -12,7 +12,7 @@ namespace distributed_embeddings {
 
 class Status {
  public:
-  enum class Code { kOk, kInvalidArgument, kInternal };
+  enum class Code { kOk, kInvalidArgument, kResourceExhausted, kInternal };
 
   Status() = default;
 
@@ -20,6 +20,10 @@ class Status {
   // A caller error: bad ids, malformed row_splits, inconsistent sizes.
   static Status InvalidArgument(std::string message) {
     return Status(Code::kInvalidArgument, std::move(message));
+  }
+  // Memory for the call's scratch buffers could not be allocated.
+  static Status ResourceExhausted(std::string message) {
+    return Status(Code::kResourceExhausted, std::move(message));
   }
   // Our error or the device's: a failed CUDA launch, an impossible state.
   static Status Internal(std::string message) {

@@ -1,6 +1,8 @@
 // Input checks shared by every device, the CPU functors, and the CPU kernel registrations.
 #include "embedding/ops/embedding_lookup_kernels.h"
 
+#include <limits>
+
 #include "embedding/kernels/huge_pages.h"
 
 #include "tensorflow/core/framework/register_types.h"
@@ -13,18 +15,6 @@ using ::tensorflow::OpKernelContext;
 using ::tensorflow::Tensor;
 using ::tensorflow::TensorShapeUtils;
 using CPUDevice = Eigen::ThreadPoolDevice;
-
-absl::Status ToTfStatus(const Status& status, const std::string& op) {
-  switch (status.code()) {
-    case Status::Code::kOk:
-      return absl::OkStatus();
-    case Status::Code::kInvalidArgument:
-      return absl::InvalidArgumentError(op + ": " + status.message());
-    case Status::Code::kInternal:
-      break;
-  }
-  return absl::InternalError(op + ": " + status.message());
-}
 
 absl::Status CheckCsrInputs(const std::string& op, const Tensor& ids, const Tensor& row_splits) {
   if (!TensorShapeUtils::IsVector(ids.shape())) {
@@ -68,22 +58,9 @@ absl::Status CheckSparseInputs(const std::string& op, const Tensor& indices,
                                       indices.shape().DebugString() + ".");
   }
   if (!TensorShapeUtils::IsVector(dense_shape.shape()) || dense_shape.NumElements() != 2 ||
-      dense_shape.vec<int64_t>()(0) < 0 || dense_shape.vec<int64_t>()(1) < 0) {
-    return absl::InvalidArgumentError(op + ": 'dense_shape' must hold 2 non-negative sizes; got " + dense_shape.DebugString() + ".");
-  }
-  return absl::OkStatus();
-}
-
-absl::Status CheckVariableValue(const std::string& op, tensorflow::Var* variable,
-                                tensorflow::DataType dtype) {
-  const Tensor& value = *variable->tensor();
-  if (!variable->is_initialized || !value.IsInitialized()) {
-    return absl::FailedPreconditionError(op + ": the variable 'resource' is not initialized.");
-  }
-  if (value.dtype() != dtype) {
-    return absl::InvalidArgumentError(op + ": 'resource' must hold " +
-                                      tensorflow::DataTypeString(dtype) + " to match 'dtype'; got " +
-                                      tensorflow::DataTypeString(value.dtype()) + ".");
+      dense_shape.vec<int64_t>()(0) < 0 || dense_shape.vec<int64_t>()(1) < 0 ||
+      dense_shape.vec<int64_t>()(0) == std::numeric_limits<int64_t>::max()) {
+    return absl::InvalidArgumentError(op + ": 'dense_shape' must hold 2 non-negative sizes, the first below INT64_MAX (row_splits has one more element); got " + dense_shape.DebugString() + ".");
   }
   return absl::OkStatus();
 }
@@ -99,18 +76,6 @@ absl::Status ReadLookupAttrs(tensorflow::OpKernelConstruction* ctx, Combiner* co
   return absl::OkStatus();
 }
 
-namespace {
-
-// Splits kernel-library work across the op's intra-op thread pool.
-ParallelFor CpuParallelFor(OpKernelContext* ctx) {
-  const auto* workers = ctx->device()->tensorflow_cpu_worker_threads();
-  return [workers](int64_t total, int64_t cost_per_unit,
-                   const std::function<void(int64_t, int64_t)>& work) {
-    tensorflow::Shard(workers->num_threads, workers->workers, total, cost_per_unit, work);
-  };
-}
-
-}  // namespace
 
 template <typename T, typename IdT, typename OffsetT>
 struct LookupFunctor<CPUDevice, T, IdT, OffsetT> {

@@ -10,6 +10,7 @@
 #include <string>
 
 #include "embedding/kernels/embedding_lookup.h"
+#include "embedding/ops/op_util.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/resource_mgr.h"
 #include "tensorflow/core/framework/resource_var.h"
@@ -17,9 +18,6 @@
 #include "tensorflow/core/framework/tensor_shape.h"
 
 namespace distributed_embeddings {
-
-// Converts a kernel-library status, naming `op` in the message.
-absl::Status ToTfStatus(const Status& status, const std::string& op);
 
 // Shared input checks, each returning InvalidArgument that names `op` and the offending input.
 absl::Status CheckCsrInputs(const std::string& op, const tensorflow::Tensor& ids,
@@ -30,11 +28,6 @@ absl::Status CheckGradInputs(const std::string& op, const tensorflow::Tensor& gr
                              const tensorflow::Tensor& num_rows);
 absl::Status CheckSparseInputs(const std::string& op, const tensorflow::Tensor& indices,
                                const tensorflow::Tensor& dense_shape);
-
-// With `variable`'s lock held: whether it is initialized and holds `dtype`, as an op reading it
-// through its 'resource' input needs.
-absl::Status CheckVariableValue(const std::string& op, tensorflow::Var* variable,
-                                tensorflow::DataType dtype);
 
 // Reads the 'combiner' and 'bounds_check' attrs every lookup op has.
 absl::Status ReadLookupAttrs(tensorflow::OpKernelConstruction* ctx, Combiner* combiner,
@@ -73,6 +66,7 @@ struct UniqueGradOutputs {
   tensorflow::Tensor ids;
   tensorflow::Tensor grad;
 
+  // The op checked that [capacity, width] is a valid shape (UniqueGradShape).
   template <typename T, typename IdT>
   Status Allocate(tensorflow::OpKernelContext* ctx, int64_t capacity, int64_t width) {
     absl::Status allocated = ctx->allocate_temp(tensorflow::DataTypeToEnum<IdT>::v(),
@@ -81,7 +75,10 @@ struct UniqueGradOutputs {
       allocated = ctx->allocate_temp(tensorflow::DataTypeToEnum<T>::v(),
                                      tensorflow::TensorShape({capacity, width}), &grad);
     }
-    return allocated.ok() ? Status::Ok() : Status::Internal(std::string(allocated.message()));
+    if (allocated.ok()) return Status::Ok();
+    return absl::IsResourceExhausted(allocated)
+               ? Status::ResourceExhausted(std::string(allocated.message()))
+               : Status::Internal(std::string(allocated.message()));
   }
 
   void SetOutputs(tensorflow::OpKernelContext* ctx, int64_t num_unique) const {
@@ -123,8 +120,11 @@ class PooledLookupOp : public tensorflow::OpKernel {
     OP_REQUIRES_OK(ctx, CheckParams(type_string(), params));
     const int64_t batch = row_splits.NumElements() - 1;
     const int64_t width = params.dim_size(1);
+    tensorflow::TensorShape output_shape;
+    OP_REQUIRES_OK(ctx, MakeShape(type_string(), "the output [batch, width]", {batch, width},
+                                  &output_shape));
     tensorflow::Tensor* output = nullptr;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, tensorflow::TensorShape({batch, width}), &output));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, output_shape, &output));
     OP_REQUIRES_OK(ctx, ToTfStatus(LookupFunctor<Device, T, IdT, OffsetT>::Forward(
                                        ctx, params.flat<T>().data(), params.dim_size(0), width,
                                        CsrFromTensors<IdT, OffsetT>(ids, row_splits), combiner_,
@@ -150,6 +150,12 @@ class PooledLookupGradOp : public tensorflow::OpKernel {
     const tensorflow::Tensor& num_rows = ctx->input(3);
     OP_REQUIRES_OK(ctx, CheckCsrInputs(type_string(), ids, row_splits));
     OP_REQUIRES_OK(ctx, CheckGradInputs(type_string(), grad, row_splits, num_rows));
+    // The outputs have room for one row per distinct id: at most min(nnz, num_rows).
+    tensorflow::TensorShape unique_grad_shape;
+    OP_REQUIRES_OK(ctx, MakeShape(type_string(), "'unique_grad' [min(len(ids), num_rows), width]",
+                                  {MaxUniqueIds(ids.NumElements(), num_rows.scalar<int64_t>()()),
+                                   grad.dim_size(1)},
+                                  &unique_grad_shape));
     OP_REQUIRES_OK(ctx, ToTfStatus(LookupFunctor<Device, T, IdT, OffsetT>::Backward(
                                        ctx, grad, num_rows.scalar<int64_t>()(),
                                        CsrFromTensors<IdT, OffsetT>(ids, row_splits), combiner_,
@@ -173,9 +179,11 @@ class SparseRowSplitsOp : public tensorflow::OpKernel {
     OP_REQUIRES_OK(ctx, CheckSparseInputs(type_string(), indices, dense_shape));
     const int64_t num_rows = dense_shape.vec<int64_t>()(0);
     const int64_t num_cols = dense_shape.vec<int64_t>()(1);
+    // CheckSparseInputs keeps num_rows below INT64_MAX, so num_rows + 1 does not overflow.
+    tensorflow::TensorShape splits_shape;
+    OP_REQUIRES_OK(ctx, MakeShape(type_string(), "'row_splits'", {num_rows + 1}, &splits_shape));
     tensorflow::Tensor* row_splits = nullptr;
-    OP_REQUIRES_OK(ctx,
-                   ctx->allocate_output(0, tensorflow::TensorShape({num_rows + 1}), &row_splits));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, splits_shape, &row_splits));
     OP_REQUIRES_OK(ctx, ToTfStatus(SparseRowSplitsFunctor<Device, OffsetT>::Compute(
                                        ctx, indices.flat<int64_t>().data(), indices.dim_size(0),
                                        num_rows, num_cols, row_splits->flat<OffsetT>().data()),

@@ -4,6 +4,8 @@
 // DeResourcePooledEmbeddingLookup takes a resource variable's handle and reads its buffer in place
 // under the variable's shared lock (a dense read of a variable in copy-on-read mode, the mode any
 // sparse update leaves it in, would copy the whole table on every step).
+#include <limits>
+
 #include "tensorflow/core/framework/common_shape_fns.h"
 #include "tensorflow/core/framework/op.h"
 #include "tensorflow/core/framework/shape_inference.h"
@@ -128,8 +130,10 @@ REGISTER_OP("DeSparseRowSplits")
       TF_RETURN_IF_ERROR(c->WithRank(c->input(1), 1, &dense_shape));
       DimensionHandle rows = c->UnknownDim();
       const tensorflow::Tensor* shape_value = c->input_tensor(1);
+      // The kernel rejects dense_shape[0] == INT64_MAX: its row_splits would not fit.
       if (shape_value != nullptr && shape_value->NumElements() == 2 &&
-          shape_value->vec<int64_t>()(0) >= 0) {
+          shape_value->vec<int64_t>()(0) >= 0 &&
+          shape_value->vec<int64_t>()(0) < std::numeric_limits<int64_t>::max()) {
         rows = c->MakeDim(shape_value->vec<int64_t>()(0) + 1);
       }
       c->set_output(0, c->Vector(rows));

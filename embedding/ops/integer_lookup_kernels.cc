@@ -2,7 +2,6 @@
 #include <cstring>
 
 #include "embedding/ops/integer_lookup_kernels.h"
-#include "tensorflow/core/util/work_sharder.h"
 
 namespace distributed_embeddings {
 
@@ -21,12 +20,8 @@ struct IntegerLookupFunctor<CPUDevice, KeyT> {
   static Status Lookup(OpKernelContext* ctx, int64_t* state, int64_t state_size,
                        int64_t max_tokens, const KeyT* keys, int64_t n, bool insert,
                        int64_t* ids) {
-    const auto* workers = ctx->device()->tensorflow_cpu_worker_threads();
-    ParallelFor parallel_for = [workers](int64_t total, int64_t cost,
-                                         const std::function<void(int64_t, int64_t)>& work) {
-      tensorflow::Shard(workers->num_threads, workers->workers, total, cost, work);
-    };
-    return IntegerLookupCpu(state, state_size, max_tokens, keys, n, insert, ids, parallel_for);
+    return IntegerLookupCpu(state, state_size, max_tokens, keys, n, insert, ids,
+                            CpuParallelFor(ctx));
   }
 };
 

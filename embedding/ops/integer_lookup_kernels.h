@@ -9,7 +9,7 @@
 #include <string>
 
 #include "embedding/kernels/integer_lookup.h"
-#include "embedding/ops/embedding_lookup_kernels.h"
+#include "embedding/ops/op_util.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/resource_mgr.h"
 #include "tensorflow/core/framework/resource_var.h"

@@ -7,7 +7,7 @@
 // in place. So the read leaves copy-on-read mode (under the variable's exclusive lock); the next
 // sparse update then copies the buffer once if this value is still alive, and re-enters the mode.
 // Weights export and dense reads of large tables are where a copy per read would be pure cost.
-#include "embedding/ops/embedding_lookup_kernels.h"
+#include "embedding/ops/op_util.h"
 #include "tensorflow/core/framework/op.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/resource_mgr.h"
