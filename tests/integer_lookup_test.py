@@ -127,5 +127,63 @@ class IntegerLookupTest(test_util.TestCase):
       de.python.ops.embedding_lookup_ops.integer_lookup(other, tf.constant([1]), 10)
 
 
+
+class DamagedStateTest(test_util.TestCase):
+  """A vocabulary from outside is checked, and a damaged one never hangs a lookup."""
+
+  def _trained(self):
+    layer = de.IntegerLookup(10)
+    layer(tf.constant([30, 10, 20]))
+    return layer, layer.state.numpy()
+
+  def _slot_of(self, state, key):
+    pairs = state[1:].reshape(-1, 2)
+    return 1 + 2 * int(np.flatnonzero(pairs[:, 0] == key)[0])
+
+  def test_key_without_id_is_an_error_on_cpu_not_a_hang(self):
+    layer, state = self._trained()
+    state[self._slot_of(state, 10) + 1] = -1  # the key's id is "being written", forever
+    layer.state.assign(state)  # a direct assign skips the load-time check
+    with self.assertRaisesRegex(tf.errors.InvalidArgumentError,
+                                "'state' is corrupted: key 10 is in the vocabulary without a "
+                                "valid id"):
+      layer(tf.constant([20, 10]), training=False)
+
+  def test_id_above_the_vocabulary_is_an_error_on_cpu(self):
+    layer, state = self._trained()
+    state[self._slot_of(state, 20) + 1] = 11  # above max_tokens
+    layer.state.assign(state)
+    with self.assertRaisesRegex(tf.errors.InvalidArgumentError, "'state' is corrupted: key 20"):
+      layer(tf.constant([20]))
+
+  def test_set_weights_and_keras_loading_check_the_state(self):
+    layer, state = self._trained()
+    good = state.copy()
+    for position, value, message in [
+        (0, 11, r"vocabulary size outside \[0, 10\]; got 11"),
+        (self._slot_of(state, 30) + 1, -1, "holds key 30 with id -1"),
+        (self._slot_of(state, 30) + 1, 4, r"holds key 30 with id 4; .* ids in \[0, 3\]"),
+        (self._slot_of(state, 30), -1, "holds key -1"),
+    ]:
+      bad = good.copy()
+      bad[position] = value
+      for load in (lambda w: layer.set_weights([w]),
+                   lambda w: layer.load_own_variables({"0": w})):
+        with self.assertRaisesRegex(tf.errors.InvalidArgumentError, message):
+          load(bad)
+        self.assertAllEqual(good, layer.state.numpy())  # nothing was written
+    layer.set_weights([good])
+    self.assertAllEqual([2, 3, 1], layer(tf.constant([10, 20, 30])))
+
+  def test_a_trained_state_passes_the_check(self):
+    layer = de.IntegerLookup(40)
+    layer(tf.constant(np.arange(1000, 1100)))  # fills up: the rest are OOV
+    de.python.ops.embedding_lookup_ops.validate_integer_lookup_state(layer.state.numpy(), 40)
+
+  def test_max_tokens_past_the_limit_is_a_value_error(self):
+    with self.assertRaisesRegex(ValueError, "'max_tokens' must be at most 2\\*\\*40"):
+      de.IntegerLookup(2**40 + 1)
+
+
 if __name__ == "__main__":
   absltest.main()

@@ -27,7 +27,7 @@ EXTREME_VALUES = [0, 1, -1, 2, 3, 7, 2**31 - 1, 2**31, -2**31, 2**32 + 5, 2**62,
 MAX_ELEMENTS = 64
 OPS = ["DePooledEmbeddingLookup", "DeResourcePooledEmbeddingLookup",
        "DePooledEmbeddingLookupGrad", "DeSparseRowSplits", "DeReadVariableNoCopy",
-       "DeIntegerLookup"]
+       "DeIntegerLookup", "DeInitialIntegerLookupState", "DeValidateIntegerLookupState"]
 INT_DTYPES = ["int32", "int64"]
 ALL_DTYPES = ["float32", "float64", "int32", "int64", "float16"]
 
@@ -112,6 +112,21 @@ def cases(draw):
   elif op == "DeReadVariableNoCopy":
     case["variable"] = draw(st.none() | tensors())
     case["attrs"] = {"dtype": draw(st.sampled_from(ALL_DTYPES))}
+  elif op == "DeInitialIntegerLookupState":
+    case["attrs"] = {"max_tokens": draw(st.sampled_from([1, 2, 5, 2**16, 2**40 + 1, 2**62,
+                                                         INT64_MAX]))}
+  elif op == "DeValidateIntegerLookupState":
+    max_tokens = draw(st.sampled_from([1, 2, 5, 7, 2**40 + 1, INT64_MAX]))
+    if draw(st.booleans()) and max_tokens < 8:  # a real layout, often damaged
+      slots = 16
+      values = [draw(st.integers(-1, max_tokens + 1))]
+      for _ in range(slots):
+        values += [draw(st.sampled_from([-2**63, -1, 0, 3, 2**62])),
+                   draw(st.integers(-2, max_tokens + 1))]
+      case["state"] = {"dtype": "int64", "shape": [len(values)], "values": values}
+    else:
+      case["state"] = draw(tensors(["int64", "int32"], max_rank=2))
+    case["attrs"] = {"max_tokens": max_tokens}
   else:
     case["variable"] = draw(st.none() | tensors(["int64", "int32", "float32"], max_rank=2))
     case["keys"] = draw(tensors(INT_DTYPES + ["float32"]))
@@ -167,6 +182,10 @@ def run(case):
     if op == "DeReadVariableNoCopy":
       handle = keep[0].handle if hasattr(keep[0], "handle") else keep[0]
       return ops.de_read_variable_no_copy(handle, **attrs)
+    if op == "DeInitialIntegerLookupState":
+      return ops.de_initial_integer_lookup_state(**attrs)
+    if op == "DeValidateIntegerLookupState":
+      return ops.de_validate_integer_lookup_state(inputs["state"], **attrs)
     handle = keep[0].handle if hasattr(keep[0], "handle") else keep[0]
     return ops.de_integer_lookup(handle, inputs["keys"], **attrs)
   try:  # inputs first: a failure to build them is the harness's, not the op's
@@ -179,7 +198,8 @@ def run(case):
       keep.append(variable(case["variable"], attrs.get("dtype", "int64")))
     fn = tf.function(call) if case["graph"] else call
     out = fn()
-    tf.nest.map_structure(lambda t: t.numpy(), out)
+    if out is not None:
+      tf.nest.map_structure(lambda t: t.numpy(), out)
     return "ok"
   except tf.errors.InternalError as e:
     return "internal: " + str(e)[:300]

@@ -1,7 +1,10 @@
 // CPU IntegerLookup. A call first looks every key up in parallel (read-only, lock-free), then
 // inserts the misses serially in order of first occurrence, so ids do not depend on scheduling.
 // Inserts still use atomics: another call may be inserting into the same table at the same time.
+#include <algorithm>
+#include <chrono>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "embedding/kernels/integer_lookup.h"
@@ -11,16 +14,28 @@ namespace distributed_embeddings {
 namespace {
 
 constexpr int64_t kMiss = -2;
+// A slot whose key has no valid id: a hand-built or damaged state (a concurrent insert writes
+// the id right after claiming the slot, so a live one is pending for nanoseconds).
+constexpr int64_t kCorrupt = -3;
+// How long a lookup waits for a pending id before calling the state corrupted.
+constexpr auto kPendingWait = std::chrono::seconds(2);
 
 int64_t Load(const int64_t* p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
 
 // The id stored for slot `slot`, waiting out a concurrent insert that has claimed the slot but not
-// yet written the id.
-int64_t WaitForId(const int64_t* table, int64_t slot) {
-  int64_t id;
-  while ((id = Load(&table[2 * slot + 1])) == kPendingId) {
+// yet written the id; kCorrupt if it never comes or is outside [0, max_tokens].
+int64_t WaitForId(const int64_t* table, int64_t slot, int64_t max_tokens) {
+  int64_t id = Load(&table[2 * slot + 1]);
+  if (id == kPendingId) {
+    const auto deadline = std::chrono::steady_clock::now() + kPendingWait;
+    for (int64_t spins = 1; (id = Load(&table[2 * slot + 1])) == kPendingId; ++spins) {
+      if (spins % 1024 == 0) {
+        if (std::chrono::steady_clock::now() > deadline) return kCorrupt;
+        std::this_thread::yield();
+      }
+    }
   }
-  return id;
+  return id >= kOovId && id <= max_tokens ? id : kCorrupt;
 }
 
 // Reserves the next id, or returns kOovId once max_tokens ids are out.
@@ -44,7 +59,7 @@ int64_t FindOrInsert(int64_t* state, int64_t slots, int64_t max_tokens, int64_t 
   uint64_t slot = IntegerLookupHomeSlot(key, mask);
   for (int64_t probe = 0; probe < slots; ++probe, slot = (slot + 1) & mask) {
     int64_t current = Load(&table[2 * slot]);
-    if (current == key) return WaitForId(table, slot);
+    if (current == key) return WaitForId(table, slot, max_tokens);
     if (current != kEmptyKey) continue;
     if (!insert) return kMiss;
     // Once the vocabulary is full, unseen keys are OOV and take no slot.
@@ -55,7 +70,7 @@ int64_t FindOrInsert(int64_t* state, int64_t slots, int64_t max_tokens, int64_t 
       __atomic_store_n(&table[2 * slot + 1], id, __ATOMIC_RELEASE);
       return id;
     }
-    if (current == key) return WaitForId(table, slot);  // Another thread inserted it first.
+    if (current == key) return WaitForId(table, slot, max_tokens);  // Inserted by another thread.
   }
   return insert ? kOovId : kMiss;
 }
@@ -64,7 +79,7 @@ int64_t FindOrInsert(int64_t* state, int64_t slots, int64_t max_tokens, int64_t 
 
 int64_t IntegerLookupSlots(int64_t max_tokens) {
   int64_t slots = 16;
-  while (slots < 2 * max_tokens) slots *= 2;
+  while (slots < 2 * std::min(max_tokens, kMaxIntegerLookupTokens)) slots *= 2;
   return slots;
 }
 
@@ -78,8 +93,9 @@ void InitIntegerLookupState(int64_t* state, int64_t max_tokens) {
 }
 
 Status ValidateIntegerLookupStateSize(int64_t state_size, int64_t max_tokens) {
-  if (max_tokens < 1) {
-    return Status::InvalidArgument("'max_tokens' must be at least 1; got " +
+  if (max_tokens < 1 || max_tokens > kMaxIntegerLookupTokens) {
+    return Status::InvalidArgument("'max_tokens' must be in [1, " +
+                                   std::to_string(kMaxIntegerLookupTokens) + "]; got " +
                                    std::to_string(max_tokens) + ".");
   }
   if (state_size != IntegerLookupStateSize(max_tokens)) {
@@ -100,6 +116,26 @@ Status ValidateIntegerLookupCount(int64_t count, int64_t max_tokens) {
   return Status::Ok();
 }
 
+Status ValidateIntegerLookupState(const int64_t* state, int64_t state_size, int64_t max_tokens) {
+  DE_RETURN_IF_ERROR(ValidateIntegerLookupStateSize(state_size, max_tokens));
+  const int64_t count = state[0];
+  DE_RETURN_IF_ERROR(ValidateIntegerLookupCount(count, max_tokens));
+  const int64_t slots = (state_size - 1) / 2;
+  for (int64_t s = 0; s < slots; ++s) {
+    const int64_t key = state[1 + 2 * s];
+    const int64_t id = state[2 + 2 * s];
+    if (key == kEmptyKey) continue;
+    if (key == kOovKey || id < kOovId || id > count) {
+      return Status::InvalidArgument(
+          "'state' is corrupted: slot " + std::to_string(s) + " holds key " +
+          std::to_string(key) + " with id " + std::to_string(id) + "; keys other than " +
+          std::to_string(kOovKey) + " have ids in [0, " + std::to_string(count) +
+          "] (the vocabulary size).");
+    }
+  }
+  return Status::Ok();
+}
+
 template <typename KeyT>
 Status IntegerLookupCpu(int64_t* state, int64_t state_size, int64_t max_tokens, const KeyT* keys,
                         int64_t n, bool insert, int64_t* ids, const ParallelFor& parallel_for) {
@@ -112,9 +148,17 @@ Status IntegerLookupCpu(int64_t* state, int64_t state_size, int64_t max_tokens, 
     }
   });
   for (int64_t i = 0; i < n; ++i) {
-    if (ids[i] != kMiss) continue;
-    ids[i] = insert ? FindOrInsert(state, slots, max_tokens, static_cast<int64_t>(keys[i]), true)
-                    : kOovId;
+    if (ids[i] == kMiss) {
+      ids[i] = insert ? FindOrInsert(state, slots, max_tokens, static_cast<int64_t>(keys[i]), true)
+                      : kOovId;
+    }
+    if (ids[i] == kCorrupt) {
+      std::fill(ids, ids + n, kOovId);  // no half-answered call
+      return Status::InvalidArgument(
+          "'state' is corrupted: key " + std::to_string(static_cast<int64_t>(keys[i])) +
+          " is in the vocabulary without a valid id (a hand-built or damaged vocabulary; "
+          "ValidateIntegerLookupState names the first bad slot).");
+    }
   }
   return Status::Ok();
 }

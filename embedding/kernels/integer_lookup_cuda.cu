@@ -27,11 +27,17 @@ __device__ int64_t ReserveIdOnDevice(int64_t* count, int64_t max_tokens) {
   return kOovId;
 }
 
-__device__ int64_t WaitForIdOnDevice(const int64_t* table, int64_t slot) {
-  int64_t id;
-  while ((id = LoadVolatile(&table[2 * slot + 1])) == kPendingId) {
+// The id of `slot`, waiting a bounded time (about 0.4 s) for a concurrent insert to write it.
+// A key with no valid id (a hand-built or damaged state) maps to OOV rather than hanging.
+__device__ int64_t WaitForIdOnDevice(const int64_t* table, int64_t slot, int64_t max_tokens) {
+  int64_t id = LoadVolatile(&table[2 * slot + 1]);
+  for (int spins = 0; id == kPendingId && spins < (1 << 22); ++spins) {
+#if __CUDA_ARCH__ >= 700
+    __nanosleep(100);
+#endif
+    id = LoadVolatile(&table[2 * slot + 1]);
   }
-  return id;
+  return id >= kOovId && id <= max_tokens ? id : kOovId;
 }
 
 template <typename KeyT>
@@ -49,7 +55,7 @@ __global__ void IntegerLookupKernel(int64_t* state, int64_t slots, int64_t max_t
       for (int64_t probe = 0; probe < slots; ++probe, slot = (slot + 1) & mask) {
         int64_t current = LoadVolatile(&table[2 * slot]);
         if (current == key) {
-          id = WaitForIdOnDevice(table, slot);
+          id = WaitForIdOnDevice(table, slot, max_tokens);
           break;
         }
         if (current != kEmptyKey) continue;
@@ -64,7 +70,7 @@ __global__ void IntegerLookupKernel(int64_t* state, int64_t slots, int64_t max_t
           break;
         }
         if (current == key) {
-          id = WaitForIdOnDevice(table, slot);
+          id = WaitForIdOnDevice(table, slot, max_tokens);
           break;
         }
       }

@@ -1,5 +1,6 @@
 // Tests of the CPU IntegerLookup, including concurrent inserts from many threads.
 #include <algorithm>
+#include <chrono>
 #include <map>
 #include <random>
 #include <thread>
@@ -150,6 +151,70 @@ TEST(IntegerLookupCpuTest, FullCorruptTableEndsWithOov) {
     state[s + 1] = 1;
   }
   EXPECT_THAT(Lookup<int64_t>(state, 4, {5}), ElementsAre(0));
+}
+
+TEST(IntegerLookupCpuTest, KeyWithoutIdIsAnErrorAfterABoundedWait) {
+  // A slot holding a key whose id is pending forever (no insert is running): a damaged state.
+  auto state = NewState(4);
+  std::vector<int64_t> ids(1);
+  const int64_t key = 5;
+  ASSERT_TRUE(IntegerLookupCpu(state.data(), static_cast<int64_t>(state.size()), 4, &key, 1, true,
+                               ids.data())
+                  .ok());
+  for (size_t s = 1; s < state.size(); s += 2) {
+    if (state[s] == key) state[s + 1] = kPendingId;
+  }
+  const auto start = std::chrono::steady_clock::now();
+  const Status status = IntegerLookupCpu(state.data(), static_cast<int64_t>(state.size()), 4,
+                                         &key, 1, false, ids.data());
+  EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(30));
+  EXPECT_EQ(status.code(), Status::Code::kInvalidArgument);
+  EXPECT_THAT(status.message(), HasSubstr("key 5 is in the vocabulary without a valid id"));
+  EXPECT_EQ(ids[0], kOovId);
+  EXPECT_THAT(ValidateIntegerLookupState(state.data(), static_cast<int64_t>(state.size()), 4)
+                  .message(),
+              HasSubstr("holds key 5 with id -1"));
+}
+
+TEST(IntegerLookupCpuTest, IdAboveMaxTokensIsAnError) {
+  auto state = NewState(4);
+  const int64_t key = 9;
+  std::vector<int64_t> ids(1);
+  ASSERT_TRUE(IntegerLookupCpu(state.data(), static_cast<int64_t>(state.size()), 4, &key, 1, true,
+                               ids.data())
+                  .ok());
+  for (size_t s = 1; s < state.size(); s += 2) {
+    if (state[s] == key) state[s + 1] = 5;
+  }
+  EXPECT_EQ(IntegerLookupCpu(state.data(), static_cast<int64_t>(state.size()), 4, &key, 1, true,
+                             ids.data())
+                .code(),
+            Status::Code::kInvalidArgument);
+}
+
+TEST(IntegerLookupCpuTest, ValidateStateAcceptsTrainedStatesAndRejectsDamage) {
+  auto state = NewState(8);
+  const std::vector<int64_t> keys = {3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7};
+  std::vector<int64_t> ids(keys.size());
+  ASSERT_TRUE(IntegerLookupCpu(state.data(), static_cast<int64_t>(state.size()), 8, keys.data(),
+                               static_cast<int64_t>(keys.size()), true, ids.data())
+                  .ok());
+  const int64_t size = static_cast<int64_t>(state.size());
+  EXPECT_TRUE(ValidateIntegerLookupState(state.data(), size, 8).ok());
+  EXPECT_THAT(ValidateIntegerLookupState(state.data(), size, 100).message(),
+              HasSubstr("another size"));
+  EXPECT_THAT(ValidateIntegerLookupState(state.data(), size, kMaxIntegerLookupTokens + 1).message(),
+              HasSubstr("'max_tokens' must be in [1, 1099511627776]"));
+  auto damaged = state;
+  damaged[0] = -1;
+  EXPECT_THAT(ValidateIntegerLookupState(damaged.data(), size, 8).message(),
+              HasSubstr("vocabulary size outside [0, 8]; got -1"));
+  damaged = state;
+  for (size_t s = 1; s < damaged.size(); s += 2) {
+    if (damaged[s] == 4) damaged[s] = kOovKey;
+  }
+  EXPECT_THAT(ValidateIntegerLookupState(damaged.data(), size, 8).message(),
+              HasSubstr("holds key -1"));
 }
 
 }  // namespace

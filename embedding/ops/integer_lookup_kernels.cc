@@ -25,6 +25,53 @@ struct IntegerLookupFunctor<CPUDevice, KeyT> {
   }
 };
 
+class InitialIntegerLookupStateOp : public tensorflow::OpKernel {
+ public:
+  explicit InitialIntegerLookupStateOp(tensorflow::OpKernelConstruction* ctx) : OpKernel(ctx) {
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("max_tokens", &max_tokens_));
+    OP_REQUIRES_OK(ctx, ToTfStatus(ValidateIntegerLookupStateSize(
+                                       IntegerLookupStateSize(max_tokens_), max_tokens_),
+                                   type_string()));
+  }
+
+  void Compute(OpKernelContext* ctx) override {
+    Tensor* state = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(
+                            0, tensorflow::TensorShape({IntegerLookupStateSize(max_tokens_)}),
+                            &state));
+    InitIntegerLookupState(state->flat<int64_t>().data(), max_tokens_);
+  }
+
+ private:
+  int64_t max_tokens_ = 0;
+};
+
+REGISTER_KERNEL_BUILDER(Name("DeInitialIntegerLookupState").Device(tensorflow::DEVICE_CPU),
+                        InitialIntegerLookupStateOp);
+
+class ValidateIntegerLookupStateOp : public tensorflow::OpKernel {
+ public:
+  explicit ValidateIntegerLookupStateOp(tensorflow::OpKernelConstruction* ctx) : OpKernel(ctx) {
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("max_tokens", &max_tokens_));
+  }
+
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& state = ctx->input(0);
+    OP_REQUIRES(ctx, state.dims() == 1,
+                absl::InvalidArgumentError(type_string() + ": 'state' must be 1-D; got shape " +
+                                           state.shape().DebugString() + "."));
+    OP_REQUIRES_OK(ctx, ToTfStatus(ValidateIntegerLookupState(state.flat<int64_t>().data(),
+                                                              state.NumElements(), max_tokens_),
+                                   type_string()));
+  }
+
+ private:
+  int64_t max_tokens_ = 0;
+};
+
+REGISTER_KERNEL_BUILDER(Name("DeValidateIntegerLookupState").Device(tensorflow::DEVICE_CPU),
+                        ValidateIntegerLookupStateOp);
+
 #define DE_REGISTER_CPU_INTEGER_LOOKUP(KeyT)                                         \
   REGISTER_KERNEL_BUILDER(Name("DeIntegerLookup")                                    \
                               .Device(tensorflow::DEVICE_CPU)                        \

@@ -7,6 +7,7 @@ last input dimension; its table is read in place (no copy) and its gradient is s
 import operator
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from distributed_embeddings.python.ops import embedding_lookup_ops
@@ -16,6 +17,10 @@ _COMBINERS = (None, "sum", "mean")
 # Keys a stock keras.layers.Embedding config may hold that this layer has no use for.
 _UNSUPPORTED_KERAS_KEYS = ("mask_zero", "input_length", "lora_rank", "lora_alpha", "sparse",
                            "quantization_config", "embeddings_dtype")
+
+
+# kMaxIntegerLookupTokens in embedding/kernels/integer_lookup.h.
+_MAX_INTEGER_LOOKUP_TOKENS = 2**40
 
 
 def _positive_int(owner, arg, value):
@@ -206,7 +211,12 @@ class IntegerLookup(keras.layers.Layer):
 
   The vocabulary is a non-trainable int64 weight, so it is saved and restored with the model
   (`model.save`, `tf.train.Checkpoint`). It lives in a hash table of this library's kernels:
-  on the CPU, or on the GPU when `use_gpu` is true and a GPU is present.
+  on the CPU, or on the GPU when `use_gpu` is true and a GPU is present. `set_weights` and Keras
+  loading check a vocabulary whole before using it; a damaged one that arrives another way (a
+  `tf.train.Checkpoint`, a direct `assign`) makes a CPU lookup raise InvalidArgumentError and a
+  GPU lookup return OOV for the damaged keys, after a bounded wait, never a hang. On the GPU the
+  ids given to the new keys of one call, and which new keys get the last free ids when the
+  vocabulary fills up, depend on thread scheduling; on the CPU they follow first occurrence.
 
   Args:
     max_tokens: the largest id, so at most max_tokens keys have ids; a positive integer.
@@ -215,6 +225,9 @@ class IntegerLookup(keras.layers.Layer):
 
   def __init__(self, max_tokens, use_gpu=True, **kwargs):
     max_tokens = _positive_int("IntegerLookup", "max_tokens", max_tokens)
+    if max_tokens > _MAX_INTEGER_LOOKUP_TOKENS:
+      raise ValueError(f"IntegerLookup: 'max_tokens' must be at most 2**40 (its state would "
+                       f"already take 32 TiB); got {max_tokens}.")
     kwargs["autocast"] = False
     super().__init__(**kwargs)
     self.max_tokens = max_tokens
@@ -244,6 +257,18 @@ class IntegerLookup(keras.layers.Layer):
   def compute_output_spec(self, inputs):
     return keras.KerasTensor(inputs.shape, dtype="int64", sparse=getattr(inputs, "sparse", False),
                              ragged=getattr(inputs, "ragged", False))
+
+  def set_weights(self, weights):
+    """Loads a vocabulary state after checking it whole (InvalidArgumentError if corrupted)."""
+    if len(weights) == 1:
+      embedding_lookup_ops.validate_integer_lookup_state(weights[0], self.max_tokens)
+    super().set_weights(weights)
+
+  def load_own_variables(self, store):
+    # What `keras.models.load_model` and `load_weights` call: check the state before it lands.
+    if "0" in store:
+      embedding_lookup_ops.validate_integer_lookup_state(np.asarray(store["0"]), self.max_tokens)
+    super().load_own_variables(store)
 
   def vocabulary_size(self):
     """Ids in use, the OOV id included."""

@@ -260,17 +260,22 @@ def integer_lookup(state, keys, max_tokens, insert=True):
 
 def integer_lookup_state_size(max_tokens):
   """Elements of the vocabulary state: the count plus a (key, id) pair per slot."""
-  slots = 16
-  while slots < 2 * max_tokens:
-    slots *= 2
-  return 1 + 2 * slots
+  return int(initial_integer_lookup_state(max_tokens).shape[0])
 
 
 def initial_integer_lookup_state(max_tokens):
-  """The state of an empty vocabulary: count 0, every slot (empty key, pending id)."""
-  import numpy as np  # pylint: disable=import-outside-toplevel
-  state = np.empty(integer_lookup_state_size(max_tokens), np.int64)
-  state[0] = 0
-  state[1::2] = np.iinfo(np.int64).min
-  state[2::2] = -1
-  return state
+  """The state of an empty vocabulary, as a NumPy array (the kernels define the layout)."""
+  with framework_ops.init_scope():
+    return _ops.de_initial_integer_lookup_state(max_tokens=max_tokens).numpy()
+
+
+def validate_integer_lookup_state(state, max_tokens):
+  """Checks a vocabulary state at rest (a NumPy array or tensor) before it is loaded.
+
+  Raises:
+    tf.errors.InvalidArgumentError: naming the first bad element: a wrong size, a vocabulary
+      size outside [0, max_tokens], or a slot whose key has no valid id.
+  """
+  with framework_ops.init_scope():
+    _ops.de_validate_integer_lookup_state(tf.convert_to_tensor(state, tf.int64),
+                                          max_tokens=max_tokens)
