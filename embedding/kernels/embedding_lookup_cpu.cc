@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "embedding/kernels/embedding_lookup.h"
+#include "embedding/kernels/lookup_rules.h"
 #include "embedding/kernels/input_errors.h"
 
 // x86-64 builds also compile the hot loops for AVX2 (a function attribute, not a build flag) and
@@ -43,11 +44,6 @@ bool CpuHasAvx2() {
 
 constexpr int64_t kPrefetchDistance = 8;
 constexpr int64_t kCacheLineBytes = 64;
-
-template <typename IdT>
-inline bool InRange(IdT id, int64_t num_rows) {
-  return id >= 0 && static_cast<int64_t>(id) < num_rows;
-}
 
 inline void PrefetchLine(const char* address) {
 #if defined(__x86_64__)
@@ -132,7 +128,7 @@ void ForwardBags(const T* __restrict params, int64_t num_rows, int64_t width,
       AddRow(params + static_cast<int64_t>(id) * width, width, out);
       ++valid;
     }
-    if (combiner == Combiner::kMean && valid > 1) {
+    if (combiner == Combiner::kMean && MeanDivides(valid)) {
       const T count = static_cast<T>(valid);
       for (int64_t w = 0; w < width; ++w) out[w] /= count;
     }
@@ -211,7 +207,7 @@ __attribute__((always_inline)) inline void ForwardBagsFixedWidthImpl(
       num_valid = 0;
       for (int64_t j = begin; j < end; ++j) num_valid += valid(j);
     }
-    const bool divide = combiner == Combiner::kMean && num_valid > 1;
+    const bool divide = combiner == Combiner::kMean && MeanDivides(num_valid);
     const T count = static_cast<T>(num_valid);
     T* __restrict out = output + b * kWidth;
 
@@ -568,10 +564,11 @@ void BackwardValidated(const T* grad_output, int64_t num_rows, int64_t width,
       for (int64_t j = csr.row_splits[b]; j < static_cast<int64_t>(csr.row_splits[b + 1]); ++j) {
         valid += unique_of[j] >= 0;
       }
-      const T count = static_cast<T>(valid > 1 ? valid : 1);
+      const bool divide = MeanDivides(valid);
+      const T count = static_cast<T>(divide ? valid : 1);
       for (int64_t w = 0; w < width; ++w) {
-        scaled[b * width + w] = valid > 1 ? grad_output[b * width + w] / count
-                                          : grad_output[b * width + w];
+        scaled[b * width + w] = divide ? grad_output[b * width + w] / count
+                                       : grad_output[b * width + w];
       }
     }
     source = scaled.data();
@@ -637,13 +634,13 @@ Status CooToRowSplitsCpu(const int64_t* indices, int64_t nnz, int64_t num_rows_d
   for (int64_t j = 0; j < nnz; ++j) {
     const int64_t row = indices[2 * j];
     const int64_t col = indices[2 * j + 1];
-    if (row < 0 || row >= num_rows_dense || col < 0 || col >= num_cols_dense) {
+    if (!CooInBounds(row, col, num_rows_dense, num_cols_dense)) {
       return CooIndexOutOfBoundsError(j, row, col, num_rows_dense, num_cols_dense);
     }
     if (j > 0) {
       const int64_t prev_row = indices[2 * j - 2];
       const int64_t prev_col = indices[2 * j - 1];
-      if (row < prev_row || (row == prev_row && col <= prev_col)) {
+      if (!CooFollows(prev_row, prev_col, row, col)) {
         return CooIndexOrderError(j, row, col, prev_row, prev_col);
       }
     }

@@ -1,8 +1,9 @@
 // CUDA implementations of the pooled embedding lookup, its sparse backward and COO conversion.
 //
 // Validation: one pass over row_splits and ids records the first offending position of each kind
-// with atomicMin; the host reads those positions back (the one synchronization per call) and
-// fetches the offending values to build the same message the CPU kernels give.
+// with atomicMin, and a one-thread kernel gathers the values the messages show; the host reads
+// that verdict back with one copy (the forward's only synchronization; the backward adds one to
+// read the number of unique ids) and builds the same message, in the same order, as the CPU.
 // Forward: a warp per bag, lanes across the width, rows read in id order (deterministic sums).
 // Backward: a stable radix sort of (id, position) pairs groups occurrences by id in position order;
 // run-length encoding gives the unique ids, and a warp per unique id sums its gradient rows.
@@ -14,9 +15,11 @@
 #include <climits>
 #include <limits>
 #include <string>
+#include <type_traits>
 
 #include "embedding/kernels/embedding_lookup_cuda.h"
 #include "embedding/kernels/input_errors.h"
+#include "embedding/kernels/lookup_rules.h"
 
 namespace distributed_embeddings {
 namespace {
@@ -26,11 +29,17 @@ constexpr int kWarpsPerBlock = 4;
 constexpr size_t kAlign = 256;
 constexpr unsigned long long kNoError = ULLONG_MAX;
 
-// First offending positions found by the validation kernels.
+// First offending positions found by the validation kernels, and the values the error messages
+// show, gathered on the device so that the host reads the whole verdict with one copy.
 struct ValidationResult {
   unsigned long long bad_split;  // b with row_splits[b] > row_splits[b + 1]
   unsigned long long bad_id;     // j with ids[j] outside [0, num_rows)
   unsigned long long bad_coo;    // j with indices[j] out of bounds or out of order
+  int64_t first_split;           // row_splits[0]
+  int64_t last_split;            // row_splits[batch]
+  int64_t split_value;           // row_splits[bad_split]
+  int64_t split_next;            // row_splits[bad_split + 1]
+  int64_t id_value;              // ids[bad_id]
 };
 
 size_t AlignUp(size_t bytes) { return (bytes + kAlign - 1) / kAlign * kAlign; }
@@ -66,11 +75,6 @@ int Blocks(int64_t items, int threads) {
   return static_cast<int>(std::min<int64_t>(std::max<int64_t>(blocks, 1), 65535 * 32));
 }
 
-template <typename IdT>
-__device__ __forceinline__ bool InRange(IdT id, int64_t num_rows) {
-  return id >= 0 && static_cast<int64_t>(id) < num_rows;
-}
-
 template <typename IdT, typename OffsetT>
 __global__ void ValidateCsrKernel(CsrIds<IdT, OffsetT> csr, int64_t num_rows, bool check_ids,
                                   ValidationResult* result) {
@@ -90,6 +94,18 @@ __global__ void ValidateCsrKernel(CsrIds<IdT, OffsetT> csr, int64_t num_rows, bo
   }
 }
 
+// One thread, after ValidateCsrKernel: copies the values the messages need into `result`.
+template <typename IdT, typename OffsetT>
+__global__ void GatherCsrErrorValues(CsrIds<IdT, OffsetT> csr, ValidationResult* result) {
+  result->first_split = static_cast<int64_t>(csr.row_splits[0]);
+  result->last_split = static_cast<int64_t>(csr.row_splits[csr.batch]);
+  if (result->bad_split != kNoError) {
+    result->split_value = static_cast<int64_t>(csr.row_splits[result->bad_split]);
+    result->split_next = static_cast<int64_t>(csr.row_splits[result->bad_split + 1]);
+  }
+  if (result->bad_id != kNoError) result->id_value = static_cast<int64_t>(csr.ids[result->bad_id]);
+}
+
 template <typename U>
 Status CopyScalarToHost(const U* device_ptr, U* host_value, cudaStream_t stream) {
   DE_RETURN_IF_CUDA_ERROR(
@@ -99,7 +115,8 @@ Status CopyScalarToHost(const U* device_ptr, U* host_value, cudaStream_t stream)
   return Status::Ok();
 }
 
-// Runs the validation kernel and turns its findings into the CPU kernels' error messages.
+// Runs the validation kernels and turns their findings into the CPU kernels' error messages, in
+// the CPU's order (start, decreasing, end, ids): one copy back and one synchronization.
 template <typename IdT, typename OffsetT>
 Status ValidateCsrOnDevice(const CsrIds<IdT, OffsetT>& csr, int64_t num_rows,
                            BoundsCheck bounds_check, ValidationResult* result,
@@ -107,32 +124,24 @@ Status ValidateCsrOnDevice(const CsrIds<IdT, OffsetT>& csr, int64_t num_rows,
   if (csr.nnz > static_cast<int64_t>(std::numeric_limits<OffsetT>::max())) {
     return NnzTooLargeError(csr.nnz, std::numeric_limits<OffsetT>::max());
   }
-  OffsetT first = 0, last = 0;
-  DE_RETURN_IF_ERROR(CopyScalarToHost(csr.row_splits, &first, stream));
-  if (first != 0) return RowSplitsStartError(first);
-  DE_RETURN_IF_ERROR(CopyScalarToHost(csr.row_splits + csr.batch, &last, stream));
-  if (static_cast<int64_t>(last) != csr.nnz) return RowSplitsEndError(csr.batch, last, csr.nnz);
-
   DE_RETURN_IF_CUDA_ERROR(cudaMemsetAsync(result, 0xff, sizeof(ValidationResult), stream),
                           "cudaMemsetAsync");
   const int threads = 256;
   ValidateCsrKernel<<<Blocks(std::max(csr.batch, csr.nnz), threads), threads, 0, stream>>>(
       csr, num_rows, bounds_check == BoundsCheck::kError, result);
   DE_RETURN_IF_CUDA_ERROR(cudaGetLastError(), "ValidateCsrKernel launch");
+  GatherCsrErrorValues<<<1, 1, 0, stream>>>(csr, result);
+  DE_RETURN_IF_CUDA_ERROR(cudaGetLastError(), "GatherCsrErrorValues launch");
   ValidationResult host;
   DE_RETURN_IF_ERROR(CopyScalarToHost(result, &host, stream));
+  if (host.first_split != 0) return RowSplitsStartError(host.first_split);
   if (host.bad_split != kNoError) {
-    const int64_t b = static_cast<int64_t>(host.bad_split);
-    OffsetT value = 0, next = 0;
-    DE_RETURN_IF_ERROR(CopyScalarToHost(csr.row_splits + b, &value, stream));
-    DE_RETURN_IF_ERROR(CopyScalarToHost(csr.row_splits + b + 1, &next, stream));
-    return RowSplitsDecreasingError(b, value, next);
+    return RowSplitsDecreasingError(static_cast<int64_t>(host.bad_split), host.split_value,
+                                    host.split_next);
   }
+  if (host.last_split != csr.nnz) return RowSplitsEndError(csr.batch, host.last_split, csr.nnz);
   if (host.bad_id != kNoError) {
-    const int64_t j = static_cast<int64_t>(host.bad_id);
-    IdT id = 0;
-    DE_RETURN_IF_ERROR(CopyScalarToHost(csr.ids + j, &id, stream));
-    return IdOutOfRangeError(j, id, num_rows);
+    return IdOutOfRangeError(static_cast<int64_t>(host.bad_id), host.id_value, num_rows);
   }
   return Status::Ok();
 }
@@ -155,20 +164,48 @@ __global__ void ForwardKernel(const T* __restrict__ params, int64_t num_rows, in
         const IdT id = csr.ids[j];
         if (InRange(id, num_rows)) sum += params[static_cast<int64_t>(id) * width + w];
       }
-      if (mean && valid > 1) sum /= static_cast<T>(valid);
+      if (mean && MeanDivides(valid)) sum /= static_cast<T>(valid);
       output[b * width + w] = sum;
     }
   }
 }
 
-// Sort keys: valid ids as they are, invalid ones (kSkip) as num_rows so they sort last.
+// Bits needed for keys up to max_key.
+int EndBit(int64_t max_key) {
+  int bits = 1;
+  while (bits < 63 && (int64_t{1} << bits) <= max_key) ++bits;
+  return bits;
+}
+
+// Ids are sorted as unsigned keys of their width (valid ids are non-negative, so the order is
+// the same). An invalid id (kSkip) becomes `sentinel`, which sorts after every valid id.
 template <typename IdT>
-__global__ void PrepareSortKernel(const IdT* ids, int64_t nnz, int64_t num_rows, IdT* keys,
-                                  int64_t* positions) {
+using SortKey = typename std::make_unsigned<IdT>::type;
+
+template <typename IdT>
+struct SortPlan {
+  SortKey<IdT> sentinel;
+  int end_bit;  // bits the radix sort looks at
+};
+
+// The sentinel is num_rows when it fits IdT, so the sort can stop at EndBit(num_rows). Otherwise
+// (int32 ids, num_rows >= 2**31: every non-negative id is valid) it is the all-ones key, and the
+// sort looks at every bit of the key, never more.
+template <typename IdT>
+SortPlan<IdT> PlanSort(int64_t num_rows) {
+  if (num_rows <= static_cast<int64_t>(std::numeric_limits<IdT>::max())) {
+    return {static_cast<SortKey<IdT>>(num_rows), EndBit(num_rows)};
+  }
+  return {std::numeric_limits<SortKey<IdT>>::max(), static_cast<int>(8 * sizeof(IdT))};
+}
+
+template <typename IdT>
+__global__ void PrepareSortKernel(const IdT* ids, int64_t nnz, int64_t num_rows,
+                                  SortKey<IdT> sentinel, SortKey<IdT>* keys, int64_t* positions) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t j = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; j < nnz;
        j += stride) {
-    keys[j] = InRange(ids[j], num_rows) ? ids[j] : static_cast<IdT>(num_rows);
+    keys[j] = InRange(ids[j], num_rows) ? static_cast<SortKey<IdT>>(ids[j]) : sentinel;
     positions[j] = j;
   }
 }
@@ -210,7 +247,7 @@ __global__ void AccumulateKernel(const T* __restrict__ grad_output, int64_t widt
       for (int64_t k = begin; k < end; ++k) {
         const int64_t b = bag_of[sorted_positions[k]];
         const T g = grad_output[b * width + w];
-        sum += (mean && valid_count[b] > 1) ? g / static_cast<T>(valid_count[b]) : g;
+        sum += (mean && MeanDivides(valid_count[b])) ? g / static_cast<T>(valid_count[b]) : g;
       }
       unique_grad[u * width + w] = sum;
     }
@@ -218,11 +255,11 @@ __global__ void AccumulateKernel(const T* __restrict__ grad_output, int64_t widt
 }
 
 // Number of runs that are real ids: a trailing run of the invalid-id sentinel is dropped.
-template <typename IdT>
-__global__ void CountUniqueKernel(const IdT* run_keys, const int* num_runs, int64_t num_rows,
+template <typename Key>
+__global__ void CountUniqueKernel(const Key* run_keys, const int* num_runs, Key sentinel,
                                   int64_t* num_unique) {
   int64_t n = *num_runs;
-  if (n > 0 && static_cast<int64_t>(run_keys[n - 1]) == num_rows) --n;
+  if (n > 0 && run_keys[n - 1] == sentinel) --n;
   *num_unique = n;
 }
 
@@ -232,11 +269,8 @@ __global__ void ValidateCooKernel(const int64_t* indices, int64_t nnz, int64_t n
   for (int64_t j = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; j < nnz;
        j += stride) {
     const int64_t row = indices[2 * j], col = indices[2 * j + 1];
-    bool bad = row < 0 || row >= num_rows || col < 0 || col >= num_cols;
-    if (j > 0) {
-      const int64_t prev_row = indices[2 * j - 2], prev_col = indices[2 * j - 1];
-      bad = bad || row < prev_row || (row == prev_row && col <= prev_col);
-    }
+    bool bad = !CooInBounds(row, col, num_rows, num_cols);
+    if (j > 0) bad = bad || !CooFollows(indices[2 * j - 2], indices[2 * j - 1], row, col);
     if (bad) atomicMin(&result->bad_coo, static_cast<unsigned long long>(j));
   }
 }
@@ -261,21 +295,17 @@ __global__ void CooSplitsKernel(const int64_t* indices, int64_t nnz, int64_t num
   }
 }
 
-int EndBit(int64_t max_key) {
-  int bits = 1;
-  while (bits < 63 && (int64_t{1} << bits) <= max_key) ++bits;
-  return bits;
-}
 
 // Scratch layout of the backward pass; with a null base it only measures.
 template <typename T, typename IdT>
 struct BackwardScratch {
+  using Key = SortKey<IdT>;
   ValidationResult* validation;
-  IdT* keys_in;
-  IdT* keys_out;
+  Key* keys_in;
+  Key* keys_out;
   int64_t* positions_in;
   int64_t* positions_out;
-  IdT* run_keys;
+  Key* run_keys;
   int* run_lengths;
   int* num_runs;
   int64_t* run_starts;
@@ -289,23 +319,23 @@ struct BackwardScratch {
   BackwardScratch(void* base, size_t bytes, int64_t nnz, int64_t batch) {
     const int n = static_cast<int>(nnz);
     size_t sort_bytes = 0, rle_bytes = 0, scan_bytes = 0;
-    cub::DeviceRadixSort::SortPairs(nullptr, sort_bytes, static_cast<const IdT*>(nullptr),
-                                    static_cast<IdT*>(nullptr),
+    cub::DeviceRadixSort::SortPairs(nullptr, sort_bytes, static_cast<const Key*>(nullptr),
+                                    static_cast<Key*>(nullptr),
                                     static_cast<const int64_t*>(nullptr),
                                     static_cast<int64_t*>(nullptr), n);
-    cub::DeviceRunLengthEncode::Encode(nullptr, rle_bytes, static_cast<const IdT*>(nullptr),
-                                       static_cast<IdT*>(nullptr), static_cast<int*>(nullptr),
+    cub::DeviceRunLengthEncode::Encode(nullptr, rle_bytes, static_cast<const Key*>(nullptr),
+                                       static_cast<Key*>(nullptr), static_cast<int*>(nullptr),
                                        static_cast<int*>(nullptr), n);
     cub::DeviceScan::ExclusiveSum(nullptr, scan_bytes, static_cast<const int*>(nullptr),
                                   static_cast<int64_t*>(nullptr), n);
     cub_temp_bytes = std::max({sort_bytes, rle_bytes, scan_bytes, size_t{1}});
     Carver carver(base);
     validation = carver.Take<ValidationResult>(1);
-    keys_in = carver.Take<IdT>(nnz);
-    keys_out = carver.Take<IdT>(nnz);
+    keys_in = carver.Take<Key>(nnz);
+    keys_out = carver.Take<Key>(nnz);
     positions_in = carver.Take<int64_t>(nnz);
     positions_out = carver.Take<int64_t>(nnz);
-    run_keys = carver.Take<IdT>(nnz);
+    run_keys = carver.Take<Key>(nnz);
     run_lengths = carver.Take<int>(nnz);
     num_runs = carver.Take<int>(1);
     run_starts = carver.Take<int64_t>(nnz);
@@ -368,13 +398,14 @@ Status PooledLookupBackwardCuda(const T* grad_output, int64_t num_rows, int64_t 
   const int n = static_cast<int>(csr.nnz);
   const int threads = 256;
 
+  const SortPlan<IdT> plan = PlanSort<IdT>(num_rows);
   PrepareSortKernel<<<Blocks(csr.nnz, threads), threads, 0, stream>>>(
-      csr.ids, csr.nnz, num_rows, s.keys_in, s.positions_in);
+      csr.ids, csr.nnz, num_rows, plan.sentinel, s.keys_in, s.positions_in);
   DE_RETURN_IF_CUDA_ERROR(cudaGetLastError(), "PrepareSortKernel launch");
   size_t temp_bytes = s.cub_temp_bytes;
   DE_RETURN_IF_CUDA_ERROR(
       cub::DeviceRadixSort::SortPairs(s.cub_temp, temp_bytes, s.keys_in, s.keys_out,
-                                      s.positions_in, s.positions_out, n, 0, EndBit(num_rows),
+                                      s.positions_in, s.positions_out, n, 0, plan.end_bit,
                                       stream),
       "DeviceRadixSort::SortPairs");
   temp_bytes = s.cub_temp_bytes;
@@ -386,7 +417,7 @@ Status PooledLookupBackwardCuda(const T* grad_output, int64_t num_rows, int64_t 
   DE_RETURN_IF_CUDA_ERROR(cub::DeviceScan::ExclusiveSum(s.cub_temp, temp_bytes, s.run_lengths,
                                                         s.run_starts, n, stream),
                           "DeviceScan::ExclusiveSum");
-  CountUniqueKernel<<<1, 1, 0, stream>>>(s.run_keys, s.num_runs, num_rows, s.num_unique);
+  CountUniqueKernel<<<1, 1, 0, stream>>>(s.run_keys, s.num_runs, plan.sentinel, s.num_unique);
   DE_RETURN_IF_CUDA_ERROR(cudaGetLastError(), "CountUniqueKernel launch");
   if (csr.batch > 0) {
     BagsKernel<<<Blocks(csr.batch, threads), threads, 0, stream>>>(csr, num_rows, s.bag_of,
@@ -438,9 +469,7 @@ Status CooToRowSplitsCuda(const int64_t* indices, int64_t nnz, int64_t num_rows_
                               "cudaMemcpyAsync");
       DE_RETURN_IF_CUDA_ERROR(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
       const int64_t* here = j > 0 ? index + 2 : index;
-      const bool in_bounds = here[0] >= 0 && here[0] < num_rows_dense && here[1] >= 0 &&
-                             here[1] < num_cols_dense;
-      if (!in_bounds) {
+      if (!CooInBounds(here[0], here[1], num_rows_dense, num_cols_dense)) {
         return CooIndexOutOfBoundsError(j, here[0], here[1], num_rows_dense, num_cols_dense);
       }
       return CooIndexOrderError(j, here[0], here[1], index[0], index[1]);

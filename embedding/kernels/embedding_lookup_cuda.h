@@ -3,8 +3,11 @@
 // Same semantics as embedding_lookup.h, with device pointers, a stream and caller-provided device
 // scratch (`workspace`, sized by the matching *WorkspaceBytes function) so that a framework can
 // serve it from its own allocator. Validation runs on the device before any table or output memory
-// is touched, and its verdict is copied back, so each call synchronizes `stream` once. The unique
-// ids of the backward pass come out in ascending order (the CPU version keeps first occurrence).
+// is touched, and its verdict (with the values an error message shows) is copied back in one
+// piece: the forward synchronizes `stream` once, the backward twice (the verdict, then the number
+// of unique ids that sizes its outputs), and the COO conversion once (plus one more copy on
+// error). Errors and their order match the CPU version's. The unique ids of the backward pass
+// come out in ascending order (the CPU version keeps first occurrence).
 #ifndef DISTRIBUTED_EMBEDDINGS_EMBEDDING_KERNELS_EMBEDDING_LOOKUP_CUDA_H_
 #define DISTRIBUTED_EMBEDDINGS_EMBEDDING_KERNELS_EMBEDDING_LOOKUP_CUDA_H_
 

@@ -2,9 +2,13 @@
 // case skips when no CUDA device is present, and runs in full on a GPU machine.
 #include <cuda_runtime_api.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <string>
 #include <vector>
 
+#include "embedding/kernels/cuda_test_util.h"
+#include "embedding/kernels/embedding_lookup.h"
 #include "embedding/kernels/embedding_lookup_cuda.h"
 #include "embedding/kernels/lookup_test_util.h"
 #include "gmock/gmock.h"
@@ -53,7 +57,7 @@ class DeviceBuffer {
 class CudaTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    if (!CudaDeviceAvailable()) GTEST_SKIP() << "no CUDA device";
+    DE_SKIP_OR_FAIL_WITHOUT_CUDA();
   }
 };
 
@@ -105,7 +109,10 @@ void CheckForwardAndBackward(double invalid_fraction, BoundsCheck mode) {
           grad_output.get(), c.num_rows, c.width, csr, combiner, mode, unique_ids.get(),
           unique_grad.get(), &num_unique, workspace.get(), bytes, nullptr);
       ASSERT_TRUE(status.ok()) << status.message();
-      ExpectSparseGradient(c, combiner, unique_ids.ToHost(num_unique),
+      const std::vector<IdT> host_unique = unique_ids.ToHost(num_unique);
+      EXPECT_TRUE(std::is_sorted(host_unique.begin(), host_unique.end()))
+          << "the CUDA backward documents ascending unique ids";
+      ExpectSparseGradient(c, combiner, host_unique,
                            unique_grad.ToHost(num_unique * c.width), num_unique,
                            spec.max_hotness);
     }
@@ -118,6 +125,126 @@ TYPED_TEST(LookupCudaTest, ForwardAndBackwardMatchReference) {
 
 TYPED_TEST(LookupCudaTest, SkipModeIgnoresInvalidIds) {
   CheckForwardAndBackward<TypeParam>(0.2, BoundsCheck::kSkip);
+}
+
+// The CUDA and CPU kernels on the same case, on a stream of its own (as TensorFlow gives an op):
+// the same unique ids (as sets: CUDA sorts them) and the same numbers within rounding.
+TYPED_TEST(LookupCudaTest, MatchesTheCpuKernelsOnANonDefaultStream) {
+  using T = typename TypeParam::T;
+  using IdT = typename TypeParam::IdT;
+  using OffsetT = typename TypeParam::OffsetT;
+  cudaStream_t stream = nullptr;
+  ASSERT_EQ(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), cudaSuccess);
+  for (const CaseSpec& spec : StandardSpecs(0.1)) {
+    const auto c = MakeCase<T, IdT, OffsetT>(spec);
+    const CsrIds<IdT, OffsetT> host_csr{c.ids.data(), static_cast<int64_t>(c.ids.size()),
+                                        c.row_splits.data(), c.batch()};
+    DeviceBuffer<T> params(c.params), grad_output(c.grad_output);
+    DeviceBuffer<IdT> ids(c.ids);
+    DeviceBuffer<OffsetT> splits(c.row_splits);
+    const CsrIds<IdT, OffsetT> csr{ids.get(), host_csr.nnz, splits.get(), c.batch()};
+    for (Combiner combiner : {Combiner::kSum, Combiner::kMean}) {
+      SCOPED_TRACE(::testing::Message() << "seed " << spec.seed);
+      std::vector<T> cpu_output(c.batch() * c.width);
+      ASSERT_TRUE(PooledLookupForwardCpu(c.params.data(), c.num_rows, c.width, host_csr, combiner,
+                                         BoundsCheck::kSkip, cpu_output.data())
+                      .ok());
+      DeviceBuffer<T> output(c.batch() * c.width);
+      DeviceBuffer<char> validation(ValidationWorkspaceBytes());
+      ASSERT_TRUE(PooledLookupForwardCuda(params.get(), c.num_rows, c.width, csr, combiner,
+                                          BoundsCheck::kSkip, output.get(), validation.get(),
+                                          ValidationWorkspaceBytes(), stream)
+                      .ok());
+      ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+      std::vector<double> cpu_forward(cpu_output.begin(), cpu_output.end());
+      ExpectNear(cpu_forward, output.ToHost(), spec.max_hotness);
+
+      const int64_t capacity = MaxUniqueIds(host_csr.nnz, c.num_rows);
+      std::vector<IdT> cpu_ids(capacity);
+      std::vector<T> cpu_grad(capacity * c.width);
+      int64_t cpu_unique = -1;
+      ASSERT_TRUE(PooledLookupBackwardCpu(c.grad_output.data(), c.num_rows, c.width, host_csr,
+                                          combiner, BoundsCheck::kSkip, cpu_ids.data(),
+                                          cpu_grad.data(), &cpu_unique)
+                      .ok());
+      DeviceBuffer<IdT> unique_ids(capacity);
+      DeviceBuffer<T> unique_grad(capacity * c.width);
+      const size_t bytes =
+          PooledLookupBackwardCudaWorkspaceBytes<T, IdT, OffsetT>(csr.nnz, csr.batch);
+      DeviceBuffer<char> workspace(bytes);
+      int64_t num_unique = -1;
+      ASSERT_TRUE(PooledLookupBackwardCuda(grad_output.get(), c.num_rows, c.width, csr, combiner,
+                                           BoundsCheck::kSkip, unique_ids.get(), unique_grad.get(),
+                                           &num_unique, workspace.get(), bytes, stream)
+                      .ok());
+      ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+      ASSERT_EQ(num_unique, cpu_unique);
+      const std::vector<IdT> gpu_ids = unique_ids.ToHost(num_unique);
+      const std::vector<T> gpu_grad = unique_grad.ToHost(num_unique * c.width);
+      // Row of each CPU id in the GPU's (sorted) output.
+      std::vector<double> cpu_rows, gpu_rows;
+      for (int64_t u = 0; u < cpu_unique; ++u) {
+        const auto at = std::lower_bound(gpu_ids.begin(), gpu_ids.end(), cpu_ids[u]);
+        ASSERT_TRUE(at != gpu_ids.end() && *at == cpu_ids[u]) << "id " << cpu_ids[u];
+        const int64_t g = at - gpu_ids.begin();
+        for (int64_t w = 0; w < c.width; ++w) {
+          cpu_rows.push_back(cpu_grad[u * c.width + w]);
+          gpu_rows.push_back(gpu_grad[g * c.width + w]);
+        }
+      }
+      ExpectNear(cpu_rows, std::vector<T>(gpu_rows.begin(), gpu_rows.end()), c.batch());
+    }
+  }
+  cudaStreamDestroy(stream);
+}
+
+TEST_F(CudaTest, EmptyTablesZeroWidthAndAllInvalidIds) {
+  // num_rows 0 (every id invalid, skipped), width 0, and empty bags: zeros and no unique ids.
+  const std::vector<int64_t> host_ids = {0, 3, -1};
+  DeviceBuffer<int64_t> ids(host_ids);
+  DeviceBuffer<int64_t> splits(std::vector<int64_t>{0, 0, 3});
+  const CsrIds<int64_t, int64_t> csr{ids.get(), 3, splits.get(), 2};
+  DeviceBuffer<float> params(1);
+  DeviceBuffer<char> validation(ValidationWorkspaceBytes());
+  for (const int64_t width : {int64_t{0}, int64_t{3}}) {
+    DeviceBuffer<float> output(std::vector<float>(2 * width + 1, 42.0f));
+    ASSERT_TRUE(PooledLookupForwardCuda(params.get(), 0, width, csr, Combiner::kMean,
+                                        BoundsCheck::kSkip, output.get(), validation.get(),
+                                        ValidationWorkspaceBytes(), nullptr)
+                    .ok());
+    const std::vector<float> host = output.ToHost();
+    for (int64_t i = 0; i < 2 * width; ++i) EXPECT_EQ(host[i], 0.0f) << i;
+    EXPECT_EQ(host[2 * width], 42.0f);  // nothing written past the output
+    const size_t bytes = PooledLookupBackwardCudaWorkspaceBytes<float, int64_t, int64_t>(3, 2);
+    DeviceBuffer<char> workspace(bytes);
+    DeviceBuffer<float> grad(std::vector<float>(2 * width + 1, 1.0f));
+    DeviceBuffer<int64_t> unique_ids(3);
+    DeviceBuffer<float> unique_grad(3 * width + 1);
+    int64_t num_unique = -1;
+    ASSERT_TRUE(PooledLookupBackwardCuda(grad.get(), 0, width, csr, Combiner::kSum,
+                                         BoundsCheck::kSkip, unique_ids.get(), unique_grad.get(),
+                                         &num_unique, workspace.get(), bytes, nullptr)
+                    .ok());
+    EXPECT_EQ(num_unique, 0);
+    EXPECT_EQ(PooledLookupBackwardCuda(grad.get(), 0, width, csr, Combiner::kSum,
+                                       BoundsCheck::kError, unique_ids.get(), unique_grad.get(),
+                                       &num_unique, workspace.get(), bytes, nullptr)
+                  .code(),
+              Status::Code::kInvalidArgument);
+  }
+}
+
+TEST_F(CudaTest, Int32OffsetsPastTheirLimitAreRejectedBeforeAnyRead) {
+  // nnz one past INT32_MAX with int32 row_splits: rejected from the sizes alone, so the
+  // pointers (null here) are never read.
+  const CsrIds<int32_t, int32_t> csr{nullptr, int64_t{1} << 31, nullptr, 1};
+  DeviceBuffer<char> validation(ValidationWorkspaceBytes());
+  const Status status =
+      PooledLookupForwardCuda(static_cast<const float*>(nullptr), 10, 4, csr, Combiner::kSum,
+                              BoundsCheck::kError, static_cast<float*>(nullptr), validation.get(),
+                              ValidationWorkspaceBytes(), nullptr);
+  EXPECT_EQ(status.code(), Status::Code::kInvalidArgument);
+  EXPECT_THAT(status.message(), HasSubstr("32-bit row_splits"));
 }
 
 class LookupCudaErrorTest : public CudaTest {
@@ -138,6 +265,21 @@ class LookupCudaErrorTest : public CudaTest {
     EXPECT_EQ(status.code(), Status::Code::kInvalidArgument);
     EXPECT_THAT(status.message(), HasSubstr(message));
     for (float v : output.ToHost()) EXPECT_EQ(v, 42.0f);
+    // The backward rejects the same input with the same message and writes nothing.
+    const int64_t nnz = static_cast<int64_t>(host_ids.size());
+    const size_t bytes = PooledLookupBackwardCudaWorkspaceBytes<float, int64_t, int64_t>(nnz, batch);
+    DeviceBuffer<char> workspace(bytes);
+    DeviceBuffer<float> grad(std::vector<float>(2 * batch, 1.0f));
+    DeviceBuffer<int64_t> unique_ids(std::vector<int64_t>(nnz + 1, 42));
+    DeviceBuffer<float> unique_grad(std::vector<float>(2 * nnz + 1, 42.0f));
+    int64_t num_unique = -1;
+    const Status backward = PooledLookupBackwardCuda(
+        grad.get(), 4, 2, csr, Combiner::kSum, BoundsCheck::kError, unique_ids.get(),
+        unique_grad.get(), &num_unique, workspace.get(), bytes, nullptr);
+    EXPECT_EQ(backward.code(), Status::Code::kInvalidArgument);
+    EXPECT_THAT(backward.message(), HasSubstr(message));
+    for (int64_t v : unique_ids.ToHost()) EXPECT_EQ(v, 42);
+    for (float v : unique_grad.ToHost()) EXPECT_EQ(v, 42.0f);
   }
 };
 
@@ -153,6 +295,36 @@ TEST_F(LookupCudaErrorTest, RejectsMalformedRowSplits) {
   ExpectRejected({0, 1, 2}, {1, 2, 3}, "'row_splits' must start at 0");
   ExpectRejected({0, 1, 2}, {0, 2, 1, 3}, "got row_splits[1] = 2 > row_splits[2] = 1.");
   ExpectRejected({0, 1, 2}, {0, 1, 5}, "'row_splits' must end at 3");
+}
+
+TEST_F(LookupCudaErrorTest, ReportsRowSplitsErrorsInTheCpuOrder) {
+  // Decreasing and ending wrong at once: the CPU reports the decrease first, and so must we.
+  ExpectRejected({0, 1, 2}, {0, 2, 1, 5}, "got row_splits[1] = 2 > row_splits[2] = 1.");
+  // Starting wrong and decreasing: the start first.
+  ExpectRejected({0, 1, 2}, {1, 0, 3}, "'row_splits' must start at 0; got row_splits[0] = 1.");
+}
+
+// int32 ids with num_rows past INT32_MAX: every non-negative id is valid, and the invalid-id
+// sentinel of the sort must not collide with one (it did: num_rows cast to int32 wrapped).
+TEST_F(CudaTest, Int32IdsWithMoreRowsThanInt32SkipsOnlyInvalidIds) {
+  for (const int64_t num_rows : {int64_t{1} << 31, (int64_t{1} << 32) + 5}) {
+    const std::vector<int32_t> host_ids = {-1, 2147483647, 5, -3, 5, 0};
+    DeviceBuffer<int32_t> ids(host_ids);
+    DeviceBuffer<int64_t> splits(std::vector<int64_t>{0, 3, 6});
+    const CsrIds<int32_t, int64_t> csr{ids.get(), 6, splits.get(), 2};
+    const size_t bytes = PooledLookupBackwardCudaWorkspaceBytes<float, int32_t, int64_t>(6, 2);
+    DeviceBuffer<char> workspace(bytes);
+    DeviceBuffer<float> grad(std::vector<float>(2, 1.0f));  // width 0: nothing is read
+    DeviceBuffer<int32_t> unique_ids(6);
+    DeviceBuffer<float> unique_grad(1);
+    int64_t num_unique = -1;
+    const Status status = PooledLookupBackwardCuda(
+        grad.get(), num_rows, 0, csr, Combiner::kSum, BoundsCheck::kSkip, unique_ids.get(),
+        unique_grad.get(), &num_unique, workspace.get(), bytes, nullptr);
+    ASSERT_TRUE(status.ok()) << status.message();
+    ASSERT_EQ(num_unique, 3) << num_rows;
+    EXPECT_EQ(unique_ids.ToHost(3), (std::vector<int32_t>{0, 5, 2147483647})) << num_rows;
+  }
 }
 
 TEST_F(CudaTest, CooToRowSplitsCountsEntriesPerRow) {

@@ -242,6 +242,31 @@ TEST_F(LookupCpuErrorTest, RejectsDecreasingRowSplits) {
                  "'row_splits' must be non-decreasing; got row_splits[1] = 2 > row_splits[2] = 1.");
 }
 
+TEST_F(LookupCpuErrorTest, ReportsRowSplitsErrorsInTheDocumentedOrder) {
+  // The CUDA suite checks the same two inputs for the same messages.
+  ExpectRejected({0, 1, 2}, {0, 2, 1, 5}, "got row_splits[1] = 2 > row_splits[2] = 1.");
+  ExpectRejected({0, 1, 2}, {1, 0, 3}, "'row_splits' must start at 0; got row_splits[0] = 1.");
+}
+
+TEST(LookupCpuTest, Int32IdsWithMoreRowsThanInt32SkipsOnlyInvalidIds) {
+  for (const int64_t num_rows : {int64_t{1} << 31, (int64_t{1} << 32) + 5}) {
+    const std::vector<int32_t> ids = {-1, 2147483647, 5, -3, 5, 0};
+    const std::vector<int64_t> splits = {0, 3, 6};
+    const CsrIds<int32_t, int64_t> csr{ids.data(), 6, splits.data(), 2};
+    const std::vector<float> grad(2, 1.0f);
+    std::vector<int32_t> unique_ids(6);
+    std::vector<float> unique_grad(1);
+    int64_t num_unique = -1;
+    ASSERT_TRUE(PooledLookupBackwardCpu(grad.data(), num_rows, 0, csr, Combiner::kSum,
+                                        BoundsCheck::kSkip, unique_ids.data(), unique_grad.data(),
+                                        &num_unique)
+                    .ok());
+    ASSERT_EQ(num_unique, 3);
+    unique_ids.resize(3);  // first-occurrence order on the CPU
+    EXPECT_EQ(unique_ids, (std::vector<int32_t>{2147483647, 5, 0})) << num_rows;
+  }
+}
+
 TEST_F(LookupCpuErrorTest, RejectsRowSplitsNotEndingAtNnz) {
   ExpectRejected({0, 1, 2}, {0, 1, 5}, "'row_splits' must end at 3, the number of 'ids'");
   ExpectRejected({0, 1, 2}, {0, 1, 2}, "got row_splits[2] = 2.");
@@ -351,6 +376,7 @@ TEST(RunParallelBalancedTest, RunsInlineWithoutParallelFor) {
   EXPECT_THAT(ranges, ::testing::ElementsAre(std::make_pair(int64_t{0}, int64_t{3})));
 }
 
+#if !defined(__SANITIZE_ADDRESS__)
 // The address space this process has mapped now, in bytes.
 size_t MappedBytes() {
   FILE* statm = fopen("/proc/self/statm", "r");
@@ -361,6 +387,7 @@ size_t MappedBytes() {
   }
   return pages * static_cast<size_t>(sysconf(_SC_PAGESIZE));
 }
+#endif
 
 TEST(LookupCpuMemoryTest, OutOfMemoryForScratchIsResourceExhaustedNotTerminate) {
 #if defined(__SANITIZE_ADDRESS__)

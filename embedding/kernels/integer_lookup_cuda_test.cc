@@ -1,10 +1,11 @@
-// Tests of the CUDA IntegerLookup; every case skips when no CUDA device is present.
+// Tests of the CUDA IntegerLookup; every case skips on a machine without a GPU (cuda_test_util.h).
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
 #include <random>
 #include <vector>
 
+#include "embedding/kernels/cuda_test_util.h"
 #include "embedding/kernels/embedding_lookup_cuda.h"
 #include "embedding/kernels/integer_lookup_cuda.h"
 #include "embedding/kernels/integer_lookup_test_util.h"
@@ -18,7 +19,7 @@ using ::distributed_embeddings::testing::ExpectConsistentIds;
 class IntegerLookupCudaTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    if (!CudaDeviceAvailable()) GTEST_SKIP() << "no CUDA device";
+    DE_SKIP_OR_FAIL_WITHOUT_CUDA();
   }
 
   // Runs one call on the device; returns the ids and updates `state` from the device.

@@ -85,7 +85,7 @@ struct LookupFunctor<CPUDevice, T, IdT, OffsetT> {
     // TensorFlow's CPU allocator hands out 4 KiB pages; random row reads want huge ones, and so
     // does the first write of a large output.
     PromoteToHugePages(params, static_cast<size_t>(num_rows * width) * sizeof(T));
-    AdviseHugePagesBeforeFirstWrite(output, static_cast<size_t>(csr.batch * width) * sizeof(T));
+    const FirstWriteAdvice advice(output, static_cast<size_t>(csr.batch * width) * sizeof(T));
     return PooledLookupForwardCpu(params, num_rows, width, csr, combiner, bounds_check, output,
                                   CpuParallelFor(ctx));
   }
@@ -97,8 +97,8 @@ struct LookupFunctor<CPUDevice, T, IdT, OffsetT> {
     const int64_t capacity = MaxUniqueIds(csr.nnz, num_rows);
     UniqueGradOutputs unique;
     DE_RETURN_IF_ERROR((unique.Allocate<T, IdT>(ctx, capacity, width)));
-    AdviseHugePagesBeforeFirstWrite(unique.grad.flat<T>().data(),
-                                    static_cast<size_t>(capacity * width) * sizeof(T));
+    const FirstWriteAdvice advice(unique.grad.flat<T>().data(),
+                                  static_cast<size_t>(capacity * width) * sizeof(T));
     int64_t num_unique = 0;
     DE_RETURN_IF_ERROR(PooledLookupBackwardCpu(
         grad.flat<T>().data(), num_rows, width, csr, combiner, bounds_check,
