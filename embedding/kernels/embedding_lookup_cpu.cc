@@ -415,6 +415,51 @@ class UniqueIdMap {
   std::vector<Slot> slots_;
 };
 
+// Index of each row among the unique ids, one int64 per table row: for tables of at most twice
+// the hash map's slots, this costs no more memory than the map, and needs no hashing or probing.
+template <typename IdT>
+class DenseIdMap {
+ public:
+  explicit DenseIdMap(int64_t num_rows) : index_(num_rows, -1) {}
+
+  // Worth it when the table has at most as many rows as the map for `max_unique` has bytes / 8.
+  static bool Preferred(int64_t num_rows, int64_t max_unique) {
+    int64_t capacity = 16;
+    while (capacity < 2 * max_unique) capacity *= 2;
+    return num_rows <= 2 * capacity;
+  }
+
+  void Prefetch(IdT id) const {
+    if (InRange(id, static_cast<int64_t>(index_.size()))) {
+      PrefetchLine(reinterpret_cast<const char*>(&index_[id]));
+    }
+  }
+
+  int64_t Insert(IdT id, IdT* unique_ids, int64_t* num_unique) {
+    int64_t& index = index_[id];
+    if (index < 0) {
+      index = *num_unique;
+      unique_ids[(*num_unique)++] = id;
+    }
+    return index;
+  }
+
+ private:
+  std::vector<int64_t> index_;
+};
+
+// unique_of[j] = the index of ids[j] among the unique ids (first-occurrence order), -1 for an id
+// outside the table (skipped).
+template <typename Map, typename IdT>
+void IndexUniqueIds(Map& map, const IdT* ids, int64_t nnz, int64_t num_rows, int64_t* unique_of,
+                    IdT* unique_ids, int64_t* num_unique) {
+  constexpr int64_t kMapPrefetchDistance = 16;
+  for (int64_t j = 0; j < nnz; ++j) {
+    if (j + kMapPrefetchDistance < nnz) map.Prefetch(ids[j + kMapPrefetchDistance]);
+    unique_of[j] = InRange(ids[j], num_rows) ? map.Insert(ids[j], unique_ids, num_unique) : -1;
+  }
+}
+
 // Row u of `unique_grad` = the sum, in occurrence order, of the `source` rows listed in
 // bags[starts[u]] .. bags[starts[u + 1] - 1], for u in [u_begin, u_end); a compile-time width, sums
 // in registers and the rows prefetched, as in the forward pass.
@@ -538,17 +583,17 @@ void BackwardValidated(const T* grad_output, int64_t num_rows, int64_t width,
   *num_unique = 0;
   if (csr.nnz == 0) return;
 
-  // 1. Unique ids in first-occurrence order; -1 marks a skipped invalid id.
-  constexpr int64_t kHashPrefetchDistance = 16;
+  // 1. Unique ids in first-occurrence order; -1 marks a skipped invalid id. The map is whichever
+  //    of a hash map (16 bytes a slot, 2-4 slots per possible unique id) and a per-row array
+  //    (8 bytes a row) is smaller.
   std::vector<int64_t> unique_of(csr.nnz);
-  {
-    UniqueIdMap<IdT> map(MaxUniqueIds(csr.nnz, num_rows));
-    for (int64_t j = 0; j < csr.nnz; ++j) {
-      if (j + kHashPrefetchDistance < csr.nnz) map.Prefetch(csr.ids[j + kHashPrefetchDistance]);
-      unique_of[j] = InRange(csr.ids[j], num_rows)
-                         ? map.Insert(csr.ids[j], unique_ids, num_unique)
-                         : -1;
-    }
+  const int64_t max_unique = MaxUniqueIds(csr.nnz, num_rows);
+  if (DenseIdMap<IdT>::Preferred(num_rows, max_unique)) {
+    DenseIdMap<IdT> map(num_rows);
+    IndexUniqueIds(map, csr.ids, csr.nnz, num_rows, unique_of.data(), unique_ids, num_unique);
+  } else {
+    UniqueIdMap<IdT> map(max_unique);
+    IndexUniqueIds(map, csr.ids, csr.nnz, num_rows, unique_of.data(), unique_ids, num_unique);
   }
   const int64_t n_unique = *num_unique;
   if (n_unique == 0) return;  // Every id skipped (BoundsCheck::kSkip).

@@ -418,5 +418,39 @@ TEST(LookupCpuMemoryTest, OutOfMemoryForScratchIsResourceExhaustedNotTerminate) 
 #endif
 }
 
+TEST(LookupCpuMemoryTest, BackwardScratchIsBoundedForTablesNoLargerThanTheBatch) {
+#if defined(__SANITIZE_ADDRESS__)
+  GTEST_SKIP() << "AddressSanitizer maps more address space than any RLIMIT_AS left to us.";
+#else
+  // 4M distinct ids of a 4M-row table: the scratch must peak under 36 bytes per id. It peaked
+  // at 40 (a 32-byte-per-id hash map, zeroed serially) before the per-row index for such tables.
+  const int64_t nnz = int64_t{4} << 20;
+  std::vector<int64_t> ids(nnz);
+  for (int64_t j = 0; j < nnz; ++j) ids[j] = (j * 2654435761) % nnz;  // a permutation
+  const std::vector<int64_t> splits = {0, nnz / 2, nnz};
+  const CsrIds<int64_t, int64_t> csr{ids.data(), nnz, splits.data(), 2};
+  const std::vector<float> grad = {1.0f, 2.0f};
+  std::vector<int64_t> unique_ids(nnz);
+  std::vector<float> unique_grad(nnz);
+  int64_t num_unique = -1;
+  rlimit old_limit;
+  ASSERT_EQ(getrlimit(RLIMIT_AS, &old_limit), 0);
+  rlimit tight = old_limit;
+  tight.rlim_cur = MappedBytes() + static_cast<size_t>(36 * nnz);
+  ASSERT_EQ(setrlimit(RLIMIT_AS, &tight), 0);
+  const Status status =
+      PooledLookupBackwardCpu(grad.data(), nnz, 1, csr, Combiner::kSum, BoundsCheck::kError,
+                              unique_ids.data(), unique_grad.data(), &num_unique);
+  ASSERT_EQ(setrlimit(RLIMIT_AS, &old_limit), 0);
+  ASSERT_TRUE(status.ok()) << status.message();
+  ASSERT_EQ(num_unique, nnz);
+  // First-occurrence order, each id's gradient its bag's.
+  for (int64_t u = 0; u < nnz; u += 4099) {
+    ASSERT_EQ(unique_ids[u], ids[u]);
+    ASSERT_EQ(unique_grad[u], u < nnz / 2 ? 1.0f : 2.0f);
+  }
+#endif
+}
+
 }  // namespace
 }  // namespace distributed_embeddings
