@@ -75,6 +75,36 @@ using AllTypes = ::testing::Types<Types<float, int32_t, int32_t>, Types<float, i
                                   Types<float, int32_t, int64_t>, Types<double, int64_t, int64_t>>;
 TYPED_TEST_SUITE(LookupCudaTest, AllTypes);
 
+// The CUDA backward on device inputs, its results copied back: unique ids and their rows.
+template <typename T, typename IdT, typename OffsetT>
+struct CudaGradient {
+  Status status;
+  std::vector<IdT> ids;
+  std::vector<T> rows;
+};
+
+template <typename T, typename IdT, typename OffsetT>
+CudaGradient<T, IdT, OffsetT> CudaBackward(const T* grad_output, int64_t num_rows, int64_t width,
+                                           const CsrIds<IdT, OffsetT>& csr, Combiner combiner,
+                                           BoundsCheck mode, cudaStream_t stream) {
+  const int64_t capacity = MaxUniqueIds(csr.nnz, num_rows);
+  DeviceBuffer<IdT> unique_ids(capacity);
+  DeviceBuffer<T> unique_grad(capacity * width);
+  const size_t bytes = PooledLookupBackwardCudaWorkspaceBytes<T, IdT, OffsetT>(csr.nnz, csr.batch);
+  DeviceBuffer<char> workspace(bytes);
+  int64_t num_unique = 0;
+  CudaGradient<T, IdT, OffsetT> result;
+  result.status = PooledLookupBackwardCuda(grad_output, num_rows, width, csr, combiner, mode,
+                                           unique_ids.get(), unique_grad.get(), &num_unique,
+                                           workspace.get(), bytes, stream);
+  EXPECT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+  if (result.status.ok()) {
+    result.ids = unique_ids.ToHost(num_unique);
+    result.rows = unique_grad.ToHost(num_unique * width);
+  }
+  return result;
+}
+
 template <typename P>
 void CheckForwardAndBackward(double invalid_fraction, BoundsCheck mode) {
   using T = typename P::T;
@@ -98,22 +128,14 @@ void CheckForwardAndBackward(double invalid_fraction, BoundsCheck mode) {
                       .ok());
       ExpectNear(ReferenceForward(c, combiner), output.ToHost(), spec.max_hotness);
 
-      const int64_t capacity = MaxUniqueIds(csr.nnz, c.num_rows);
-      DeviceBuffer<IdT> unique_ids(capacity);
-      DeviceBuffer<T> unique_grad(capacity * c.width);
-      const size_t bytes =
-          PooledLookupBackwardCudaWorkspaceBytes<T, IdT, OffsetT>(csr.nnz, csr.batch);
-      DeviceBuffer<char> workspace(bytes);
-      int64_t num_unique = -1;
-      const Status status = PooledLookupBackwardCuda(
-          grad_output.get(), c.num_rows, c.width, csr, combiner, mode, unique_ids.get(),
-          unique_grad.get(), &num_unique, workspace.get(), bytes, nullptr);
-      ASSERT_TRUE(status.ok()) << status.message();
-      const std::vector<IdT> host_unique = unique_ids.ToHost(num_unique);
-      EXPECT_TRUE(std::is_sorted(host_unique.begin(), host_unique.end()))
+      const auto gradient = CudaBackward(grad_output.get(), c.num_rows, c.width, csr, combiner,
+                                         mode, nullptr);
+      ASSERT_TRUE(gradient.status.ok()) << gradient.status.message();
+      const int64_t num_unique = static_cast<int64_t>(gradient.ids.size());
+      EXPECT_TRUE(std::is_sorted(gradient.ids.begin(), gradient.ids.end()))
           << "the CUDA backward documents ascending unique ids";
-      ExpectSparseGradient(c, combiner, host_unique,
-                           unique_grad.ToHost(num_unique * c.width), num_unique,
+      ExpectSparseGradient(c, combiner, gradient.ids,
+                           gradient.rows, num_unique,
                            spec.max_hotness);
     }
   }
@@ -167,20 +189,12 @@ TYPED_TEST(LookupCudaTest, MatchesTheCpuKernelsOnANonDefaultStream) {
                                           combiner, BoundsCheck::kSkip, cpu_ids.data(),
                                           cpu_grad.data(), &cpu_unique)
                       .ok());
-      DeviceBuffer<IdT> unique_ids(capacity);
-      DeviceBuffer<T> unique_grad(capacity * c.width);
-      const size_t bytes =
-          PooledLookupBackwardCudaWorkspaceBytes<T, IdT, OffsetT>(csr.nnz, csr.batch);
-      DeviceBuffer<char> workspace(bytes);
-      int64_t num_unique = -1;
-      ASSERT_TRUE(PooledLookupBackwardCuda(grad_output.get(), c.num_rows, c.width, csr, combiner,
-                                           BoundsCheck::kSkip, unique_ids.get(), unique_grad.get(),
-                                           &num_unique, workspace.get(), bytes, stream)
-                      .ok());
-      ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
-      ASSERT_EQ(num_unique, cpu_unique);
-      const std::vector<IdT> gpu_ids = unique_ids.ToHost(num_unique);
-      const std::vector<T> gpu_grad = unique_grad.ToHost(num_unique * c.width);
+      const auto gradient = CudaBackward(grad_output.get(), c.num_rows, c.width, csr, combiner,
+                                         BoundsCheck::kSkip, stream);
+      ASSERT_TRUE(gradient.status.ok()) << gradient.status.message();
+      ASSERT_EQ(static_cast<int64_t>(gradient.ids.size()), cpu_unique);
+      const std::vector<IdT>& gpu_ids = gradient.ids;
+      const std::vector<T>& gpu_grad = gradient.rows;
       // Row of each CPU id in the GPU's (sorted) output.
       std::vector<double> cpu_rows, gpu_rows;
       for (int64_t u = 0; u < cpu_unique; ++u) {

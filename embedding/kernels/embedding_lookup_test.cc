@@ -387,31 +387,44 @@ size_t MappedBytes() {
   }
   return pages * static_cast<size_t>(sysconf(_SC_PAGESIZE));
 }
+
+// The backward, sum, width 1, on `ids` in bags split at `splits`, with at most `extra_bytes` of
+// address space beyond what is mapped when it starts (RLIMIT_AS, restored after the call).
+Status BackwardWithin(size_t extra_bytes, const std::vector<int64_t>& ids,
+                      const std::vector<int64_t>& splits, const std::vector<float>& grad,
+                      std::vector<int64_t>* unique_ids, std::vector<float>* unique_grad,
+                      int64_t* num_unique) {
+  const int64_t nnz = static_cast<int64_t>(ids.size());
+  const CsrIds<int64_t, int64_t> csr{ids.data(), nnz, splits.data(),
+                                     static_cast<int64_t>(splits.size()) - 1};
+  unique_ids->assign(nnz, 0);
+  unique_grad->assign(nnz, 0.0f);
+  rlimit old_limit;
+  if (getrlimit(RLIMIT_AS, &old_limit) != 0) return Status::Internal("getrlimit failed");
+  rlimit tight = old_limit;
+  tight.rlim_cur = MappedBytes() + extra_bytes;
+  if (setrlimit(RLIMIT_AS, &tight) != 0) return Status::Internal("setrlimit failed");
+  const Status status =
+      PooledLookupBackwardCpu(grad.data(), nnz, 1, csr, Combiner::kSum, BoundsCheck::kError,
+                              unique_ids->data(), unique_grad->data(), num_unique);
+  if (setrlimit(RLIMIT_AS, &old_limit) != 0) return Status::Internal("setrlimit failed");
+  return status;
+}
 #endif
 
 TEST(LookupCpuMemoryTest, OutOfMemoryForScratchIsResourceExhaustedNotTerminate) {
 #if defined(__SANITIZE_ADDRESS__)
   GTEST_SKIP() << "AddressSanitizer maps more address space than any RLIMIT_AS left to us.";
 #else
-  // 8M distinct ids: the backward's scratch (hash slots, per-id indices) needs about 400 MB.
+  // 8M distinct ids: the backward's scratch (map, per-id indices) needs about 300 MB.
   const int64_t nnz = int64_t{8} << 20;
   std::vector<int64_t> ids(nnz);
   std::iota(ids.begin(), ids.end(), 0);
-  const std::vector<int64_t> splits = {0, nnz};
-  const CsrIds<int64_t, int64_t> csr{ids.data(), nnz, splits.data(), 1};
-  const std::vector<float> grad(1, 1.0f);
-  std::vector<int64_t> unique_ids(nnz);
-  std::vector<float> unique_grad(nnz);
+  std::vector<int64_t> unique_ids;
+  std::vector<float> unique_grad;
   int64_t num_unique = -1;
-  rlimit old_limit;
-  ASSERT_EQ(getrlimit(RLIMIT_AS, &old_limit), 0);
-  rlimit tight = old_limit;
-  tight.rlim_cur = MappedBytes() + (size_t{64} << 20);  // far less than the scratch needs
-  ASSERT_EQ(setrlimit(RLIMIT_AS, &tight), 0);
-  const Status status =
-      PooledLookupBackwardCpu(grad.data(), nnz, 1, csr, Combiner::kSum, BoundsCheck::kError,
-                              unique_ids.data(), unique_grad.data(), &num_unique);
-  ASSERT_EQ(setrlimit(RLIMIT_AS, &old_limit), 0);
+  const Status status = BackwardWithin(size_t{64} << 20, ids, {0, nnz}, {1.0f}, &unique_ids,
+                                       &unique_grad, &num_unique);
   EXPECT_EQ(status.code(), Status::Code::kResourceExhausted);
   EXPECT_THAT(status.message(), HasSubstr("out of memory"));
   EXPECT_EQ(num_unique, 0);
@@ -427,21 +440,11 @@ TEST(LookupCpuMemoryTest, BackwardScratchIsBoundedForTablesNoLargerThanTheBatch)
   const int64_t nnz = int64_t{4} << 20;
   std::vector<int64_t> ids(nnz);
   for (int64_t j = 0; j < nnz; ++j) ids[j] = (j * 2654435761) % nnz;  // a permutation
-  const std::vector<int64_t> splits = {0, nnz / 2, nnz};
-  const CsrIds<int64_t, int64_t> csr{ids.data(), nnz, splits.data(), 2};
-  const std::vector<float> grad = {1.0f, 2.0f};
-  std::vector<int64_t> unique_ids(nnz);
-  std::vector<float> unique_grad(nnz);
+  std::vector<int64_t> unique_ids;
+  std::vector<float> unique_grad;
   int64_t num_unique = -1;
-  rlimit old_limit;
-  ASSERT_EQ(getrlimit(RLIMIT_AS, &old_limit), 0);
-  rlimit tight = old_limit;
-  tight.rlim_cur = MappedBytes() + static_cast<size_t>(36 * nnz);
-  ASSERT_EQ(setrlimit(RLIMIT_AS, &tight), 0);
-  const Status status =
-      PooledLookupBackwardCpu(grad.data(), nnz, 1, csr, Combiner::kSum, BoundsCheck::kError,
-                              unique_ids.data(), unique_grad.data(), &num_unique);
-  ASSERT_EQ(setrlimit(RLIMIT_AS, &old_limit), 0);
+  const Status status = BackwardWithin(static_cast<size_t>(36 * nnz), ids, {0, nnz / 2, nnz},
+                                       {1.0f, 2.0f}, &unique_ids, &unique_grad, &num_unique);
   ASSERT_TRUE(status.ok()) << status.message();
   ASSERT_EQ(num_unique, nnz);
   // First-occurrence order, each id's gradient its bag's.
