@@ -8,6 +8,7 @@
 #         against the CUDA-built op library. The rest of the Python suite would repeat the cpu
 #         pass case for case (only when nvcc is installed);
 #   asan  --config=asan: the C++ kernel tests under AddressSanitizer + UBSan;
+#   consumer  a workspace that vendors this one (tools/ci/consumer_workspace_test.sh);
 #   fuzz  the kernel library's libFuzzer target for FUZZ_SECONDS (default 60).
 # Exits non-zero if anything failed to build or any case failed.
 set -uo pipefail
@@ -43,6 +44,10 @@ if [[ -x "${CUDA_PATH:-/usr/local/cuda}/bin/nvcc" ]]; then
   run cuda "//embedding/kernels:embedding_lookup_cuda_test //embedding/kernels:integer_lookup_cuda_test //tests:embedding_lookup_test" --config=cuda
 fi
 run asan //embedding/kernels/... --config=asan
+
+echo "=== tools/ci/consumer_workspace_test.sh" >&2
+tools/ci/consumer_workspace_test.sh "${events}/consumer.json" || status=1
+runs+=("consumer=${events}/consumer.json")
 
 echo "=== tools/fuzz/run_fuzzer.sh ${FUZZ_SECONDS:-60}" >&2
 tools/fuzz/run_fuzzer.sh "${FUZZ_SECONDS:-60}" "${events}/fuzz.xml" || status=1

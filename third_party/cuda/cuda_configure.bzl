@@ -1,6 +1,6 @@
 """Repository rule that finds the CUDA toolkit for --config=cuda builds.
 
-The toolkit is $CUDA_PATH, else /usr/local/cuda. The generated repository provides:
+The toolkit is the `cuda_path` attribute when given, else $CUDA_PATH, else /usr/local/cuda. The generated repository provides:
   :cuda_headers   CUDA runtime headers for host code (TF GPU kernels compiled by the C++ compiler);
   :cudart_static  the static CUDA runtime, so our op library does not clash with the CUDA 12
                   runtime a TensorFlow GPU wheel brings;
@@ -10,7 +10,8 @@ CPU builds never analyze them.
 """
 
 def _cuda_configure_impl(repository_ctx):
-    cuda_path = repository_ctx.os.environ.get("CUDA_PATH", "") or "/usr/local/cuda"
+    cuda_path = (repository_ctx.attr.cuda_path or repository_ctx.os.environ.get("CUDA_PATH", "") or
+                 "/usr/local/cuda")
     nvcc = repository_ctx.path(cuda_path + "/bin/nvcc")
     if not nvcc.exists:
         repository_ctx.file("defs.bzl", """\
@@ -63,6 +64,7 @@ cc_library(
 
 cuda_configure = repository_rule(
     implementation = _cuda_configure_impl,
+    attrs = {"cuda_path": attr.string(doc = "The toolkit's root; empty: $CUDA_PATH, else /usr/local/cuda.")},
     environ = ["CUDA_PATH"],
     local = True,
 )

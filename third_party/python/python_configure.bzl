@@ -1,13 +1,14 @@
 """Repository rule that makes the project's venv interpreter Bazel's Python toolchain.
 
 Bazel 4.2.3's py_test ignores --python_path while Python toolchains are on, so the interpreter is
-registered as a toolchain instead. The interpreter is $DE_PYTHON when set, else the venv that
-tools/bootstrap/ensure_env.sh creates at <workspace>/.venv.
+registered as a toolchain instead. The interpreter is the `python` attribute when given, else $DE_PYTHON, else the venv that
+tools/bootstrap/ensure_env.sh creates at <this repository>/.venv.
 """
 
 def resolve_python(repository_ctx):
-    """Returns the absolute path of the Python interpreter the build uses."""
-    python = repository_ctx.os.environ.get("DE_PYTHON", "")
+    """Returns the absolute path of the Python interpreter the build uses: the rule's `python`
+    attribute (a consuming workspace's choice), else $DE_PYTHON, else this repository's .venv."""
+    python = repository_ctx.attr.python or repository_ctx.os.environ.get("DE_PYTHON", "")
     if not python:
         workspace = repository_ctx.path(Label("//:WORKSPACE")).dirname
         python = "%s/.venv/bin/python3" % workspace
@@ -42,6 +43,7 @@ toolchain(
 
 python_configure = repository_rule(
     implementation = _python_configure_impl,
+    attrs = {"python": attr.string(doc = "Absolute path of the interpreter; empty: see above.")},
     environ = ["DE_PYTHON"],
     local = True,
 )

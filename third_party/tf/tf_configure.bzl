@@ -79,6 +79,7 @@ exports_files(["libtensorflow_framework.so.2"])
 
 tf_configure = repository_rule(
     implementation = _tf_configure_impl,
+    attrs = {"python": attr.string(doc = "The interpreter whose TensorFlow to use (resolve_python).")},
     environ = ["DE_PYTHON"],
     local = True,
 )
