@@ -9,8 +9,9 @@ builds never import it.
 
 import os as _os
 
-__path__ = [_os.path.join(_os.path.dirname(_os.path.abspath(__file__)), "python",
-                          "distributed_embeddings")]
+__path__ = [
+  _os.path.join(_os.path.dirname(_os.path.abspath(__file__)), "python", "distributed_embeddings")
+]
 _real_init = _os.path.join(__path__[0], "__init__.py")
 with open(_real_init) as _source:
   exec(compile(_source.read(), _real_init, "exec"))  # pylint: disable=exec-used

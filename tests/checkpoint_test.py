@@ -14,7 +14,6 @@ import test_util
 
 
 class CheckpointTest(test_util.TestCase):
-
   def test_resume_in_a_fresh_process_is_bit_identical(self):
     tmp = self.create_tempdir().full_path
     model, optimizer = checkpoint_case.build()
@@ -31,8 +30,9 @@ class CheckpointTest(test_util.TestCase):
         checkpoint_case.train(model, optimizer, range(4, 8))
         np.savez({tmp!r} + "/resumed.npz", *checkpoint_case.state(model, optimizer))
         """)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p),
-               TF_CPP_MIN_LOG_LEVEL="3")
+    env = dict(
+      os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p), TF_CPP_MIN_LOG_LEVEL="3"
+    )
     env.pop("PYTHONSAFEPATH", None)
     subprocess.run([sys.executable, "-c", script], check=True, env=env)
     resumed = np.load(os.path.join(tmp, "resumed.npz"))

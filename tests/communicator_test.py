@@ -16,15 +16,17 @@ def _value(rank, shape=(4, 3)):
 
 
 class CommunicatorTest(test_util.TestCase):
-
   @parameterized.parameters(1, 2, 4)
   def test_collectives_match_numpy(self, n):
-
     def work(comm):
       x = tf.constant(_value(comm.rank))
       chunks = tf.constant(np.stack([_value(comm.rank) + 10 * w for w in range(n)]))
-      return (comm.all_reduce(x).numpy(), comm.all_gather(x).numpy(),
-              comm.all_to_all(chunks).numpy(), comm.broadcast(x, root=n - 1).numpy())
+      return (
+        comm.all_reduce(x).numpy(),
+        comm.all_gather(x).numpy(),
+        comm.all_to_all(chunks).numpy(),
+        comm.broadcast(x, root=n - 1).numpy(),
+      )
 
     results = comm_lib.run_in_threads(n, work)
     for rank, (reduced, gathered, exchanged, broadcast) in enumerate(results):
@@ -46,7 +48,6 @@ class CommunicatorTest(test_util.TestCase):
 
   @parameterized.parameters(2, 4)
   def test_gradients_in_tf_function(self, n):
-
     def work(comm):
       x = tf.Variable(np.stack([_value(comm.rank) * (w + 1) for w in range(n)]))
 
@@ -79,8 +80,7 @@ class CommunicatorTest(test_util.TestCase):
       return np.arange(sizes[step, rank] * 2, dtype=np.int64).reshape(-1, 2) + 1000 * rank + step
 
     def work(comm):
-      traced = tf.function(comm.all_gather_v,
-                           input_signature=[tf.TensorSpec([None, 2], tf.int64)])
+      traced = tf.function(comm.all_gather_v, input_signature=[tf.TensorSpec([None, 2], tf.int64)])
       eager = [comm.all_gather_v(tf.constant(piece(s, comm.rank))).numpy() for s in range(6)]
       graph = [traced(tf.constant(piece(s, comm.rank))).numpy() for s in range(6)]
       return eager, graph
@@ -100,11 +100,14 @@ class CommunicatorTest(test_util.TestCase):
     rows = rng.integers(0, 6, size=(steps, n, n))
 
     def block(step, sender, receiver):
-      return (np.arange(rows[step, sender, receiver] * 3, dtype=np.float32).reshape(-1, 3) +
-              100 * sender + 10 * receiver + 1000 * step)
+      return (
+        np.arange(rows[step, sender, receiver] * 3, dtype=np.float32).reshape(-1, 3)
+        + 100 * sender
+        + 10 * receiver
+        + 1000 * step
+      )
 
     def work(comm):
-
       def step_fn(*chunks):
         with tf.GradientTape() as tape:
           tape.watch(chunks)
@@ -128,8 +131,7 @@ class CommunicatorTest(test_util.TestCase):
         for w in range(n):
           self.assertAllEqual(block(step, w, rank), received[w])
           # What this worker sent to w is weighted on w by (rank + 1) * (w + 1).
-          self.assertAllEqual(np.full_like(block(step, rank, w), (rank + 1) * (w + 1)),
-                              grads[w])
+          self.assertAllEqual(np.full_like(block(step, rank, w), (rank + 1) * (w + 1)), grads[w])
 
   def test_all_to_all_v_needs_one_chunk_per_worker(self):
     comm = comm_lib.Communicator(0, 2)  # fails before any collective starts
@@ -137,7 +139,6 @@ class CommunicatorTest(test_util.TestCase):
       comm.all_to_all_v([tf.zeros([1, 2])] * 3)
 
   def test_eager_instance_keys_stay_bounded(self):
-
     def work(comm):
       before = comm._next_key  # pylint: disable=protected-access
       for step in range(50):
@@ -149,7 +150,6 @@ class CommunicatorTest(test_util.TestCase):
     # One key for the all-reduce, one for the size exchange, one block for the padded gather.
     self.assertEqual(used[0], used[1])
     self.assertLessEqual(used[0], 2 + comm_lib.SIZE_CLASSES)
-
 
   def test_size_classes_pad_little_and_agree_with_python(self):
     sizes = list(range(0, 70)) + [127, 128, 129, 1000, 4095, 4096, 4097, 6000, 10**6, 2**40]
@@ -178,8 +178,9 @@ class CommunicatorTest(test_util.TestCase):
       def total(x):
         largest = comm.all_reduce_max(tf.shape(x, tf.int64)[0], site=comm.site(owner, "largest"))
         index, padded = comm_lib.size_class(largest)
-        summed = comm.all_reduce(comm_lib.pad_rows(x, padded), size_class=index,
-                                 site=comm.site(owner, "sum"))
+        summed = comm.all_reduce(
+          comm_lib.pad_rows(x, padded), size_class=index, site=comm.site(owner, "sum")
+        )
         return tf.reduce_sum(summed)
 
       traced = tf.function(total, reduce_retracing=False)
@@ -211,7 +212,6 @@ class CommunicatorTest(test_util.TestCase):
 
 
 class WorkerPlacementTest(absltest.TestCase):
-
   def test_local_rank_prefers_the_most_specific_variable(self):
     local_rank = comm_lib.local_rank
     self.assertEqual(5, local_rank(5, {}))

@@ -13,17 +13,22 @@ GLOBAL_BATCH = 8
 HOTNESS = [3, 1, 2, 4, 5]
 
 MODES = {
-    "table_wise": dict(),
-    "memory_optimized": dict(strategy="memory_optimized"),
-    "column_sliced": dict(column_slice_threshold=100),
-    "row_sliced": dict(row_slice_threshold=300),
-    "data_parallel": dict(data_parallel_threshold=200),
-    "mixed": dict(column_slice_threshold=200, row_slice_threshold=500,
-                  data_parallel_threshold=100, strategy="memory_balanced"),
-    "shared_tables": dict(input_table_map=[0, 1, 2, 3, 4, 0, 2]),
-    "balanced": dict(strategy="balanced", column_slice_threshold=150,
-                     input_table_map=[0, 1, 2, 3, 4, 0, 2]),
-    "model_parallel_input": dict(dp_input=False, column_slice_threshold=150),
+  "table_wise": dict(),
+  "memory_optimized": dict(strategy="memory_optimized"),
+  "column_sliced": dict(column_slice_threshold=100),
+  "row_sliced": dict(row_slice_threshold=300),
+  "data_parallel": dict(data_parallel_threshold=200),
+  "mixed": dict(
+    column_slice_threshold=200,
+    row_slice_threshold=500,
+    data_parallel_threshold=100,
+    strategy="memory_balanced",
+  ),
+  "shared_tables": dict(input_table_map=[0, 1, 2, 3, 4, 0, 2]),
+  "balanced": dict(
+    strategy="balanced", column_slice_threshold=150, input_table_map=[0, 1, 2, 3, 4, 0, 2]
+  ),
+  "model_parallel_input": dict(dp_input=False, column_slice_threshold=150),
 }
 
 
@@ -32,10 +37,17 @@ def inputs(seed, input_table_map, id_format="dense"):
   bags of 0 to 2 * hotness ids, empty bags included."""
   rng = np.random.default_rng(seed)
   if id_format == "dense":
-    return [rng.integers(0, TABLES[t][0], size=(GLOBAL_BATCH, HOTNESS[i % len(HOTNESS)]))
-            for i, t in enumerate(input_table_map)]
-  return [[list(rng.integers(0, TABLES[t][0], size=rng.integers(0, 2 * HOTNESS[i % 5] + 1)))
-           for _ in range(GLOBAL_BATCH)] for i, t in enumerate(input_table_map)]
+    return [
+      rng.integers(0, TABLES[t][0], size=(GLOBAL_BATCH, HOTNESS[i % len(HOTNESS)]))
+      for i, t in enumerate(input_table_map)
+    ]
+  return [
+    [
+      list(rng.integers(0, TABLES[t][0], size=rng.integers(0, 2 * HOTNESS[i % 5] + 1)))
+      for _ in range(GLOBAL_BATCH)
+    ]
+    for i, t in enumerate(input_table_map)
+  ]
 
 
 def feed_ids(ids, rows, id_format):
@@ -50,8 +62,10 @@ def initial_state(input_table_map):
   """(initial tables, per-input loss coefficients [GLOBAL_BATCH, width]) of the training case."""
   rng = np.random.default_rng(42)
   weights = [rng.standard_normal(shape).astype(np.float32) for shape in TABLES]
-  coefs = [rng.standard_normal((GLOBAL_BATCH, w)).astype(np.float32)
-           for w in (TABLES[t][1] for t in input_table_map)]
+  coefs = [
+    rng.standard_normal((GLOBAL_BATCH, w)).astype(np.float32)
+    for w in (TABLES[t][1] for t in input_table_map)
+  ]
   return weights, coefs
 
 
@@ -60,7 +74,8 @@ def sgd_apply(variables, grads, lr):
   for v, g in zip(variables, grads):
     if isinstance(g, tf.IndexedSlices):
       sparse_updates.backing_variable(v).scatter_sub(
-          tf.IndexedSlices(lr * g.values, g.indices, g.dense_shape))
+        tf.IndexedSlices(lr * g.values, g.indices, g.dense_shape)
+      )
     else:
       v.assign_sub(lr * g)
 
@@ -84,8 +99,10 @@ def train_worker(comm, mode, combiner, steps=3, lr=0.5, id_format="dense", compi
     with tf.GradientTape() as tape:
       outs = layer(feed)
       # Each worker's loss is a mean over its local batch, as in data-parallel training.
-      loss = sum(tf.reduce_sum(tf.reshape(o, [tf.shape(o)[0], -1])[:, :c.shape[1]] * c[local])
-                 for o, c in zip(outs, coefs)) / (GLOBAL_BATCH // n)
+      loss = sum(
+        tf.reduce_sum(tf.reshape(o, [tf.shape(o)[0], -1])[:, : c.shape[1]] * c[local])
+        for o, c in zip(outs, coefs)
+      ) / (GLOBAL_BATCH // n)
     variables = layer.trainable_variables
     sgd_apply(variables, dmp.DistributedGradientTape(tape, comm).gradient(loss, variables), lr)
     return outs
@@ -121,8 +138,9 @@ def batch(step):
 def build_model(communicator, combiner="mean"):
   """Inputs -> DistributedEmbedding -> concat -> Dense(1), tables and dense weights fixed."""
   inputs = [keras.Input(shape=(h,), dtype="int64") for h in HOTNESS]
-  layer = dmp.DistributedEmbedding([de.Embedding(r, w, combiner=combiner) for r, w in TABLES],
-                                   communicator=communicator, **MODE)
+  layer = dmp.DistributedEmbedding(
+    [de.Embedding(r, w, combiner=combiner) for r, w in TABLES], communicator=communicator, **MODE
+  )
   pooled = keras.layers.Concatenate()(layer(inputs))
   dense = keras.layers.Dense(1, kernel_initializer=keras.initializers.Constant(0.05))
   model = keras.Model(inputs, dense(pooled))
@@ -136,12 +154,19 @@ def fit(communicator, epochs=2, lr=0.05, optimizer="sgd", callbacks=()):
   local = slice(rank * GLOBAL_BATCH // n, (rank + 1) * GLOBAL_BATCH // n)
   model, layer = build_model(communicator)
   optimizer = dmp.DistributedOptimizer(
-      keras.optimizers.SGD(lr) if optimizer == "sgd" else keras.optimizers.Adagrad(lr),
-      communicator)
+    keras.optimizers.SGD(lr) if optimizer == "sgd" else keras.optimizers.Adagrad(lr), communicator
+  )
   model.compile(optimizer=optimizer, loss="mse")
   xs, ys = zip(*[batch(s) for s in range(3)])
   x = [np.concatenate([ids[t][local] for ids in xs]) for t in range(len(TABLES))]
   y = np.concatenate([target[local] for target in ys])
-  model.fit(x, y, batch_size=GLOBAL_BATCH // n, epochs=epochs, shuffle=False, verbose=2,
-            callbacks=list(callbacks) + [dmp.BroadcastGlobalVariablesCallback(0, communicator)])
+  model.fit(
+    x,
+    y,
+    batch_size=GLOBAL_BATCH // n,
+    epochs=epochs,
+    shuffle=False,
+    verbose=2,
+    callbacks=list(callbacks) + [dmp.BroadcastGlobalVariablesCallback(0, communicator)],
+  )
   return layer.get_weights(all_ranks=True), model.layers[-1].kernel.numpy()

@@ -23,15 +23,18 @@ MODE = dict(column_slice_threshold=150, row_slice_threshold=300, data_parallel_t
 
 def _batch(step):
   rng = np.random.default_rng(200 + step)
-  ids = [[list(rng.integers(0, r, size=rng.integers(0, 4))) for _ in range(GLOBAL_BATCH)]
-         for r, _ in TABLES]
+  ids = [
+    [list(rng.integers(0, r, size=rng.integers(0, 4))) for _ in range(GLOBAL_BATCH)]
+    for r, _ in TABLES
+  ]
   dense = rng.standard_normal((GLOBAL_BATCH, 3)).astype(np.float32)
   return ids, dense, rng.standard_normal((GLOBAL_BATCH, 1)).astype(np.float32)
 
 
 def _build(comm):
-  layer = dmp.DistributedEmbedding([de.Embedding(r, w, combiner="mean") for r, w in TABLES],
-                                   communicator=comm, **MODE)
+  layer = dmp.DistributedEmbedding(
+    [de.Embedding(r, w, combiner="mean") for r, w in TABLES], communicator=comm, **MODE
+  )
   bottom = keras.layers.Dense(4, kernel_initializer=keras.initializers.Constant(0.1))
   top = keras.layers.Dense(1, kernel_initializer=keras.initializers.Constant(0.05))
   rng = np.random.default_rng(7)
@@ -66,8 +69,12 @@ class _Model(keras.Model):
 def _state(parts, comm):
   layer, bottom, top, optimizer = parts
   slots = layer.get_optimizer_slots(optimizer, all_ranks=True)
-  return (layer.get_weights(all_ranks=True), [s for name in sorted(slots) for s in slots[name]],
-          [v.numpy() for v in bottom.weights + top.weights], int(optimizer.iterations.numpy()))
+  return (
+    layer.get_weights(all_ranks=True),
+    [s for name in sorted(slots) for s in slots[name]],
+    [v.numpy() for v in bottom.weights + top.weights],
+    int(optimizer.iterations.numpy()),
+  )
 
 
 def _run(world_size, fn):
@@ -77,7 +84,6 @@ def _run(world_size, fn):
 
 
 class DistCheckpointTest(test_util.TestCase):
-
   @parameterized.parameters((2, 4), (4, 1), (1, 2))
   def test_written_by_n_workers_restored_on_m(self, writers, readers):
     path = os.path.join(self.create_tempdir().full_path, "ckpt.npz")
@@ -102,7 +108,7 @@ class DistCheckpointTest(test_util.TestCase):
       _train(parts, comm, range(meta["step"], 4))
       return _state(parts, comm)
 
-    expected, = _run(1, reference)
+    (expected,) = _run(1, reference)
     _run(writers, write)
     for tables, slots, dense, iterations in _run(readers, resume):
       self.assertEqual(expected[3], iterations)
@@ -124,11 +130,13 @@ class DistCheckpointTest(test_util.TestCase):
       parts = _build(comm)
       parts[1].build((None, 3))
       parts[2].build((None, sum(w for _, w in TABLES) + 4))
-      parts[3].build(parts[0].trainable_variables + parts[1].trainable_variables +
-                     parts[2].trainable_variables)
+      parts[3].build(
+        parts[0].trainable_variables + parts[1].trainable_variables + parts[2].trainable_variables
+      )
       parts[0].set_weights([np.zeros(shape, np.float32) for shape in TABLES])
       tf.train.Checkpoint(model=_Model(parts), optimizer=parts[3]).read(
-          saved[comm.rank][0]).assert_consumed()
+        saved[comm.rank][0]
+      ).assert_consumed()
       return _state(parts, comm)
 
     saved = _run(2, save)
@@ -145,8 +153,14 @@ class DistCheckpointTest(test_util.TestCase):
     with self.assertRaisesRegex(ValueError, r"has slots \['accumulator'\]; got \['momentum'\]"):
       layer.set_optimizer_slots(optimizer, {"momentum": slots["accumulator"]})
     with self.assertRaisesRegex(ValueError, r"table 2 must be \(64, 4\); got \(3, 3\)"):
-      layer.set_optimizer_slots(optimizer, {"accumulator": slots["accumulator"][:2] + [
-          np.zeros((3, 3), np.float32)] + slots["accumulator"][3:]})
+      layer.set_optimizer_slots(
+        optimizer,
+        {
+          "accumulator": slots["accumulator"][:2]
+          + [np.zeros((3, 3), np.float32)]
+          + slots["accumulator"][3:]
+        },
+      )
 
   def test_restore_rejects_another_model(self):
     path = os.path.join(self.create_tempdir().full_path, "ckpt.npz")

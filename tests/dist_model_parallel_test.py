@@ -22,20 +22,21 @@ import test_util
 
 comm_lib.configure_logical_devices(4)
 
-TABLES, GLOBAL_BATCH, HOTNESS, MODES = (dist_case.TABLES, dist_case.GLOBAL_BATCH,
-                                        dist_case.HOTNESS, dist_case.MODES)
+TABLES, GLOBAL_BATCH, HOTNESS, MODES = (
+  dist_case.TABLES,
+  dist_case.GLOBAL_BATCH,
+  dist_case.HOTNESS,
+  dist_case.MODES,
+)
 # What the old per-mode training cases covered is in model_parallel_patterns_test.py, trained the
 # ways users build models; this file tests the layer's own behaviour.
 _inputs, _feed = dist_case.inputs, dist_case.feed_ids
 
 
 class DistributedEmbeddingTest(test_util.TestCase):
-
   def test_ragged_ids_of_a_sharded_table_need_a_combiner(self):
-
     def work(comm):
-      layer = dmp.DistributedEmbedding([de.Embedding(r, w) for r, w in TABLES],
-                                       communicator=comm)
+      layer = dmp.DistributedEmbedding([de.Embedding(r, w) for r, w in TABLES], communicator=comm)
       feed = [tf.ragged.constant([[1], [2, 3]], dtype=tf.int64)] * len(TABLES)
       with self.assertRaisesRegex(ValueError, r"ragged or sparse input 0 .* combiner"):
         layer(feed)
@@ -54,7 +55,8 @@ class DistributedEmbeddingTest(test_util.TestCase):
 
     def work(comm):
       layer = dmp.DistributedEmbedding(
-          [de.Embedding(r, w, combiner="mean") for r, w in shapes], communicator=comm)
+        [de.Embedding(r, w, combiner="mean") for r, w in shapes], communicator=comm
+      )
       layer.build()
       layer.set_weights(weights)
       local = slice(comm.rank * 8 // comm.world_size, (comm.rank + 1) * 8 // comm.world_size)
@@ -64,15 +66,18 @@ class DistributedEmbeddingTest(test_util.TestCase):
       widths = sorted(v.shape[1] for v in layer.trainable_variables)
       return [o.numpy() for o in layer(feed)], lookups, widths
 
-    results = ([work(comm_lib.Communicator(0, 1))] if world_size == 1 else
-               comm_lib.run_in_threads(world_size, work))
+    results = (
+      [work(comm_lib.Communicator(0, 1))]
+      if world_size == 1
+      else comm_lib.run_in_threads(world_size, work)
+    )
     local = 8 // world_size
     for rank, (outs, lookups, widths) in enumerate(results):
       # One variable and one lookup per width on each worker.
       self.assertEqual(sorted(set(widths)), widths)
       self.assertEqual(len(widths), lookups)
       for t, o in enumerate(outs):
-        bags = ids[t][rank * local:(rank + 1) * local]
+        bags = ids[t][rank * local : (rank + 1) * local]
         expected = [weights[t][b].mean(0) if len(b) else np.zeros(shapes[t][1]) for b in bags]
         self.assertAllClose(np.array(expected), o, rtol=1e-5)
 
@@ -83,8 +88,9 @@ class DistributedEmbeddingTest(test_util.TestCase):
     self.enter_context(mock.patch.object(dist_embedding, "_MAX_FUSED_ELEMENTS", 100))
     layer = dmp.DistributedEmbedding([de.Embedding(r, w, combiner="sum") for r, w in shapes])
     layer.build()
-    self.assertEqual([(20, 4), (20, 4), (30, 4), (5, 8)],
-                     [tuple(v.shape) for v in layer.trainable_variables])
+    self.assertEqual(
+      [(20, 4), (20, 4), (30, 4), (5, 8)], [tuple(v.shape) for v in layer.trainable_variables]
+    )
     rng = np.random.default_rng(3)
     weights = [rng.standard_normal(shape).astype(np.float32) for shape in shapes]
     layer.set_weights(weights)
@@ -95,8 +101,9 @@ class DistributedEmbeddingTest(test_util.TestCase):
       self.assertAllEqual(weights[t], w)
 
   def test_fused_tables_reject_ids_of_their_neighbours(self):
-    layer = dmp.DistributedEmbedding([de.Embedding(10, 4, combiner="sum"),
-                                      de.Embedding(10, 4, combiner="sum")])
+    layer = dmp.DistributedEmbedding(
+      [de.Embedding(10, 4, combiner="sum"), de.Embedding(10, 4, combiner="sum")]
+    )
     layer.build()
     before = [w.copy() for w in layer.get_weights()]
     for bad in ([[10]], [[-1]]):
@@ -115,8 +122,9 @@ class DistributedEmbeddingTest(test_util.TestCase):
     n, steps, lr = 2, 3, 0.5
     mode = MODES[mode_name]
     input_table_map = mode.get("input_table_map", list(range(len(TABLES))))
-    ref_out, ref_tables = dist_case.train_worker(comm_lib.Communicator(0, 1), mode, "mean",
-                                                 steps=steps, lr=lr)
+    ref_out, ref_tables = dist_case.train_worker(
+      comm_lib.Communicator(0, 1), mode, "mean", steps=steps, lr=lr
+    )
     weights, coefs = dist_case.initial_state(input_table_map)
     devices = [f"/cpu:{r}" for r in range(n)]
     group = comm_lib.new_group_key()
@@ -124,8 +132,10 @@ class DistributedEmbeddingTest(test_util.TestCase):
     for rank, device in enumerate(devices):
       with tf.device(device):
         layer = dmp.DistributedEmbedding(
-            [de.Embedding(r, w, combiner="mean") for r, w in TABLES],
-            communicator=comm_lib.Communicator(rank, n, group, device), **mode)
+          [de.Embedding(r, w, combiner="mean") for r, w in TABLES],
+          communicator=comm_lib.Communicator(rank, n, group, device),
+          **mode,
+        )
         layer.build()
         layers.append(layer)
     comm_lib.run_in_threads(n, lambda comm: layers[comm.rank].set_weights(weights))
@@ -138,30 +148,40 @@ class DistributedEmbeddingTest(test_util.TestCase):
       layer = layers[rank]
       with tf.GradientTape() as tape:
         outs = layer(list(feed))
-        loss = sum(tf.reduce_sum(o * c[rank * local:(rank + 1) * local])
-                   for o, c in zip(outs, coefs)) / local
+        loss = (
+          sum(tf.reduce_sum(o * c[rank * local : (rank + 1) * local]) for o, c in zip(outs, coefs))
+          / local
+        )
       variables = layer.trainable_variables
       dist_case.sgd_apply(
-          variables, dmp.DistributedGradientTape(tape, layer.communicator).gradient(
-              loss, variables), lr)
+        variables,
+        dmp.DistributedGradientTape(tape, layer.communicator).gradient(loss, variables),
+        lr,
+      )
       return tf.concat(outs, axis=1)
 
     step = tf.function(lambda *feed: strategy.run(replica_step, args=feed))
     first = None
     for s in range(steps):
       ids = _inputs(100 + s, input_table_map)
-      feed = [strategy.experimental_distribute_values_from_function(
-          lambda ctx, x=x: tf.constant(x[ctx.replica_id_in_sync_group * local:
-                                         (ctx.replica_id_in_sync_group + 1) * local]))
-              for x in ids]
+      feed = [
+        strategy.experimental_distribute_values_from_function(
+          lambda ctx, x=x: tf.constant(
+            x[ctx.replica_id_in_sync_group * local : (ctx.replica_id_in_sync_group + 1) * local]
+          )
+        )
+        for x in ids
+      ]
       out = strategy.experimental_local_results(step(*feed))
       first = first if first is not None else [o.numpy() for o in out]
     expected = np.concatenate(ref_out, axis=1)
     for rank in range(n):
-      self.assertAllClose(expected[rank * local:(rank + 1) * local], first[rank], rtol=1e-5,
-                          atol=1e-6)
+      self.assertAllClose(
+        expected[rank * local : (rank + 1) * local], first[rank], rtol=1e-5, atol=1e-6
+      )
     for tables in comm_lib.run_in_threads(
-        n, lambda comm: layers[comm.rank].get_weights(all_ranks=True)):
+      n, lambda comm: layers[comm.rank].get_weights(all_ranks=True)
+    ):
       for t, r in zip(tables, ref_tables):
         self.assertAllClose(r, t, rtol=1e-5, atol=1e-6)
 
@@ -171,8 +191,11 @@ class DistributedEmbeddingTest(test_util.TestCase):
     ids = _inputs(5, list(range(len(TABLES))))
 
     def work(comm):
-      layer = dmp.DistributedEmbedding([de.Embedding(r, w, combiner="sum") for r, w in TABLES],
-                                       communicator=comm, column_slice_threshold=100)
+      layer = dmp.DistributedEmbedding(
+        [de.Embedding(r, w, combiner="sum") for r, w in TABLES],
+        communicator=comm,
+        column_slice_threshold=100,
+      )
       layer.build()
       layer.set_weights(weights)
       local = slice(comm.rank * 4, comm.rank * 4 + 4)
@@ -180,7 +203,7 @@ class DistributedEmbeddingTest(test_util.TestCase):
 
     for rank, outs in enumerate(comm_lib.run_in_threads(2, work)):
       for t, o in enumerate(outs):
-        self.assertAllClose(weights[t][ids[t][rank * 4:rank * 4 + 4]].sum(1), o, rtol=1e-6)
+        self.assertAllClose(weights[t][ids[t][rank * 4 : rank * 4 + 4]].sum(1), o, rtol=1e-6)
 
   def test_weights_move_between_worker_counts(self):
     rng = np.random.default_rng(4)
@@ -188,11 +211,13 @@ class DistributedEmbeddingTest(test_util.TestCase):
 
     def roundtrip(world_size, mode, tables):
       def work(comm):
-        layer = dmp.DistributedEmbedding([de.Embedding(r, w) for r, w in TABLES],
-                                         communicator=comm, **mode)
+        layer = dmp.DistributedEmbedding(
+          [de.Embedding(r, w) for r, w in TABLES], communicator=comm, **mode
+        )
         layer.build()
         layer.set_weights(tables)
         return layer.get_weights(all_ranks=True)
+
       if world_size == 1:
         return [work(comm_lib.Communicator(0, 1))]
       return comm_lib.run_in_threads(world_size, work)
@@ -215,8 +240,9 @@ class DistributedEmbeddingTest(test_util.TestCase):
       np.save(paths[-1], w)
 
     def work(comm):
-      layer = dmp.DistributedEmbedding([de.Embedding(r, w) for r, w in TABLES],
-                                       communicator=comm, **MODES["mixed"])
+      layer = dmp.DistributedEmbedding(
+        [de.Embedding(r, w) for r, w in TABLES], communicator=comm, **MODES["mixed"]
+      )
       layer.build()
       layer.set_weights(paths, chunk=7, use_lock=True)  # 7 elements: many partial writes
       with self.assertRaisesRegex(ValueError, "'chunk' must be a positive integer; got 0"):
@@ -228,13 +254,14 @@ class DistributedEmbeddingTest(test_util.TestCase):
         self.assertAllEqual(w, t)
 
   def test_global_batch_must_divide_among_workers(self):
-
     def work(comm):
-      layer = dmp.DistributedEmbedding([de.Embedding(r, w, combiner="sum") for r, w in TABLES],
-                                       communicator=comm, dp_input=False)
+      layer = dmp.DistributedEmbedding(
+        [de.Embedding(r, w, combiner="sum") for r, w in TABLES], communicator=comm, dp_input=False
+      )
       feed = [tf.zeros([7, HOTNESS[i]], tf.int64) for i in layer.local_input_indices]
-      with self.assertRaisesRegex(ValueError,
-                                  r"global batch \(7\) is not divisible by the number of workers"):
+      with self.assertRaisesRegex(
+        ValueError, r"global batch \(7\) is not divisible by the number of workers"
+      ):
         layer(feed)
 
     comm_lib.run_in_threads(2, work)
@@ -250,26 +277,30 @@ class DistributedEmbeddingTest(test_util.TestCase):
 
     def work(comm):
       layer = dmp.DistributedEmbedding(
-          [de.Embedding(r, w, combiner=c) for (r, w), c in zip(TABLES, combiners)],
-          communicator=comm)
+        [de.Embedding(r, w, combiner=c) for (r, w), c in zip(TABLES, combiners)], communicator=comm
+      )
       layer.build()
       layer.set_weights(weights)
       local = slice(comm.rank * 8 // comm.world_size, (comm.rank + 1) * 8 // comm.world_size)
       return [o.numpy() for o in layer([tf.constant(x[local]) for x in ids])]
 
-    results = ([work(comm_lib.Communicator(0, 1))] if world_size == 1 else
-               comm_lib.run_in_threads(world_size, work))
+    results = (
+      [work(comm_lib.Communicator(0, 1))]
+      if world_size == 1
+      else comm_lib.run_in_threads(world_size, work)
+    )
     local = 8 // world_size
     for rank, outs in enumerate(results):
       for t, o in enumerate(outs):
-        self.assertAllClose(weights[t][ids[t][rank * local:(rank + 1) * local]], o, rtol=1e-6)
+        self.assertAllClose(weights[t][ids[t][rank * local : (rank + 1) * local]], o, rtol=1e-6)
 
   def test_higher_rank_dense_ids_on_one_worker(self):
     rng = np.random.default_rng(8)
     weights = [rng.standard_normal(shape).astype(np.float32) for shape in TABLES[:2]]
     ids = [rng.integers(0, r, size=(3, 2, 4)) for r, _ in TABLES[:2]]
-    layer = dmp.DistributedEmbedding([de.Embedding(*TABLES[0]),
-                                      de.Embedding(*TABLES[1], combiner="mean")])
+    layer = dmp.DistributedEmbedding(
+      [de.Embedding(*TABLES[0]), de.Embedding(*TABLES[1], combiner="mean")]
+    )
     layer.build()
     layer.set_weights(weights)
     unpooled, pooled = layer([tf.constant(x) for x in ids])
@@ -279,8 +310,9 @@ class DistributedEmbeddingTest(test_util.TestCase):
   def test_outputs_come_in_the_compute_dtype(self):
     rng = np.random.default_rng(9)
     weights = [rng.standard_normal(shape).astype(np.float32) for shape in TABLES]
-    layer = dmp.DistributedEmbedding([de.Embedding(r, w, combiner="sum") for r, w in TABLES],
-                                     dtype="mixed_float16")
+    layer = dmp.DistributedEmbedding(
+      [de.Embedding(r, w, combiner="sum") for r, w in TABLES], dtype="mixed_float16"
+    )
     layer.build()
     layer.set_weights(weights)
     ids = _inputs(4, list(range(len(TABLES))))
@@ -299,8 +331,9 @@ class DistributedEmbeddingTest(test_util.TestCase):
       self.assertEqual(layer.local_input_indices, strategy.input_ids_list[comm.rank])
       for tables in strategy.table_ids:
         self.assertEqual(len(set(tables)), len(tables))
-      self.assertEqual(sorted(range(len(TABLES))),
-                       sorted(t for tables in strategy.table_ids for t in tables))
+      self.assertEqual(
+        sorted(range(len(TABLES))), sorted(t for tables in strategy.table_ids for t in tables)
+      )
       tables = layer.get_weights(True)
       v = tf.Variable(tf.fill([3], float(comm.rank)))
       dmp.broadcast_variables([v], root_rank=1, communicator=comm)
@@ -313,8 +346,9 @@ class DistributedEmbeddingTest(test_util.TestCase):
   def test_set_weights_needs_a_built_layer_and_shards_are_marked(self):
     # As in the reference API: no weights to set before build; shard variables carry de_local.
     def work(comm):
-      layer = dmp.DistributedEmbedding([de.Embedding(r, w) for r, w in TABLES],
-                                       communicator=comm, data_parallel_threshold=100)
+      layer = dmp.DistributedEmbedding(
+        [de.Embedding(r, w) for r, w in TABLES], communicator=comm, data_parallel_threshold=100
+      )
       with self.assertRaisesRegex(ValueError, "set_weights: .* is not built yet"):
         layer.set_weights([np.zeros(shape, np.float32) for shape in TABLES])
       layer.build()
@@ -329,20 +363,27 @@ class DistributedEmbeddingTest(test_util.TestCase):
 
   def test_distributed_optimizer_reference_api(self):
     sgd = keras.optimizers.SGD(0.5)
-    wrapped = dmp.DistributedOptimizer(sgd, name="opt", device_dense="/cpu:0", device_sparse="",
-                                       sparse_as_dense=True, compression=None,
-                                       backward_passes_per_step=1,
-                                       average_aggregated_gradients=True)
+    wrapped = dmp.DistributedOptimizer(
+      sgd,
+      name="opt",
+      device_dense="/cpu:0",
+      device_sparse="",
+      sparse_as_dense=True,
+      compression=None,
+      backward_passes_per_step=1,
+      average_aggregated_gradients=True,
+    )
     # A new optimizer of the same class and config; the given one is left as it was.
     self.assertIsNot(sgd, wrapped)
     self.assertIs(keras.optimizers.SGD, type(sgd))
     self.assertIsInstance(wrapped, keras.optimizers.SGD)
     self.assertEqual(sgd.get_config(), wrapped.get_config())
     for kwargs, error, text in (
-        (dict(compression="fp16"), ValueError, "'compression' is not supported"),
-        (dict(backward_passes_per_step=2), ValueError, "'backward_passes_per_step' must be 1"),
-        (dict(gradient_predivide_factor=2.0), ValueError, "'gradient_predivide_factor'"),
-        (dict(communicator="nccl"), TypeError, "'communicator' must be a Communicator")):
+      (dict(compression="fp16"), ValueError, "'compression' is not supported"),
+      (dict(backward_passes_per_step=2), ValueError, "'backward_passes_per_step' must be 1"),
+      (dict(gradient_predivide_factor=2.0), ValueError, "'gradient_predivide_factor'"),
+      (dict(communicator="nccl"), TypeError, "'communicator' must be a Communicator"),
+    ):
       with self.assertRaisesRegex(error, text):
         dmp.DistributedOptimizer(keras.optimizers.SGD(0.5), **kwargs)
     with self.assertRaisesRegex(TypeError, "'optimizer' must be a Keras optimizer"):
@@ -368,14 +409,17 @@ class DistributedEmbeddingTest(test_util.TestCase):
     start = rng.normal(size=(rows, width)).astype(np.float32)
     # Ids repeat within a step (shared tables, or stock Embedding gradients): Adagrad squares the
     # summed gradient of a row, not each piece.
-    steps = [(rng.integers(0, rows // 2, size=12), rng.normal(size=(12, width)).astype(np.float32))
-             for _ in range(4)]
+    steps = [
+      (rng.integers(0, rows // 2, size=12), rng.normal(size=(12, width)).astype(np.float32))
+      for _ in range(4)
+    ]
 
     table = keras.Variable(start)
     bias = keras.Variable(np.ones(2, np.float32))
     optimizer = dmp.DistributedOptimizer(
-        keras.optimizers.Adagrad(lr, initial_accumulator_value=initial, epsilon=epsilon),
-        comm_lib.Communicator(0, 1))
+      keras.optimizers.Adagrad(lr, initial_accumulator_value=initial, epsilon=epsilon),
+      comm_lib.Communicator(0, 1),
+    )
 
     @tf.function
     def step(ids, values):
@@ -397,7 +441,7 @@ class DistributedEmbeddingTest(test_util.TestCase):
       ref_bias -= lr * np.array([1.0, -2.0]) / np.sqrt(acc_bias + epsilon)
     self.assertAllClose(ref, table.numpy(), rtol=1e-5, atol=1e-6)
     self.assertAllClose(ref_bias, bias.numpy(), rtol=1e-5, atol=1e-6)
-    self.assertAllEqual(start[rows // 2:], table.numpy()[rows // 2:])  # never touched
+    self.assertAllEqual(start[rows // 2 :], table.numpy()[rows // 2 :])  # never touched
     accumulators = {v.path: v.numpy() for v in optimizer.variables if v.shape == (rows, width)}
     self.assertLen(accumulators, 1)
     self.assertAllClose(acc, next(iter(accumulators.values())), rtol=1e-5, atol=1e-6)
@@ -405,18 +449,26 @@ class DistributedEmbeddingTest(test_util.TestCase):
     # No op in the step works on the whole table: square roots only of touched rows.
     ids, values = steps[0]
     graph = step.get_concrete_function(tf.constant(ids, tf.int64), tf.constant(values)).graph
-    sqrt_shapes = [op.outputs[0].shape.as_list() for op in graph.get_operations()
-                   if op.type in ("Sqrt", "Rsqrt")]
+    sqrt_shapes = [
+      op.outputs[0].shape.as_list() for op in graph.get_operations() if op.type in ("Sqrt", "Rsqrt")
+    ]
     self.assertIn([None, width], sqrt_shapes)
     self.assertNotIn([rows, width], sqrt_shapes)
 
     # Float16 gradient pieces (mixed precision) are summed in the table's float32: 2049 + 1
     # pieces of 1.0 would stay at 2048 in float16.
     table = keras.Variable(np.zeros((2, 1), np.float32))
-    optimizer = dmp.DistributedOptimizer(keras.optimizers.Adagrad(1.0, epsilon=0.0),
-                                         comm_lib.Communicator(0, 1))
-    optimizer.apply([tf.IndexedSlices(tf.ones([2050, 1], tf.float16), tf.zeros([2050], tf.int64),
-                                      tf.constant([2, 1], tf.int64))], [table])
+    optimizer = dmp.DistributedOptimizer(
+      keras.optimizers.Adagrad(1.0, epsilon=0.0), comm_lib.Communicator(0, 1)
+    )
+    optimizer.apply(
+      [
+        tf.IndexedSlices(
+          tf.ones([2050, 1], tf.float16), tf.zeros([2050], tf.int64), tf.constant([2, 1], tf.int64)
+        )
+      ],
+      [table],
+    )
     accumulator = [v for v in optimizer.variables if v.shape == (2, 1)][0]
     self.assertAllClose([[0.1 + 2050.0**2], [0.1]], accumulator.numpy(), rtol=1e-6)
 
@@ -435,9 +487,15 @@ class DistributedEmbeddingTest(test_util.TestCase):
       if wrap:
         optimizer = dmp.DistributedOptimizer(optimizer, comm_lib.Communicator(0, 1))
       for ids, vals in zip(steps, values):
-        optimizer.apply([tf.IndexedSlices(tf.constant(vals), tf.constant(ids, index_dtype),
-                                          tf.constant([30, 4], index_dtype))], [table])
-      accumulator, = [v.numpy() for v in optimizer.variables if v.shape == (30, 4)]
+        optimizer.apply(
+          [
+            tf.IndexedSlices(
+              tf.constant(vals), tf.constant(ids, index_dtype), tf.constant([30, 4], index_dtype)
+            )
+          ],
+          [table],
+        )
+      (accumulator,) = [v.numpy() for v in optimizer.variables if v.shape == (30, 4)]
       return table.numpy(), accumulator
 
     for index_dtype in (tf.int32, tf.int64):
@@ -452,16 +510,23 @@ class DistributedEmbeddingTest(test_util.TestCase):
     rng = np.random.default_rng(11)
     start = rng.normal(size=(rows, width)).astype(np.float32)
     # Ids repeat within a step, and rows 15-19 never get a gradient.
-    steps = [(rng.integers(0, 15, size=9), rng.normal(size=(9, width)).astype(np.float32))
-             for _ in range(5)]
+    steps = [
+      (rng.integers(0, 15, size=9), rng.normal(size=(9, width)).astype(np.float32))
+      for _ in range(5)
+    ]
 
     for amsgrad in (False, True):
       table = keras.Variable(start)
       optimizer = dmp.DistributedOptimizer(
-          keras.optimizers.Adam(lr, beta_1=b1, beta_2=b2, epsilon=eps, amsgrad=amsgrad),
-          comm_lib.Communicator(0, 1), lazy_sparse_updates=True)
-      step = tf.function(lambda ids, values: optimizer.apply(
-          [tf.IndexedSlices(values, ids, tf.constant([rows, width], tf.int64))], [table]))
+        keras.optimizers.Adam(lr, beta_1=b1, beta_2=b2, epsilon=eps, amsgrad=amsgrad),
+        comm_lib.Communicator(0, 1),
+        lazy_sparse_updates=True,
+      )
+      step = tf.function(
+        lambda ids, values: optimizer.apply(
+          [tf.IndexedSlices(values, ids, tf.constant([rows, width], tf.int64))], [table]
+        )
+      )
       for ids, values in steps:
         step(tf.constant(ids, tf.int64), tf.constant(values))
 
@@ -481,33 +546,45 @@ class DistributedEmbeddingTest(test_util.TestCase):
         ref[touched] -= m[touched] * alpha / denominator
       self.assertAllClose(ref, table.numpy(), rtol=1e-5, atol=1e-6)
       self.assertAllEqual(start[15:], table.numpy()[15:])
-      moments = {v.path.rsplit("/", 1)[-1].split("_")[-1]: v.numpy() for v in optimizer.variables
-                 if v.shape == (rows, width)}
+      moments = {
+        v.path.rsplit("/", 1)[-1].split("_")[-1]: v.numpy()
+        for v in optimizer.variables
+        if v.shape == (rows, width)
+      }
       self.assertAllClose(m, moments["momentum"], rtol=1e-5, atol=1e-7)
       self.assertAllClose(v, moments["velocity"], rtol=1e-5, atol=1e-7)
 
   def test_lazy_adam_equals_keras_adam_when_every_row_has_a_gradient(self):
     rng = np.random.default_rng(5)
     start = rng.normal(size=(16, 4)).astype(np.float32)
-    steps = [(rng.permutation(16), rng.normal(size=(16, 4)).astype(np.float32))
-             for _ in range(4)]
+    steps = [(rng.permutation(16), rng.normal(size=(16, 4)).astype(np.float32)) for _ in range(4)]
 
     def train(lazy):
       table = keras.Variable(start)
       optimizer = keras.optimizers.Adam(0.01, amsgrad=True)
       if lazy:
-        optimizer = dmp.DistributedOptimizer(optimizer, comm_lib.Communicator(0, 1),
-                                             lazy_sparse_updates=True)
+        optimizer = dmp.DistributedOptimizer(
+          optimizer, comm_lib.Communicator(0, 1), lazy_sparse_updates=True
+        )
       for ids, values in steps:
-        optimizer.apply([tf.IndexedSlices(tf.constant(values), tf.constant(ids, tf.int64),
-                                          tf.constant([16, 4], tf.int64))], [table])
+        optimizer.apply(
+          [
+            tf.IndexedSlices(
+              tf.constant(values), tf.constant(ids, tf.int64), tf.constant([16, 4], tf.int64)
+            )
+          ],
+          [table],
+        )
       return table.numpy()
 
     self.assertAllEqual(train(False), train(True))
 
   def test_lazy_sparse_updates_arguments(self):
-    with self.assertRaisesRegex(ValueError, r"'lazy_sparse_updates' is supported for \['Adam'\]; "
-                                r"got SGD"):
+    with self.assertRaisesRegex(
+      ValueError,
+      r"'lazy_sparse_updates' is supported for \['Adam'\]; "
+      r"got SGD",
+    ):
       dmp.DistributedOptimizer(keras.optimizers.SGD(0.1, momentum=0.9), lazy_sparse_updates=True)
     with self.assertRaisesRegex(TypeError, "'lazy_sparse_updates' must be a bool; got 'yes'"):
       dmp.DistributedOptimizer(keras.optimizers.Adam(), lazy_sparse_updates="yes")
@@ -517,8 +594,9 @@ class DistributedEmbeddingTest(test_util.TestCase):
     def train(optimizer):
       table = keras.Variable(np.arange(12, dtype=np.float32).reshape(6, 2))
       for ids in ([0, 1], [2, 2], [5, 0]):
-        grad = tf.IndexedSlices(tf.ones([2, 2]), tf.constant(ids, tf.int64),
-                                tf.constant([6, 2], tf.int64))
+        grad = tf.IndexedSlices(
+          tf.ones([2, 2]), tf.constant(ids, tf.int64), tf.constant([6, 2], tf.int64)
+        )
         optimizer.apply([grad], [table])
       return table.numpy()
 
@@ -550,10 +628,10 @@ class DistributedEmbeddingTest(test_util.TestCase):
     # variables everywhere, except the sharded tables and their slots; never again after that.
     def work(comm):
       inputs = [keras.Input(shape=(h,), dtype="int64") for h in HOTNESS]
-      layer = dmp.DistributedEmbedding([de.Embedding(r, w, combiner="sum") for r, w in TABLES],
-                                       communicator=comm)
-      dense = keras.layers.Dense(
-          1, kernel_initializer=keras.initializers.Constant(comm.rank + 1.0))
+      layer = dmp.DistributedEmbedding(
+        [de.Embedding(r, w, combiner="sum") for r, w in TABLES], communicator=comm
+      )
+      dense = keras.layers.Dense(1, kernel_initializer=keras.initializers.Constant(comm.rank + 1.0))
       model = keras.Model(inputs, dense(keras.layers.Concatenate()(layer(inputs))))
       optimizer = dmp.DistributedOptimizer(keras.optimizers.Adagrad(0.1), comm)
       model.compile(optimizer=optimizer, loss="mse")
@@ -565,10 +643,11 @@ class DistributedEmbeddingTest(test_util.TestCase):
       callback = dmp.BroadcastGlobalVariablesCallback(1, comm)
       callback.set_model(model)
       callback.on_train_batch_end(0)
-      after_first = {"kernel": dense.kernel.numpy(),
-                     "sharded": [v.numpy() for v in layer.weights],
-                     "slots": {v.name: v.numpy() for v in optimizer.variables
-                               if v.dtype == "float32"}}
+      after_first = {
+        "kernel": dense.kernel.numpy(),
+        "sharded": [v.numpy() for v in layer.weights],
+        "slots": {v.name: v.numpy() for v in optimizer.variables if v.dtype == "float32"},
+      }
       dense.kernel.assign(tf.fill(dense.kernel.shape, comm.rank + 5.0))
       callback.on_train_batch_end(1)
       return sharded_before, after_first, dense.kernel.numpy(), [v.path for v in layer.weights]
@@ -586,8 +665,10 @@ class DistributedEmbeddingTest(test_util.TestCase):
 
   def test_exchange_bytes_against_the_plan(self):
     # 'basic' on 2 workers: tables 0, 2, 4 (widths 8 + 16 + 4 = 28) and 1, 3 (4 + 8 = 12).
-    layer = dmp.DistributedEmbedding([de.Embedding(r, w, combiner="sum") for r, w in TABLES],
-                                     communicator=comm_lib.Communicator(0, 2))
+    layer = dmp.DistributedEmbedding(
+      [de.Embedding(r, w, combiner="sum") for r, w in TABLES],
+      communicator=comm_lib.Communicator(0, 2),
+    )
     got = layer.exchange_bytes_per_step(local_batch=4)
     # Each worker sends one block of 4 rows x 28 floats to its peer, forward and backward.
     self.assertEqual(2 * 2 * 4 * 28 * 4, got["all_to_all"])
@@ -595,16 +676,19 @@ class DistributedEmbeddingTest(test_util.TestCase):
     self.assertEqual(2 * (4 * 28 + 4 * 12) * 4, got["minimum"])
 
   @parameterized.product(
-      mode=["row_sliced", "table_wise", "column_sliced", "data_parallel", "mixed"],
-      id_format=["dense", "ragged", "sparse"], traced=[False, True])
+    mode=["row_sliced", "table_wise", "column_sliced", "data_parallel", "mixed"],
+    id_format=["dense", "ragged", "sparse"],
+    traced=[False, True],
+  )
   def test_ids_outside_their_table_fail_on_every_worker(self, mode, id_format, traced):
     # Worker 1 gets id 400 for input 1 (a 30-row table, row-sliced in 'row_sliced'); every
     # worker raises the same InvalidArgumentError, nothing is written, and the next call works.
     combiner = "mean" if id_format == "ragged" else "sum"
 
     def work(comm):
-      layer = dmp.DistributedEmbedding([de.Embedding(r, w, combiner=combiner) for r, w in TABLES],
-                                       communicator=comm, **MODES[mode])
+      layer = dmp.DistributedEmbedding(
+        [de.Embedding(r, w, combiner=combiner) for r, w in TABLES], communicator=comm, **MODES[mode]
+      )
       layer.build()
       before = layer.get_weights(all_ranks=True)
       ids = _inputs(3, list(range(len(TABLES))), id_format)
@@ -638,17 +722,20 @@ class DistributedEmbeddingTest(test_util.TestCase):
 
   @parameterized.parameters(False, True)
   def test_malformed_sparse_ids_fail_on_every_worker_with_our_message(self, traced):
-
     def work(comm):
-      layer = dmp.DistributedEmbedding([de.Embedding(r, w, combiner="sum") for r, w in TABLES],
-                                       communicator=comm, row_slice_threshold=300)
+      layer = dmp.DistributedEmbedding(
+        [de.Embedding(r, w, combiner="sum") for r, w in TABLES],
+        communicator=comm,
+        row_slice_threshold=300,
+      )
       good = [tf.ragged.constant([[1, 2], [3]], dtype=tf.int64).to_sparse()] * len(TABLES)
       bad = list(good)
       if comm.rank == 0:  # indices out of row-major order
         bad[2] = tf.SparseTensor([[1, 0], [0, 0]], tf.constant([1, 2], tf.int64), [2, 2])
       call = tf.function(layer.__call__) if traced else layer
-      with self.assertRaisesRegex(tf.errors.InvalidArgumentError,
-                                  "input 2 on worker 0 is malformed.*canonical row-major"):
+      with self.assertRaisesRegex(
+        tf.errors.InvalidArgumentError, "input 2 on worker 0 is malformed.*canonical row-major"
+      ):
         call(bad)
       return [o.numpy() for o in call(good)]
 
@@ -664,14 +751,18 @@ class DistributedEmbeddingTest(test_util.TestCase):
       tables = [list(t) for t in TABLES]
       if comm.rank == 1:
         tables[2][0] += 1
-      odd = dmp.DistributedEmbedding([de.Embedding(r, w, combiner="sum") for r, w in tables],
-                                     communicator=comm)
-      same = dmp.DistributedEmbedding([de.Embedding(r, w, combiner="sum") for r, w in TABLES],
-                                      communicator=comm)
+      odd = dmp.DistributedEmbedding(
+        [de.Embedding(r, w, combiner="sum") for r, w in tables], communicator=comm
+      )
+      same = dmp.DistributedEmbedding(
+        [de.Embedding(r, w, combiner="sum") for r, w in TABLES], communicator=comm
+      )
       ids = [tf.constant([[1, 2], [3, 4]], tf.int64)] * len(TABLES)
       errors = []
-      for layer, feed in ((odd, ids), (same, [tf.ragged.constant([[1, 2], [3, 4]])] + ids[1:]
-                                       if comm.rank == 1 else ids)):
+      for layer, feed in (
+        (odd, ids),
+        (same, [tf.ragged.constant([[1, 2], [3, 4]])] + ids[1:] if comm.rank == 1 else ids),
+      ):
         call = tf.function(layer.__call__) if traced else layer
         with self.assertRaises(tf.errors.InvalidArgumentError) as raised:
           call(feed)
@@ -684,13 +775,16 @@ class DistributedEmbeddingTest(test_util.TestCase):
       self.assertLen(outs, len(TABLES))
 
   def test_model_parallel_input_without_a_combiner_must_be_one_hot(self):
-
     def work(comm):
-      layer = dmp.DistributedEmbedding([de.Embedding(r, w) for r, w in TABLES],
-                                       communicator=comm, dp_input=False)
+      layer = dmp.DistributedEmbedding(
+        [de.Embedding(r, w) for r, w in TABLES], communicator=comm, dp_input=False
+      )
       feed = [tf.zeros([4, 2], tf.int64) for _ in layer.local_input_indices]
-      with self.assertRaisesRegex(ValueError, r"dp_input=False, input \d+ of table \d+ \(no "
-                                  r"combiner\) must be one-hot: 1-D ids"):
+      with self.assertRaisesRegex(
+        ValueError,
+        r"dp_input=False, input \d+ of table \d+ \(no "
+        r"combiner\) must be one-hot: 1-D ids",
+      ):
         layer(feed)
 
     comm_lib.run_in_threads(2, work)
@@ -702,12 +796,14 @@ class DistributedEmbeddingTest(test_util.TestCase):
     rng = np.random.default_rng(2)
     weights = [rng.standard_normal(shape).astype(np.float32) for shape in TABLES]
     batches = [[rng.integers(0, r, size=(4, h)) for r, _ in TABLES] for h in (2, 3)]
-    batches.append([[list(rng.integers(0, r, size=n)) for n in (0, 3, 1, 2)]
-                    for r, _ in TABLES])
+    batches.append([[list(rng.integers(0, r, size=n)) for n in (0, 3, 1, 2)] for r, _ in TABLES])
 
     def work(comm):
-      layer = dmp.DistributedEmbedding([de.Embedding(r, w, combiner="sum") for r, w in TABLES],
-                                       communicator=comm, row_slice_threshold=300)
+      layer = dmp.DistributedEmbedding(
+        [de.Embedding(r, w, combiner="sum") for r, w in TABLES],
+        communicator=comm,
+        row_slice_threshold=300,
+      )
       layer.build()
       layer.set_weights(weights)
       call = tf.function(layer.__call__, reduce_retracing=True) if traced else layer
@@ -721,9 +817,10 @@ class DistributedEmbeddingTest(test_util.TestCase):
     for rank, outs in enumerate(comm_lib.run_in_threads(2, work, timeout=60)):
       for ids, got in zip(batches, outs):
         for t, (x, o) in enumerate(zip(ids, got)):
-          bags = x[rank * 2:rank * 2 + 2]
-          expected = [weights[t][list(b)].sum(0) if len(b) else np.zeros(TABLES[t][1])
-                      for b in bags]
+          bags = x[rank * 2 : rank * 2 + 2]
+          expected = [
+            weights[t][list(b)].sum(0) if len(b) else np.zeros(TABLES[t][1]) for b in bags
+          ]
           self.assertAllClose(np.array(expected), o, rtol=1e-5)
 
   @parameterized.parameters(False, True)
@@ -736,8 +833,9 @@ class DistributedEmbeddingTest(test_util.TestCase):
     def work(comm):
       layer = dmp.DistributedEmbedding(layers, communicator=comm, dp_input=False)
       good = [tf.zeros([4], tf.int64) for _ in layer.local_input_indices]
-      bad = [tf.zeros([4, 2], tf.int64) for _ in layer.local_input_indices] \
-          if comm.rank == 0 else good
+      bad = (
+        [tf.zeros([4, 2], tf.int64) for _ in layer.local_input_indices] if comm.rank == 0 else good
+      )
       call = tf.function(layer.__call__) if traced else layer
       start = time.monotonic()
       try:
@@ -747,8 +845,7 @@ class DistributedEmbeddingTest(test_util.TestCase):
         error = (type(e).__name__, str(e))
       return error, time.monotonic() - start, [o.shape for o in layer(good)]
 
-    for rank, (error, seconds, shapes) in enumerate(comm_lib.run_in_threads(2, work,
-                                                                           timeout=60)):
+    for rank, (error, seconds, shapes) in enumerate(comm_lib.run_in_threads(2, work, timeout=60)):
       self.assertIsNotNone(error)
       self.assertLess(seconds, 30)
       if traced:
@@ -761,16 +858,18 @@ class DistributedEmbeddingTest(test_util.TestCase):
       self.assertLen(shapes, len(TABLES))
 
   def test_model_parallel_inputs_of_one_worker_need_one_batch(self):
-
     def work(comm):
-      layer = dmp.DistributedEmbedding([de.Embedding(r, w, combiner="sum") for r, w in TABLES],
-                                       communicator=comm, dp_input=False)
-      feed = [tf.zeros([4 if k == 0 else 8, 2], tf.int64)
-              for k, _ in enumerate(layer.local_input_indices)]
+      layer = dmp.DistributedEmbedding(
+        [de.Embedding(r, w, combiner="sum") for r, w in TABLES], communicator=comm, dp_input=False
+      )
+      feed = [
+        tf.zeros([4 if k == 0 else 8, 2], tf.int64) for k, _ in enumerate(layer.local_input_indices)
+      ]
       if len(feed) < 2:
         feed = [tf.zeros([4, 2], tf.int64)] * len(feed)
-      with self.assertRaisesRegex(tf.errors.InvalidArgumentError,
-                                  "every input of a worker must have the same batch"):
+      with self.assertRaisesRegex(
+        tf.errors.InvalidArgumentError, "every input of a worker must have the same batch"
+      ):
         layer(feed)
 
     comm_lib.run_in_threads(2, work)
@@ -790,8 +889,11 @@ class DistributedEmbeddingTest(test_util.TestCase):
     ids = [rng.integers(0, r, size=(4, 3)) for r, _ in tables]
 
     def work(comm):
-      layer = dmp.DistributedEmbedding([de.Embedding(r, w, combiner="sum") for r, w in tables],
-                                       communicator=comm, data_parallel_threshold=10**6)
+      layer = dmp.DistributedEmbedding(
+        [de.Embedding(r, w, combiner="sum") for r, w in tables],
+        communicator=comm,
+        data_parallel_threshold=10**6,
+      )
       layer.build()
       layer.set_weights(weights)
       local = slice(comm.rank * 2, comm.rank * 2 + 2)
@@ -803,13 +905,16 @@ class DistributedEmbeddingTest(test_util.TestCase):
 
       feed = [tf.constant(x[local]) for x in ids]
       graph = tf.function(step).get_concrete_function(feed).graph
-      reduced = [op.outputs[0].shape.as_list() for op in graph.get_operations()
-                 if op.type == "CollectiveReduceV2"]
+      reduced = [
+        op.outputs[0].shape.as_list()
+        for op in graph.get_operations()
+        if op.type == "CollectiveReduceV2"
+      ]
       grads = step(feed)
       return reduced, [(type(g).__name__, g.indices.numpy(), g.values.numpy()) for g in grads]
 
     for reduced, grads in comm_lib.run_in_threads(2, work):
-      for (rows, width) in tables:
+      for rows, width in tables:
         self.assertNotIn([rows, width], reduced)
       for t, (kind, indices, values) in enumerate(grads):
         self.assertEqual("IndexedSlices", kind)
@@ -820,26 +925,35 @@ class DistributedEmbeddingTest(test_util.TestCase):
         self.assertAllClose(expected, dense, rtol=1e-6)
 
   def test_get_weights_on_rank_zero_unless_all_ranks(self):
-
     def work(comm):
-      layer = dmp.DistributedEmbedding([de.Embedding(r, w) for r, w in TABLES],
-                                       communicator=comm, **MODES["mixed"])
+      layer = dmp.DistributedEmbedding(
+        [de.Embedding(r, w) for r, w in TABLES], communicator=comm, **MODES["mixed"]
+      )
       layer.build()
       optimizer = keras.optimizers.Adagrad(0.1)
-      return (len(layer.get_weights()), len(layer.get_weights(all_ranks=True)),
-              len(layer.get_optimizer_slots(optimizer)),
-              len(layer.get_optimizer_slots(optimizer, all_ranks=True)))
+      return (
+        len(layer.get_weights()),
+        len(layer.get_weights(all_ranks=True)),
+        len(layer.get_optimizer_slots(optimizer)),
+        len(layer.get_optimizer_slots(optimizer, all_ranks=True)),
+      )
 
     self.assertEqual([(5, 5, 1, 1), (0, 5, 0, 1)], comm_lib.run_in_threads(2, work))
 
   def test_package_exports(self):
     self.assertIs(de.dist_model_parallel.DistributedEmbedding, dmp.DistributedEmbedding)
-    for name in ("DistEmbeddingStrategy", "DistributedEmbedding", "broadcast_variables",
-                 "DistributedGradientTape", "DistributedOptimizer",
-                 "BroadcastGlobalVariablesCallback"):
+    for name in (
+      "DistEmbeddingStrategy",
+      "DistributedEmbedding",
+      "broadcast_variables",
+      "DistributedGradientTape",
+      "DistributedOptimizer",
+      "BroadcastGlobalVariablesCallback",
+    ):
       self.assertTrue(hasattr(de, name), name)
-    strategy = de.DistEmbeddingStrategy([de.Embedding(r, w) for r, w in TABLES], 4,
-                                        "memory_optimized")
+    strategy = de.DistEmbeddingStrategy(
+      [de.Embedding(r, w) for r, w in TABLES], 4, "memory_optimized"
+    )
     self.assertEqual(4, len(strategy.plan.shards))
     self.assertIn("worker 3", str(strategy))
     self.assertIs(de.DistributedGradientTape, dmp.DistributedGradientTape)
@@ -855,10 +969,12 @@ class DistributedEmbeddingTest(test_util.TestCase):
     with self.assertRaisesRegex(ValueError, "expected 5 inputs; got 1"):
       layer([tf.constant([[1]])])
     # Settings the shards would not honour are errors, not silently dropped.
-    for kwargs, text in ((dict(embeddings_regularizer="l2"), "embeddings_regularizer="),
-                         (dict(embeddings_constraint="non_neg"), "embeddings_constraint="),
-                         (dict(mask_zero=True), "mask_zero=True"),
-                         (dict(trainable=False), "trainable=False")):
+    for kwargs, text in (
+      (dict(embeddings_regularizer="l2"), "embeddings_regularizer="),
+      (dict(embeddings_constraint="non_neg"), "embeddings_constraint="),
+      (dict(mask_zero=True), "mask_zero=True"),
+      (dict(trainable=False), "trainable=False"),
+    ):
       with self.assertRaisesRegex(ValueError, r"embeddings\[1\] \(Embedding\) has " + text):
         dmp.DistributedEmbedding([layers[0], keras.layers.Embedding(30, 4, **kwargs)])
 

@@ -21,19 +21,32 @@ def pattern_cases(n):
   """The model-parallel cases every worker count runs, as processes over gRPC."""
   even = [[3] * n, [3] * n, [1] * n]
   return {
-      "subclassed_eager": mpc.Case(dict(), [[3] * n] * 2),
-      "traced_mixed_placements_partial_batch": mpc.Case(
-          dict(column_slice_threshold=60, row_slice_threshold=300, data_parallel_threshold=40),
-          even, graph=True),
-      "uneven_local_batches": mpc.Case(dict(row_slice_threshold=300),
-                                       [list(range(1, n + 1)), list(range(n, 0, -1))],
-                                       graph=True),
-      "model_parallel_input_one_hot": mpc.Case(dict(dp_input=False), [[2] * n] * 2),
-      "ragged_mean_traced": mpc.Case(dict(row_slice_threshold=100), even, kind="ours",
-                                     combiner="mean", id_format="ragged", graph=True),
-      "functional_sparse": mpc.Case(dict(column_slice_threshold=60), [[2] * n] * 2,
-                                    model="functional", kind="ours", combiner="sum",
-                                    id_format="sparse"),
+    "subclassed_eager": mpc.Case(dict(), [[3] * n] * 2),
+    "traced_mixed_placements_partial_batch": mpc.Case(
+      dict(column_slice_threshold=60, row_slice_threshold=300, data_parallel_threshold=40),
+      even,
+      graph=True,
+    ),
+    "uneven_local_batches": mpc.Case(
+      dict(row_slice_threshold=300), [list(range(1, n + 1)), list(range(n, 0, -1))], graph=True
+    ),
+    "model_parallel_input_one_hot": mpc.Case(dict(dp_input=False), [[2] * n] * 2),
+    "ragged_mean_traced": mpc.Case(
+      dict(row_slice_threshold=100),
+      even,
+      kind="ours",
+      combiner="mean",
+      id_format="ragged",
+      graph=True,
+    ),
+    "functional_sparse": mpc.Case(
+      dict(column_slice_threshold=60),
+      [[2] * n] * 2,
+      model="functional",
+      kind="ours",
+      combiner="sum",
+      id_format="sparse",
+    ),
   }
 
 
@@ -42,15 +55,18 @@ def run_patterns(comm, out):
   largest differences go to rank<r>.json."""
   report = {}
   for name, case in pattern_cases(comm.world_size).items():
-    ref_outputs, ref_tables, ref_dense, _ = mpc.train(case, comm_lib.Communicator(0, 1),
-                                                      distributed=False)
+    ref_outputs, ref_tables, ref_dense, _ = mpc.train(
+      case, comm_lib.Communicator(0, 1), distributed=False
+    )
     outputs, tables, dense, sharded = mpc.train(case, comm)
     errors = []
     for s, o in enumerate(outputs):
       ref = ref_outputs[s][mpc.local_rows(case, comm.rank, s)]
       errors.append(float(np.max(np.abs(o - ref) / (1 + np.abs(ref)))))
-    errors += [float(np.max(np.abs(a - b) / (1 + np.abs(b))))
-               for a, b in zip(tables + dense, ref_tables + ref_dense)]
+    errors += [
+      float(np.max(np.abs(a - b) / (1 + np.abs(b))))
+      for a, b in zip(tables + dense, ref_tables + ref_dense)
+    ]
     report[name] = {"error": max(errors), "sharded": bool(any(sharded))}
   with open(os.path.join(out, f"rank{comm.rank}.json"), "w") as f:
     json.dump(report, f)
@@ -59,8 +75,9 @@ def run_patterns(comm, out):
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--out", required=True)
-  parser.add_argument("--mode", choices=["fit", "crash", "backup", "patterns", "peer_dies",
-                                         "stuck"], required=True)
+  parser.add_argument(
+    "--mode", choices=["fit", "crash", "backup", "patterns", "peer_dies", "stuck"], required=True
+  )
   parser.add_argument("--crash_once", action="store_true", help="backup mode: rank 1 dies once")
   args = parser.parse_args()
   comm = dmp.init_from_env()
@@ -97,7 +114,6 @@ def main():
     marker = os.path.join(args.out, "crashed_once")
 
     class CrashOnce(keras.callbacks.Callback):
-
       def on_epoch_begin(self, epoch, logs=None):
         if args.crash_once and epoch == 2 and comm.rank == 1 and not os.path.exists(marker):
           open(marker, "w").close()
@@ -105,12 +121,17 @@ def main():
           os._exit(3)  # pylint: disable=protected-access
 
     backup = dmp.BackupAndRestore(os.path.join(args.out, "backup"), comm)
-    tables, kernel = dist_case.fit(comm, epochs=4, optimizer="adagrad",
-                                   callbacks=[backup, CrashOnce()])
+    tables, kernel = dist_case.fit(
+      comm, epochs=4, optimizer="adagrad", callbacks=[backup, CrashOnce()]
+    )
   else:
     tables, kernel = dist_case.fit(comm)
-  np.savez(os.path.join(args.out, f"rank{comm.rank}.npz"), kernel=kernel,
-           local_rank=comm_lib.local_rank(-1), *tables)
+  np.savez(
+    os.path.join(args.out, f"rank{comm.rank}.npz"),
+    kernel=kernel,
+    local_rank=comm_lib.local_rank(-1),
+    *tables,
+  )
   return 0
 
 

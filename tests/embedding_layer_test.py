@@ -31,7 +31,6 @@ def _pair(input_dim=50, output_dim=8, combiner=None, seed=0, **kwargs):
 
 
 class ConstructionTest(test_util.TestCase):
-
   @parameterized.parameters((0, 4), (10, 0), (-1, 4), (10, -3), (2.5, 4))
   def test_rejects_non_positive_dims(self, input_dim, output_dim):
     with self.assertRaisesRegex(ValueError, "must be a positive integer"):
@@ -65,7 +64,6 @@ class ConstructionTest(test_util.TestCase):
 
 
 class ForwardTest(test_util.TestCase):
-
   @parameterized.product(combiner=[None, "sum", "mean"], shape=[(4, 3), (2, 5, 3), (2, 2, 2, 4)])
   def test_dense_inputs_match_stock_keras(self, combiner, shape):
     ours, stock, _ = _pair(combiner=combiner)
@@ -139,7 +137,6 @@ class ForwardTest(test_util.TestCase):
 
 
 class ConcatOneHotEmbeddingTest(test_util.TestCase):
-
   def test_features_share_one_table(self):
     sizes, width = [3, 5, 7, 11], 3
     layer = embedding_module.ConcatOneHotEmbedding(sizes, width)
@@ -167,17 +164,23 @@ class ConcatOneHotEmbeddingTest(test_util.TestCase):
 
 
 class ConfigTest(test_util.TestCase):
-
   def test_config_round_trip(self):
-    layer = de.Embedding(20, 4, combiner="mean", embeddings_initializer="zeros",
-                         embeddings_regularizer="l2", name="emb")
+    layer = de.Embedding(
+      20,
+      4,
+      combiner="mean",
+      embeddings_initializer="zeros",
+      embeddings_regularizer="l2",
+      name="emb",
+    )
     clone = de.Embedding.from_config(layer.get_config())
     self.assertEqual(layer.get_config(), clone.get_config())
     self.assertEqual("mean", clone.combiner)
 
   def test_from_stock_keras_config(self):
-    stock = keras.layers.Embedding(30, 6, mask_zero=True, embeddings_initializer="ones",
-                                   name="stock")
+    stock = keras.layers.Embedding(
+      30, 6, mask_zero=True, embeddings_initializer="ones", name="stock"
+    )
     ours = de.Embedding.from_config(stock.get_config())
     self.assertEqual((30, 6), (ours.input_dim, ours.output_dim))
     self.assertIsNone(ours.combiner)
@@ -185,7 +188,6 @@ class ConfigTest(test_util.TestCase):
 
 
 class TrainingTest(test_util.TestCase):
-
   def _train_step(self, layer, ids, optimizer, densify=False):
     opt = keras.optimizers.get({"class_name": optimizer, "config": {"learning_rate": 0.1}})
     with tf.GradientTape() as tape:
@@ -223,8 +225,7 @@ class TrainingTest(test_util.TestCase):
     rng = np.random.default_rng(6)
     n = 256
     lengths = rng.integers(1, 6, size=n)
-    ragged_ids = tf.RaggedTensor.from_row_lengths(rng.integers(0, 40, size=lengths.sum()),
-                                                  lengths)
+    ragged_ids = tf.RaggedTensor.from_row_lengths(rng.integers(0, 40, size=lengths.sum()), lengths)
     dense = rng.integers(0, 20, size=(n, 4))
     sparse_ids = tf.sparse.from_dense(dense * (rng.random((n, 4)) < 0.7))
     label = (ragged_ids.to_tensor()[:, 0].numpy() % 2).astype(np.float32)[:, None]
@@ -232,20 +233,22 @@ class TrainingTest(test_util.TestCase):
     seen = []
 
     class SparseSpy(de.Embedding):
-
       def call(self, inputs):
         seen.append(type(inputs).__name__)
         return super().call(inputs)
 
     ragged_in = keras.Input(shape=(None,), ragged=True, dtype="int64")
     sparse_in = keras.Input(shape=(4,), sparse=True, dtype="int64")
-    pooled = keras.layers.Concatenate()([
+    pooled = keras.layers.Concatenate()(
+      [
         de.Embedding(40, 8, combiner="mean")(ragged_in),
         SparseSpy(20, 8, combiner="sum")(sparse_in),
-    ])
+      ]
+    )
     model = keras.Model([ragged_in, sparse_in], keras.layers.Dense(1)(pooled))
-    model.compile(optimizer=keras.optimizers.Adam(0.05),
-                  loss=keras.losses.BinaryCrossentropy(from_logits=True))
+    model.compile(
+      optimizer=keras.optimizers.Adam(0.05), loss=keras.losses.BinaryCrossentropy(from_logits=True)
+    )
     data = tf.data.Dataset.from_tensor_slices(((ragged_ids, sparse_ids), label)).batch(32)
     history = model.fit(data, epochs=4, verbose=2)
     self.assertLess(history.history["loss"][-1], history.history["loss"][0])
@@ -278,7 +281,6 @@ class TrainingTest(test_util.TestCase):
 
 
 class SavingTest(test_util.TestCase):
-
   def _model(self):
     inputs = keras.Input(shape=(3,), dtype="int64")
     x = de.Embedding(30, 4, combiner="mean", name="emb")(inputs)
@@ -298,8 +300,9 @@ class SavingTest(test_util.TestCase):
     ids = np.random.default_rng(8).integers(0, 30, size=(5, 3))
     module = tf.Module()
     module.model = model
-    module.serve = tf.function(lambda x: model(x), input_signature=[
-        tf.TensorSpec([None, 3], tf.int64)])
+    module.serve = tf.function(
+      lambda x: model(x), input_signature=[tf.TensorSpec([None, 3], tf.int64)]
+    )
     path = os.path.join(self.create_tempdir().full_path, "saved")
     tf.saved_model.save(module, path)
     expected = model(ids).numpy()
@@ -310,8 +313,9 @@ class SavingTest(test_util.TestCase):
         out = loaded.serve(tf.constant(np.array({ids.tolist()!r}), tf.int64))
         np.save({path!r} + "/out.npy", out.numpy())
         """)
-    subprocess.run([sys.executable, "-c", script], check=True,
-                   env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+    subprocess.run(
+      [sys.executable, "-c", script], check=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    )
     self.assertAllEqual(expected, np.load(path + "/out.npy"))
 
 

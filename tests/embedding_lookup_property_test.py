@@ -28,11 +28,18 @@ def cases(draw):
   bad = draw(st.booleans())
   id_strategy = st.integers(-3, vocab + 3) if bad else st.integers(0, vocab - 1)
   ids = draw(st.lists(id_strategy, min_size=sum(lengths), max_size=sum(lengths)))
-  return dict(vocab=vocab, width=width, fmt=fmt, max_len=max_len, lengths=lengths, ids=ids,
-              id_dtype=draw(st.sampled_from([tf.int32, tf.int64])),
-              combiner=draw(st.sampled_from([None, "sum", "mean"])),
-              bounds_check=draw(st.sampled_from(["error", "skip"])),
-              seed=draw(st.integers(0, 2**16)))
+  return dict(
+    vocab=vocab,
+    width=width,
+    fmt=fmt,
+    max_len=max_len,
+    lengths=lengths,
+    ids=ids,
+    id_dtype=draw(st.sampled_from([tf.int32, tf.int64])),
+    combiner=draw(st.sampled_from([None, "sum", "mean"])),
+    bounds_check=draw(st.sampled_from(["error", "skip"])),
+    seed=draw(st.integers(0, 2**16)),
+  )
 
 
 def _to_ids(case):
@@ -43,8 +50,9 @@ def _to_ids(case):
     return ragged
   if case["fmt"] == "sparse":
     sparse = ragged.to_sparse()
-    return tf.SparseTensor(sparse.indices, sparse.values,
-                           [len(case["lengths"]), max(case["max_len"], 1)])
+    return tf.SparseTensor(
+      sparse.indices, sparse.values, [len(case["lengths"]), max(case["max_len"], 1)]
+    )
   return tf.reshape(values, [len(case["lengths"]), case["max_len"]])
 
 
@@ -52,7 +60,7 @@ def _reference(table, case, upstream):
   """(output, dense gradient) in float64; invalid ids skipped (they only reach here in skip mode)."""
   outputs, grad, start = [], np.zeros_like(table), 0
   for b, n in enumerate(case["lengths"]):
-    ids = [i for i in case["ids"][start:start + n] if 0 <= i < case["vocab"]]
+    ids = [i for i in case["ids"][start : start + n] if 0 <= i < case["vocab"]]
     start += n
     if case["combiner"] is None:
       continue
@@ -65,9 +73,12 @@ def _reference(table, case, upstream):
 
 
 class PropertyTest(absltest.TestCase):
-
-  @hypothesis.settings(max_examples=300, deadline=None, derandomize=True,
-                       suppress_health_check=list(hypothesis.HealthCheck))
+  @hypothesis.settings(
+    max_examples=300,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=list(hypothesis.HealthCheck),
+  )
   @hypothesis.given(cases())
   def test_agrees_with_numpy_or_raises_the_documented_error(self, case):
     rng = np.random.default_rng(case["seed"])
@@ -78,8 +89,9 @@ class PropertyTest(absltest.TestCase):
     with tf.GradientTape() as tape:
       tape.watch(param)
       try:
-        out = de.embedding_lookup(param, ids, combiner=case["combiner"],
-                                  bounds_check=case["bounds_check"])
+        out = de.embedding_lookup(
+          param, ids, combiner=case["combiner"], bounds_check=case["bounds_check"]
+        )
       except tf.errors.InvalidArgumentError as error:
         self.assertTrue(invalid and case["bounds_check"] == "error", str(error))
         self.assertIn("'ids' must be in [0, ", str(error))

@@ -23,7 +23,7 @@ def _numpy_pooled(table, values, lengths, combiner):
   out = np.zeros((len(lengths), table.shape[1]), np.float64)
   start = 0
   for b, n in enumerate(lengths):
-    rows = table[values[start:start + n]].astype(np.float64)
+    rows = table[values[start : start + n]].astype(np.float64)
     if n:
       out[b] = rows.sum(0) if combiner == "sum" else rows.mean(0)
     start += n
@@ -54,16 +54,15 @@ def _fwd_and_grad(fn, param):
 
 
 class DenseIdsTest(test_util.TestCase):
-
-  @parameterized.product(combiner=["sum", "mean"], id_dtype=[tf.int32, tf.int64],
-                         hotness=[1, 3, 207])
+  @parameterized.product(
+    combiner=["sum", "mean"], id_dtype=[tf.int32, tf.int64], hotness=[1, 3, 207]
+  )
   def test_matches_native_gather_reduce_in_float64(self, combiner, id_dtype, hotness):
     rng = np.random.default_rng(hotness)
     table = tf.constant(rng.standard_normal((69, 16)), tf.float64)
     ids = tf.constant(rng.integers(0, 69, size=(15, hotness)), id_dtype)
     reduce = tf.reduce_sum if combiner == "sum" else tf.reduce_mean
-    out, grad, raw = _fwd_and_grad(lambda p: de.embedding_lookup(p, ids, combiner=combiner),
-                                   table)
+    out, grad, raw = _fwd_and_grad(lambda p: de.embedding_lookup(p, ids, combiner=combiner), table)
     ref_out, ref_grad, _ = _fwd_and_grad(lambda p: reduce(tf.gather(p, ids), axis=1), table)
     self.assertIsInstance(raw, tf.IndexedSlices)
     self.assertAllClose(ref_out, out, rtol=1e-6, atol=1e-12)
@@ -77,8 +76,7 @@ class DenseIdsTest(test_util.TestCase):
     ids = tf.constant(rng.integers(0, 69, size=(15, 207)), tf.int64)
     reduce = tf.reduce_sum if combiner == "sum" else tf.reduce_mean
     out, grad, _ = _fwd_and_grad(lambda p: de.embedding_lookup(p, ids, combiner=combiner), param)
-    ref_out, ref_grad, _ = _fwd_and_grad(lambda p: reduce(tf.nn.embedding_lookup(p, ids), 1),
-                                         param)
+    ref_out, ref_grad, _ = _fwd_and_grad(lambda p: reduce(tf.nn.embedding_lookup(p, ids), 1), param)
     self.assertAllEqual(ref_out, out)
     self.assertAllEqual(ref_grad, grad)
 
@@ -123,20 +121,19 @@ class DenseIdsTest(test_util.TestCase):
 
 
 class RaggedAndSparseIdsTest(test_util.TestCase):
-
-  @parameterized.product(combiner=["sum", "mean"], id_dtype=[np.int32, np.int64],
-                         splits_dtype=[tf.int32, tf.int64])
+  @parameterized.product(
+    combiner=["sum", "mean"], id_dtype=[np.int32, np.int64], splits_dtype=[tf.int32, tf.int64]
+  )
   def test_ragged_matches_numpy_and_native_sparse(self, combiner, id_dtype, splits_dtype):
     rng = np.random.default_rng(3)
     values, lengths = _random_ragged(rng, 40, 30, 69, id_dtype, allow_empty=False)
     table = tf.constant(rng.standard_normal((69, 24)), tf.float64)
     ids = tf.RaggedTensor.from_row_lengths(values, tf.constant(lengths, splits_dtype))
-    out, grad, raw = _fwd_and_grad(lambda p: de.embedding_lookup(p, ids, combiner=combiner),
-                                   table)
+    out, grad, raw = _fwd_and_grad(lambda p: de.embedding_lookup(p, ids, combiner=combiner), table)
     self.assertIsInstance(raw, tf.IndexedSlices)
     ref_out, ref_grad, _ = _fwd_and_grad(
-        lambda p: tf.nn.embedding_lookup_sparse(p, ids.to_sparse(), None, combiner=combiner),
-        table)
+      lambda p: tf.nn.embedding_lookup_sparse(p, ids.to_sparse(), None, combiner=combiner), table
+    )
     self.assertAllClose(ref_out, out, rtol=1e-6, atol=1e-12)
     self.assertAllClose(ref_grad, grad, rtol=1e-6, atol=1e-12)
     self.assertAllClose(_numpy_pooled(table.numpy(), values, lengths, combiner), out)
@@ -159,7 +156,8 @@ class RaggedAndSparseIdsTest(test_util.TestCase):
     self.assertFalse(np.isnan(out.numpy()).any())
     self.assertAllClose(_numpy_pooled(table, values, lengths, combiner), out)
     self.assertAllClose(
-        _numpy_pooled_grad(table.shape, values, lengths, upstream.numpy(), combiner), grad)
+      _numpy_pooled_grad(table.shape, values, lengths, upstream.numpy(), combiner), grad
+    )
 
   def test_ragged_without_combiner_stays_ragged(self):
     table = tf.constant(np.arange(12, dtype=np.float64).reshape(6, 2))
@@ -175,10 +173,12 @@ class RaggedAndSparseIdsTest(test_util.TestCase):
     dense[:, 0] = rng.integers(1, 69, size=15)  # no empty row: TF's native op would drop it
     sp_ids = tf.sparse.from_dense(tf.constant(dense, tf.int64))
     table = tf.constant(rng.standard_normal((69, 64)), tf.float64)
-    out, grad, raw = _fwd_and_grad(lambda p: de.embedding_lookup(p, sp_ids, combiner=combiner),
-                                   table)
+    out, grad, raw = _fwd_and_grad(
+      lambda p: de.embedding_lookup(p, sp_ids, combiner=combiner), table
+    )
     ref_out, ref_grad, _ = _fwd_and_grad(
-        lambda p: tf.nn.embedding_lookup_sparse(p, sp_ids, None, combiner=combiner), table)
+      lambda p: tf.nn.embedding_lookup_sparse(p, sp_ids, None, combiner=combiner), table
+    )
     self.assertIsInstance(raw, tf.IndexedSlices)
     self.assertAllClose(ref_out, out, rtol=1e-6, atol=1e-12)
     self.assertAllClose(ref_grad, grad, rtol=1e-6, atol=1e-12)
@@ -203,7 +203,6 @@ class RaggedAndSparseIdsTest(test_util.TestCase):
 
 
 class VariableTableTest(test_util.TestCase):
-
   def test_reads_variable_after_sparse_updates(self):
     # A sparse update puts the variable in copy-on-read mode; reads must stay correct.
     rng = np.random.default_rng(8)
@@ -219,6 +218,7 @@ class VariableTableTest(test_util.TestCase):
 
   def test_keras_variable_and_sgd_step_match_native(self):
     import keras  # pylint: disable=import-outside-toplevel
+
     rng = np.random.default_rng(9)
     init = rng.standard_normal((50, 6)).astype(np.float32)
     ids = tf.ragged.constant([[1, 2, 3], [4], [1, 1, 49]], dtype=tf.int64)
@@ -244,7 +244,6 @@ class VariableTableTest(test_util.TestCase):
 
 
 class ReadVarNoCopyTest(test_util.TestCase):
-
   def _copy_on_read_variable(self, rng, shape):
     table = tf.Variable(rng.standard_normal(shape).astype(np.float32))
     table.scatter_add(tf.IndexedSlices(tf.ones([2, shape[1]]), tf.constant([0, 3])))
@@ -295,6 +294,7 @@ class ReadVarNoCopyTest(test_util.TestCase):
 
   def test_snapshot_survives_a_sparse_optimizer_step_in_a_tf_function(self):
     import keras  # pylint: disable=import-outside-toplevel
+
     rng = np.random.default_rng(25)
     table = keras.Variable(rng.standard_normal((8, 3)).astype(np.float32))
     optimizer = keras.optimizers.SGD(0.5)
@@ -325,6 +325,7 @@ class ReadVarNoCopyTest(test_util.TestCase):
 
   def test_in_tf_function_and_for_integer_and_keras_variables(self):
     import keras  # pylint: disable=import-outside-toplevel
+
     counts = tf.Variable(np.arange(5, dtype=np.int64))
     read = tf.function(embedding_lookup_ops.read_var_no_copy)
     self.assertAllEqual(np.arange(5), read(counts))
@@ -337,8 +338,9 @@ class ReadVarNoCopyTest(test_util.TestCase):
 
   def test_raw_op_rejects_a_dtype_the_variable_does_not_hold(self):
     table = tf.Variable(tf.zeros([3, 2]))
-    with self.assertRaisesRegex(tf.errors.InvalidArgumentError,
-                                "'resource' must hold double to match 'dtype'; got float"):
+    with self.assertRaisesRegex(
+      tf.errors.InvalidArgumentError, "'resource' must hold double to match 'dtype'; got float"
+    ):
       embedding_lookup_ops._ops.de_read_variable_no_copy(table.handle, dtype=tf.float64)  # pylint: disable=protected-access
 
 
@@ -372,7 +374,6 @@ class ConcurrentUpdateTest(test_util.TestCase):
 
 
 class BoundsCheckSkipTest(test_util.TestCase):
-
   def test_skip_ignores_invalid_ids_and_mean_divides_by_valid_count(self):
     table = np.arange(12, dtype=np.float32).reshape(6, 2)
     ids = tf.ragged.constant([[0, 9, 2], [-1], [3, 3]], dtype=tf.int64)
@@ -389,14 +390,16 @@ class BoundsCheckSkipTest(test_util.TestCase):
 
 
 class BadInputTest(test_util.TestCase):
-
   def test_output_shape_past_int64_is_an_error_not_an_abort(self):
     # [4, 2**62] elements overflow int64: TensorShape's constructor would CHECK-fail.
     table = tf.zeros([0, 2**62])
-    with self.assertRaisesRegex(tf.errors.InvalidArgumentError,
-                                r"output \[batch, width\] would have shape \[4, 4611686018427387904\]"):
-      de.embedding_lookup(table, tf.ragged.constant([[], [], [], []], dtype=tf.int64),
-                          combiner="sum")
+    with self.assertRaisesRegex(
+      tf.errors.InvalidArgumentError,
+      r"output \[batch, width\] would have shape \[4, 4611686018427387904\]",
+    ):
+      de.embedding_lookup(
+        table, tf.ragged.constant([[], [], [], []], dtype=tf.int64), combiner="sum"
+      )
 
   def test_sparse_dense_shape_at_int64_max_is_an_error_not_an_abort(self):
     ids = tf.SparseTensor(tf.zeros([0, 2], tf.int64), tf.zeros([0], tf.int64), [2**63 - 1, 3])
@@ -432,8 +435,9 @@ class BadInputTest(test_util.TestCase):
     table = tf.Variable(tf.ones((5, 2)))
     before = table.numpy()
     for combiner in (None, "sum", "mean"):
-      with self.assertRaisesRegex(tf.errors.InvalidArgumentError,
-                                  r"'ids' must be in \[0, 5\).*got ids\[3\] = 5\."):
+      with self.assertRaisesRegex(
+        tf.errors.InvalidArgumentError, r"'ids' must be in \[0, 5\).*got ids\[3\] = 5\."
+      ):
         de.embedding_lookup(table, tf.constant([[0, 1], [2, 5]]), combiner=combiner)
       with self.assertRaisesRegex(tf.errors.InvalidArgumentError, r"got ids\[1\] = -7\."):
         de.embedding_lookup(table, tf.ragged.constant([[0, -7]]), combiner=combiner)
@@ -442,9 +446,9 @@ class BadInputTest(test_util.TestCase):
   def test_malformed_row_splits_raise_invalid_argument(self):
     values = tf.constant([0, 1, 2], tf.int64)
     cases = {
-        "must start at 0": [1, 2, 3],
-        "must be non-decreasing": [0, 2, 1, 3],
-        "must end at 3": [0, 1, 4],
+      "must start at 0": [1, 2, 3],
+      "must be non-decreasing": [0, 2, 1, 3],
+      "must end at 3": [0, 1, 4],
     }
     for message, splits in cases.items():
       ids = tf.RaggedTensor.from_row_splits(values, tf.constant(splits, tf.int64), validate=False)
@@ -461,22 +465,35 @@ class BadInputTest(test_util.TestCase):
 
   def test_raw_ops_reject_bad_shapes(self):
     ops = embedding_lookup_ops._ops  # pylint: disable=protected-access
-    with self.assertRaisesRegex((tf.errors.InvalidArgumentError, ValueError),
-                                "'params' must be a 2-D table|must be rank 2"):
-      ops.de_pooled_embedding_lookup(tf.ones((5,)), tf.constant([0], tf.int64),
-                                     tf.constant([0, 1], tf.int64), combiner="sum")
-    with self.assertRaisesRegex((tf.errors.InvalidArgumentError, ValueError),
-                                "'row_splits' must be 1-D with at least 1 element|must be rank 1"):
-      ops.de_pooled_embedding_lookup(tf.ones((5, 2)), tf.constant([0], tf.int64),
-                                     tf.zeros((0,), tf.int64), combiner="sum")
+    with self.assertRaisesRegex(
+      (tf.errors.InvalidArgumentError, ValueError), "'params' must be a 2-D table|must be rank 2"
+    ):
+      ops.de_pooled_embedding_lookup(
+        tf.ones((5,)), tf.constant([0], tf.int64), tf.constant([0, 1], tf.int64), combiner="sum"
+      )
+    with self.assertRaisesRegex(
+      (tf.errors.InvalidArgumentError, ValueError),
+      "'row_splits' must be 1-D with at least 1 element|must be rank 1",
+    ):
+      ops.de_pooled_embedding_lookup(
+        tf.ones((5, 2)), tf.constant([0], tf.int64), tf.zeros((0,), tf.int64), combiner="sum"
+      )
     with self.assertRaisesRegex(tf.errors.InvalidArgumentError, "'grad' must be"):
-      ops.de_pooled_embedding_lookup_grad(tf.ones((3, 2)), tf.constant([0], tf.int64),
-                                          tf.constant([0, 1], tf.int64),
-                                          tf.constant(5, tf.int64), combiner="sum")
+      ops.de_pooled_embedding_lookup_grad(
+        tf.ones((3, 2)),
+        tf.constant([0], tf.int64),
+        tf.constant([0, 1], tf.int64),
+        tf.constant(5, tf.int64),
+        combiner="sum",
+      )
     with self.assertRaisesRegex(tf.errors.InvalidArgumentError, "'num_rows' must be"):
-      ops.de_pooled_embedding_lookup_grad(tf.ones((1, 2)), tf.constant([0], tf.int64),
-                                          tf.constant([0, 1], tf.int64),
-                                          tf.constant(-1, tf.int64), combiner="sum")
+      ops.de_pooled_embedding_lookup_grad(
+        tf.ones((1, 2)),
+        tf.constant([0], tf.int64),
+        tf.constant([0, 1], tf.int64),
+        tf.constant(-1, tf.int64),
+        combiner="sum",
+      )
     with self.assertRaisesRegex(tf.errors.InvalidArgumentError, "'dense_shape' must hold"):
       ops.de_sparse_row_splits(tf.zeros((0, 2), tf.int64), tf.constant([-3, 2], tf.int64))
 

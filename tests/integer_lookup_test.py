@@ -29,7 +29,6 @@ def _reference_ids(vocab, keys, max_tokens, insert=True):
 
 
 class IntegerLookupTest(test_util.TestCase):
-
   def test_reference_import_path(self):
     self.assertIs(embedding_module.IntegerLookup, de.IntegerLookup)
 
@@ -50,8 +49,7 @@ class IntegerLookupTest(test_util.TestCase):
     ids = layer(keys)
     vocabulary = layer.get_vocabulary()
     self.assertEqual(-1, vocabulary[0])
-    stock = keras.layers.IntegerLookup(vocabulary=vocabulary[1:], num_oov_indices=1,
-                                       oov_token=-1)
+    stock = keras.layers.IntegerLookup(vocabulary=vocabulary[1:], num_oov_indices=1, oov_token=-1)
     self.assertEqual(vocabulary, stock.get_vocabulary())
     self.assertAllEqual(stock(keys), ids)
 
@@ -83,7 +81,8 @@ class IntegerLookupTest(test_util.TestCase):
     layer = de.IntegerLookup(20)
     layer(tf.constant([30, 10, 20]))
     path = tf.train.Checkpoint(layer=layer).save(
-        os.path.join(self.create_tempdir().full_path, "ckpt"))
+      os.path.join(self.create_tempdir().full_path, "ckpt")
+    )
     restored = de.IntegerLookup(20)
     tf.train.Checkpoint(layer=restored).restore(path).assert_existing_objects_matched()
     self.assertEqual(layer.get_vocabulary(), restored.get_vocabulary())
@@ -122,10 +121,10 @@ class IntegerLookupTest(test_util.TestCase):
     layer = de.IntegerLookup(10)
     layer.state.assign(de.python.ops.embedding_lookup_ops.initial_integer_lookup_state(10))
     other = tf.Variable(de.python.ops.embedding_lookup_ops.initial_integer_lookup_state(100))
-    with self.assertRaisesRegex(tf.errors.InvalidArgumentError,
-                                "possibly a checkpoint of a layer of another size"):
+    with self.assertRaisesRegex(
+      tf.errors.InvalidArgumentError, "possibly a checkpoint of a layer of another size"
+    ):
       de.python.ops.embedding_lookup_ops.integer_lookup(other, tf.constant([1]), 10)
-
 
 
 class DamagedStateTest(test_util.TestCase):
@@ -144,9 +143,10 @@ class DamagedStateTest(test_util.TestCase):
     layer, state = self._trained()
     state[self._slot_of(state, 10) + 1] = -1  # the key's id is "being written", forever
     layer.state.assign(state)  # a direct assign skips the load-time check
-    with self.assertRaisesRegex(tf.errors.InvalidArgumentError,
-                                "'state' is corrupted: key 10 is in the vocabulary without a "
-                                "valid id"):
+    with self.assertRaisesRegex(
+      tf.errors.InvalidArgumentError,
+      "'state' is corrupted: key 10 is in the vocabulary without a valid id",
+    ):
       layer(tf.constant([20, 10]), training=False)
 
   def test_id_above_the_vocabulary_is_an_error_on_cpu(self):
@@ -160,15 +160,14 @@ class DamagedStateTest(test_util.TestCase):
     layer, state = self._trained()
     good = state.copy()
     for position, value, message in [
-        (0, 11, r"vocabulary size outside \[0, 10\]; got 11"),
-        (self._slot_of(state, 30) + 1, -1, "holds key 30 with id -1"),
-        (self._slot_of(state, 30) + 1, 4, r"holds key 30 with id 4; .* ids in \[0, 3\]"),
-        (self._slot_of(state, 30), -1, "holds key -1"),
+      (0, 11, r"vocabulary size outside \[0, 10\]; got 11"),
+      (self._slot_of(state, 30) + 1, -1, "holds key 30 with id -1"),
+      (self._slot_of(state, 30) + 1, 4, r"holds key 30 with id 4; .* ids in \[0, 3\]"),
+      (self._slot_of(state, 30), -1, "holds key -1"),
     ]:
       bad = good.copy()
       bad[position] = value
-      for load in (lambda w: layer.set_weights([w]),
-                   lambda w: layer.load_own_variables({"0": w})):
+      for load in (lambda w: layer.set_weights([w]), lambda w: layer.load_own_variables({"0": w})):
         with self.assertRaisesRegex(tf.errors.InvalidArgumentError, message):
           load(bad)
         self.assertAllEqual(good, layer.state.numpy())  # nothing was written

@@ -65,8 +65,9 @@ class ListModel(keras.Model):
     self.input_table_map = input_table_map or list(range(len(layers)))
     self.dist = None
     if distribute is not None:
-      self.dist = dmp.DistributedEmbedding(layers, input_table_map=input_table_map,
-                                           communicator=communicator, **distribute)
+      self.dist = dmp.DistributedEmbedding(
+        layers, input_table_map=input_table_map, communicator=communicator, **distribute
+      )
     self.dense = keras.layers.Dense(OUT_UNITS)
 
   def call(self, inputs):
@@ -85,6 +86,7 @@ class Case:
   id_format: 'one_hot' (1-D ids), 'dense' (hotness from `hotness`), 'ragged' or 'sparse'.
   model: 'subclassed', 'functional' or 'sequential'.
   """
+
   distribute: dict
   batches: Sequence[Sequence[int]]
   tables: Sequence = TABLES
@@ -122,8 +124,9 @@ def global_ids(case, step):
       out.append(rng.integers(0, rows, size=(batch, case.hotness[i % len(case.hotness)])))
     else:
       hot = case.hotness[i % len(case.hotness)]
-      out.append([list(rng.integers(0, rows, size=rng.integers(0, 2 * hot + 1)))
-                  for _ in range(batch)])
+      out.append(
+        [list(rng.integers(0, rows, size=rng.integers(0, 2 * hot + 1))) for _ in range(batch)]
+      )
   return out
 
 
@@ -146,8 +149,11 @@ def initial_weights(case):
   tables = [rng.standard_normal(shape).astype(np.float32) for shape in case.tables]
   width = 0
   for i, t in enumerate(case.table_map):
-    per_row = case.hotness[i % len(case.hotness)] if (
-        case.id_format == "dense" and case.combiner is None) else 1
+    per_row = (
+      case.hotness[i % len(case.hotness)]
+      if (case.id_format == "dense" and case.combiner is None)
+      else 1
+    )
     width += per_row * case.tables[t][1]
   kernel = (rng.standard_normal((width, OUT_UNITS)) * 0.3).astype(np.float32)
   return tables, kernel, np.zeros(OUT_UNITS, np.float32)
@@ -158,8 +164,12 @@ def _keras_input(case, i):
     return keras.Input(shape=(), dtype="int64")
   if case.id_format == "dense":
     return keras.Input(shape=(case.hotness[i % len(case.hotness)],), dtype="int64")
-  return keras.Input(shape=(None,), dtype="int64", ragged=case.id_format == "ragged",
-                     sparse=case.id_format == "sparse")
+  return keras.Input(
+    shape=(None,),
+    dtype="int64",
+    ragged=case.id_format == "ragged",
+    sparse=case.id_format == "sparse",
+  )
 
 
 def build_model(case, communicator=None, distributed=True):
@@ -168,12 +178,14 @@ def build_model(case, communicator=None, distributed=True):
   ListModel of plain layers (the same computation, without any of our model-parallel code)."""
   layers = embedding_layers(case.tables, case.kind, case.combiner)
   if not distributed or case.model == "subclassed":
-    model = ListModel(layers, case.distribute if distributed else None, case.input_table_map,
-                      communicator)
+    model = ListModel(
+      layers, case.distribute if distributed else None, case.input_table_map, communicator
+    )
     return model, model.dist, model.dense
   dense = keras.layers.Dense(OUT_UNITS)
-  dist = dmp.DistributedEmbedding(layers, input_table_map=case.input_table_map,
-                                  communicator=communicator, **case.distribute)
+  dist = dmp.DistributedEmbedding(
+    layers, input_table_map=case.input_table_map, communicator=communicator, **case.distribute
+  )
   if case.model == "functional":
     indices = range(len(case.table_map)) if dist.dp_input else dist.local_input_indices
     inputs = [_keras_input(case, i) for i in indices]
@@ -227,8 +239,9 @@ def _train(case, communicator, distributed):
     with tf.GradientTape() as tape:
       out = model(feed)
       loss = loss_of(out, y, scale)
-    grads = dmp.DistributedGradientTape(tape, communicator).gradient(loss,
-                                                                     model.trainable_variables)
+    grads = dmp.DistributedGradientTape(tape, communicator).gradient(
+      loss, model.trainable_variables
+    )
     optimizer.apply(grads, model.trainable_variables)
     return out
 

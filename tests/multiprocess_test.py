@@ -20,16 +20,24 @@ _WORKER = os.path.join(os.path.dirname(os.path.abspath(dist_case.__file__)), "di
 
 
 def _environment(**extra):
-  env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p),
-             TF_CPP_MIN_LOG_LEVEL="3", **extra)
+  env = dict(
+    os.environ,
+    PYTHONPATH=os.pathsep.join(p for p in sys.path if p),
+    TF_CPP_MIN_LOG_LEVEL="3",
+    **extra,
+  )
   env.pop("PYTHONSAFEPATH", None)
   return env
 
 
 def _launch(n, *args, timeout=300):
-  return subprocess.run([sys.executable, "-m", "distributed_embeddings.launch", "-n", str(n),
-                         _WORKER, *args], env=_environment(), capture_output=True, text=True,
-                        timeout=timeout)
+  return subprocess.run(
+    [sys.executable, "-m", "distributed_embeddings.launch", "-n", str(n), _WORKER, *args],
+    env=_environment(),
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
 
 
 def _spawn_workers(n, out, *args, env=None, kill_after=120):
@@ -41,10 +49,14 @@ def _spawn_workers(n, out, *args, env=None, kill_after=120):
   for rank in range(n):
     config = {"cluster": {"worker": workers}, "task": {"type": "worker", "index": rank}}
     logs.append(open(os.path.join(out, f"worker{rank}.log"), "w+"))
-    processes.append(subprocess.Popen(
+    processes.append(
+      subprocess.Popen(
         [sys.executable, _WORKER, "--out", out, *args],
-        env=_environment(TF_CONFIG=json.dumps(config), **(env or {})), stdout=logs[-1],
-        stderr=subprocess.STDOUT))
+        env=_environment(TF_CONFIG=json.dumps(config), **(env or {})),
+        stdout=logs[-1],
+        stderr=subprocess.STDOUT,
+      )
+    )
   deadline = time.monotonic() + kill_after
   codes = []
   for p in processes:
@@ -63,7 +75,6 @@ def _spawn_workers(n, out, *args, env=None, kill_after=120):
 
 
 class MultiProcessTest(test_util.TestCase):
-
   @parameterized.parameters(2, 4)
   def test_keras_fit_matches_one_worker(self, n):
     out = self.create_tempdir().full_path
@@ -98,8 +109,9 @@ class MultiProcessTest(test_util.TestCase):
     # collective fails within seconds (the default collective timeout is 30 minutes), with an
     # error that names the dead worker.
     out = self.create_tempdir().full_path
-    codes, output = _spawn_workers(2, out, "--mode", "peer_dies",
-                                   env={"DE_PEER_CHECK_SECONDS": "1"})
+    codes, output = _spawn_workers(
+      2, out, "--mode", "peer_dies", env={"DE_PEER_CHECK_SECONDS": "1"}
+    )
     self.assertEqual([0, 3], codes, output)
     with open(os.path.join(out, "rank0.json")) as f:
       result = json.load(f)
@@ -111,8 +123,9 @@ class MultiProcessTest(test_util.TestCase):
   def test_a_hung_peer_fails_the_others_at_the_collective_timeout(self):
     out = self.create_tempdir().full_path
     start = time.monotonic()
-    codes, output = _spawn_workers(2, out, "--mode", "stuck",
-                                   env={"DE_COLLECTIVE_TIMEOUT_SECONDS": "3"}, kill_after=60)
+    codes, output = _spawn_workers(
+      2, out, "--mode", "stuck", env={"DE_COLLECTIVE_TIMEOUT_SECONDS": "3"}, kill_after=60
+    )
     self.assertEqual(0, codes[0], output)
     with open(os.path.join(out, "rank0.json")) as f:
       result = json.load(f)
@@ -144,8 +157,9 @@ class MultiProcessTest(test_util.TestCase):
     # Bit for bit what two workers reach without the crash, and what one worker reaches.
     straight = self.create_tempdir().full_path
     self.assertEqual(0, _launch(2, "--out", straight, "--mode", "backup").returncode)
-    ref_tables, ref_kernel = dist_case.fit(comm_lib.Communicator(0, 1), epochs=4,
-                                           optimizer="adagrad")
+    ref_tables, ref_kernel = dist_case.fit(
+      comm_lib.Communicator(0, 1), epochs=4, optimizer="adagrad"
+    )
     for rank in range(2):
       saved = np.load(os.path.join(out, f"rank{rank}.npz"))
       uninterrupted = np.load(os.path.join(straight, f"rank{rank}.npz"))

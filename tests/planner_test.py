@@ -1,6 +1,5 @@
 """Tests of the table placement planner: invariants over strategies, thresholds, worker counts."""
 
-import itertools
 import random
 
 from absl.testing import absltest
@@ -12,12 +11,13 @@ from distributed_embeddings.python.layers.planner import TableSpec
 
 def _random_tables(seed, count):
   rng = random.Random(seed)
-  return [TableSpec(rng.choice([3, 10, 100, 1000, 5000]), rng.choice([1, 2, 4, 8, 16, 33, 64]))
-          for _ in range(count)]
+  return [
+    TableSpec(rng.choice([3, 10, 100, 1000, 5000]), rng.choice([1, 2, 4, 8, 16, 33, 64]))
+    for _ in range(count)
+  ]
 
 
 class PlannerInvariantTest(parameterized.TestCase):
-
   def check_invariants(self, plan, tables, column_slice_threshold):
     placed = {}
     for worker in plan.shards:
@@ -46,9 +46,14 @@ class PlannerInvariantTest(parameterized.TestCase):
         for (_, end), (begin, _) in zip(cols, cols[1:]):
           self.assertEqual(end, begin, f"table {t} columns overlap or leave a gap")
         self.assertTrue(all(s.rows == spec.input_dim for s in shards))
-        if (column_slice_threshold is not None and count * 2 <= spec.output_dim and
-            count < plan.world_size):
-          self.assertLessEqual(max(s.size for s in shards), column_slice_threshold * 1.5 + spec.input_dim)
+        if (
+          column_slice_threshold is not None
+          and count * 2 <= spec.output_dim
+          and count < plan.world_size
+        ):
+          self.assertLessEqual(
+            max(s.size for s in shards), column_slice_threshold * 1.5 + spec.input_dim
+          )
       else:
         self.assertLen(shards, plan.world_size, "row slices go to every worker")
         rows = sorted((s.row_begin, s.row_end) for s in shards)
@@ -61,15 +66,28 @@ class PlannerInvariantTest(parameterized.TestCase):
       self.assertEqual(4 * (sum(s.size for s in worker) + replicated), nbytes)
 
   @parameterized.product(
-      strategy=planner.STRATEGIES, world_size=list(range(1, 9)),
-      thresholds=[(None, None, None), (2000, None, None), (None, 20000, None),
-                  (None, None, 500), (1000, 40000, 100)])
+    strategy=planner.STRATEGIES,
+    world_size=list(range(1, 9)),
+    thresholds=[
+      (None, None, None),
+      (2000, None, None),
+      (None, 20000, None),
+      (None, None, 500),
+      (1000, 40000, 100),
+    ],
+  )
   def test_every_table_is_placed_exactly_once(self, strategy, world_size, thresholds):
     column, row, data_parallel = thresholds
     for seed in range(4):
       tables = _random_tables(seed, 1 + seed * 3)
-      plan = planner.make_plan(tables, world_size, strategy, column_slice_threshold=column,
-                               row_slice_threshold=row, data_parallel_threshold=data_parallel)
+      plan = planner.make_plan(
+        tables,
+        world_size,
+        strategy,
+        column_slice_threshold=column,
+        row_slice_threshold=row,
+        data_parallel_threshold=data_parallel,
+      )
       self.check_invariants(plan, tables, column)
       if world_size == 1:
         self.assertEqual([], plan.data_parallel_tables)
@@ -95,8 +113,10 @@ class PlannerInvariantTest(parameterized.TestCase):
     sizes = [700, 600, 500, 400, 300, 200, 100, 100]
     tables = [TableSpec(s, 1) for s in sizes]
     for world_size in (2, 3, 4):
-      loads = [sum(s.size for s in w) for w in planner.make_plan(tables, world_size,
-                                                                  "memory_optimized").shards]
+      loads = [
+        sum(s.size for s in w)
+        for w in planner.make_plan(tables, world_size, "memory_optimized").shards
+      ]
       self.assertLessEqual(max(loads) - min(loads), max(sizes))
       basic = [sum(s.size for s in w) for w in planner.make_plan(tables, world_size).shards]
       self.assertLessEqual(max(loads), max(basic))
@@ -115,8 +135,9 @@ class PlannerInvariantTest(parameterized.TestCase):
     self.assertEqual([16, 16, 16, 13 * 16], widths(optimized))
     self.assertEqual([64, 64, 64, 64], widths(balanced))
     self.assertLessEqual(peak(balanced), peak(optimized) + 4 * 3 * 100 * 16)
-    self.assertEqual([[t] for t in range(4)],
-                     [[s.table for s in w if s.table < 4] for w in balanced.shards])
+    self.assertEqual(
+      [[t] for t in range(4)], [[s.table for s in w if s.table < 4] for w in balanced.shards]
+    )
 
   def test_balanced_counts_a_shared_table_once_per_input(self):
     # Three equal tables on two workers, table 0 read by two inputs: its rows go out twice, so
@@ -149,13 +170,16 @@ class PlannerInvariantTest(parameterized.TestCase):
         self.assertEqual(len(tables_here), len(set(tables_here)))
 
   def test_shared_tables_through_input_table_map(self):
-    plan = planner.make_plan([TableSpec(10, 4), TableSpec(20, 4)], 2,
-                             input_table_map=[0, 1, 0, 0])
+    plan = planner.make_plan([TableSpec(10, 4), TableSpec(20, 4)], 2, input_table_map=[0, 1, 0, 0])
     self.assertEqual([0, 1, 0, 0], plan.input_table_map)
 
   def test_plan_prints_every_worker(self):
-    plan = planner.make_plan([TableSpec(1000, 8), TableSpec(10, 8), TableSpec(3000, 64)], 3,
-                             column_slice_threshold=50000, data_parallel_threshold=100)
+    plan = planner.make_plan(
+      [TableSpec(1000, 8), TableSpec(10, 8), TableSpec(3000, 64)],
+      3,
+      column_slice_threshold=50000,
+      data_parallel_threshold=100,
+    )
     text = str(plan)
     for rank in range(3):
       self.assertIn(f"worker {rank}:", text)
@@ -165,11 +189,11 @@ class PlannerInvariantTest(parameterized.TestCase):
   def test_bad_arguments(self):
     tables = [TableSpec(10, 4)]
     cases = [
-        (dict(strategy="random"), "'strategy' must be one of"),
-        (dict(column_slice_threshold=0), "'column_slice_threshold' must be None or a positive"),
-        (dict(row_slice_threshold=-5), "'row_slice_threshold'"),
-        (dict(data_parallel_threshold=1.5), "'data_parallel_threshold'"),
-        (dict(input_table_map=[1]), r"input_table_map\[0\] = 1"),
+      (dict(strategy="random"), "'strategy' must be one of"),
+      (dict(column_slice_threshold=0), "'column_slice_threshold' must be None or a positive"),
+      (dict(row_slice_threshold=-5), "'row_slice_threshold'"),
+      (dict(data_parallel_threshold=1.5), "'data_parallel_threshold'"),
+      (dict(input_table_map=[1]), r"input_table_map\[0\] = 1"),
     ]
     for kwargs, message in cases:
       with self.assertRaisesRegex(ValueError, message):

@@ -22,12 +22,32 @@ from hypothesis import strategies as st
 
 INT64_MAX = 2**63 - 1
 EXTREME_DIMS = [0, 1, 2, 3, 2**31 - 1, 2**31, 2**32 + 5, 2**62, INT64_MAX]
-EXTREME_VALUES = [0, 1, -1, 2, 3, 7, 2**31 - 1, 2**31, -2**31, 2**32 + 5, 2**62, INT64_MAX,
-                  -INT64_MAX - 1]
+EXTREME_VALUES = [
+  0,
+  1,
+  -1,
+  2,
+  3,
+  7,
+  2**31 - 1,
+  2**31,
+  -(2**31),
+  2**32 + 5,
+  2**62,
+  INT64_MAX,
+  -INT64_MAX - 1,
+]
 MAX_ELEMENTS = 64
-OPS = ["DePooledEmbeddingLookup", "DeResourcePooledEmbeddingLookup",
-       "DePooledEmbeddingLookupGrad", "DeSparseRowSplits", "DeReadVariableNoCopy",
-       "DeIntegerLookup", "DeInitialIntegerLookupState", "DeValidateIntegerLookupState"]
+OPS = [
+  "DePooledEmbeddingLookup",
+  "DeResourcePooledEmbeddingLookup",
+  "DePooledEmbeddingLookupGrad",
+  "DeSparseRowSplits",
+  "DeReadVariableNoCopy",
+  "DeIntegerLookup",
+  "DeInitialIntegerLookupState",
+  "DeValidateIntegerLookupState",
+]
 INT_DTYPES = ["int32", "int64"]
 ALL_DTYPES = ["float32", "float64", "int32", "int64", "float16"]
 
@@ -54,8 +74,9 @@ def tensors(draw, dtypes=ALL_DTYPES, max_rank=3):
       break
   if dtype.startswith("int"):
     bound = 2**31 - 1 if dtype == "int32" else INT64_MAX
-    element = st.sampled_from([v for v in EXTREME_VALUES if -bound - 1 <= v <= bound]) | \
-        st.integers(-3, 12)
+    element = st.sampled_from(
+      [v for v in EXTREME_VALUES if -bound - 1 <= v <= bound]
+    ) | st.integers(-3, 12)
   else:
     element = st.sampled_from([0.0, 1.0, -1.5, 1e30]) | st.floats(-4, 4)
   values = draw(st.lists(element, min_size=size, max_size=size))
@@ -67,8 +88,9 @@ def csr_like(draw):
   """row_splits that are often valid for the ids, so cases reach past the first checks."""
   nnz = draw(st.integers(0, 6))
   batch = draw(st.integers(0, 4))
-  cuts = sorted(draw(st.lists(st.integers(0, nnz), min_size=max(batch - 1, 0),
-                              max_size=max(batch - 1, 0))))
+  cuts = sorted(
+    draw(st.lists(st.integers(0, nnz), min_size=max(batch - 1, 0), max_size=max(batch - 1, 0)))
+  )
   splits = [0] + cuts + [nnz] if batch > 0 else [0]
   return nnz, splits
 
@@ -77,22 +99,36 @@ def csr_like(draw):
 def cases(draw):
   op = draw(st.sampled_from(OPS))
   case = {"op": op, "graph": draw(st.booleans()), "attrs": {}}
-  lookup_attrs = {"combiner": draw(st.sampled_from(["sum", "mean"])),
-                  "bounds_check": draw(st.sampled_from(["error", "skip"]))}
+  lookup_attrs = {
+    "combiner": draw(st.sampled_from(["sum", "mean"])),
+    "bounds_check": draw(st.sampled_from(["error", "skip"])),
+  }
   structured = draw(st.booleans())
-  if op in ("DePooledEmbeddingLookup", "DeResourcePooledEmbeddingLookup",
-            "DePooledEmbeddingLookupGrad"):
+  if op in (
+    "DePooledEmbeddingLookup",
+    "DeResourcePooledEmbeddingLookup",
+    "DePooledEmbeddingLookupGrad",
+  ):
     case["attrs"] = lookup_attrs
     if structured:
       nnz, splits = draw(csr_like())
       id_dtype = draw(st.sampled_from(INT_DTYPES))
-      ids = {"dtype": id_dtype, "shape": [nnz],
-             "values": draw(st.lists(st.sampled_from(EXTREME_VALUES[:9]) | st.integers(-2, 8),
-                                     min_size=nnz, max_size=nnz))}
+      ids = {
+        "dtype": id_dtype,
+        "shape": [nnz],
+        "values": draw(
+          st.lists(
+            st.sampled_from(EXTREME_VALUES[:9]) | st.integers(-2, 8), min_size=nnz, max_size=nnz
+          )
+        ),
+      }
       if id_dtype == "int32":
-        ids["values"] = [max(min(v, 2**31 - 1), -2**31) for v in ids["values"]]
-      splits = {"dtype": draw(st.sampled_from(INT_DTYPES)), "shape": [len(splits)],
-                "values": splits}
+        ids["values"] = [max(min(v, 2**31 - 1), -(2**31)) for v in ids["values"]]
+      splits = {
+        "dtype": draw(st.sampled_from(INT_DTYPES)),
+        "shape": [len(splits)],
+        "values": splits,
+      }
     else:
       ids = draw(tensors(INT_DTYPES + ["float32"]))
       splits = draw(tensors(INT_DTYPES + ["float32"]))
@@ -113,16 +149,19 @@ def cases(draw):
     case["variable"] = draw(st.none() | tensors())
     case["attrs"] = {"dtype": draw(st.sampled_from(ALL_DTYPES))}
   elif op == "DeInitialIntegerLookupState":
-    case["attrs"] = {"max_tokens": draw(st.sampled_from([1, 2, 5, 2**16, 2**40 + 1, 2**62,
-                                                         INT64_MAX]))}
+    case["attrs"] = {
+      "max_tokens": draw(st.sampled_from([1, 2, 5, 2**16, 2**40 + 1, 2**62, INT64_MAX]))
+    }
   elif op == "DeValidateIntegerLookupState":
     max_tokens = draw(st.sampled_from([1, 2, 5, 7, 2**40 + 1, INT64_MAX]))
     if draw(st.booleans()) and max_tokens < 8:  # a real layout, often damaged
       slots = 16
       values = [draw(st.integers(-1, max_tokens + 1))]
       for _ in range(slots):
-        values += [draw(st.sampled_from([-2**63, -1, 0, 3, 2**62])),
-                   draw(st.integers(-2, max_tokens + 1))]
+        values += [
+          draw(st.sampled_from([-(2**63), -1, 0, 3, 2**62])),
+          draw(st.integers(-2, max_tokens + 1)),
+        ]
       case["state"] = {"dtype": "int64", "shape": [len(values)], "values": values}
     else:
       case["state"] = draw(tensors(["int64", "int32"], max_rank=2))
@@ -130,8 +169,10 @@ def cases(draw):
   else:
     case["variable"] = draw(st.none() | tensors(["int64", "int32", "float32"], max_rank=2))
     case["keys"] = draw(tensors(INT_DTYPES + ["float32"]))
-    case["attrs"] = {"max_tokens": draw(st.sampled_from([1, 2, 3, 5, 2**31, 2**62, INT64_MAX])),
-                     "insert": draw(st.booleans())}
+    case["attrs"] = {
+      "max_tokens": draw(st.sampled_from([1, 2, 3, 5, 2**31, 2**62, INT64_MAX])),
+      "insert": draw(st.booleans()),
+    }
   return case
 
 
@@ -221,9 +262,14 @@ class Worker:
 
   def _start(self):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=os.pathsep.join(sys.path))
-    self.process = subprocess.Popen([sys.executable, "-c", WORKER], stdin=subprocess.PIPE,
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                    env=env)
+    self.process = subprocess.Popen(
+      [sys.executable, "-c", WORKER],
+      stdin=subprocess.PIPE,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+      env=env,
+    )
 
   def run(self, case):
     if self.process is None or self.process.poll() is not None:
@@ -245,7 +291,6 @@ class Worker:
 
 
 class RawOpFuzzTest(absltest.TestCase):
-
   @classmethod
   def setUpClass(cls):
     super().setUpClass()
@@ -259,33 +304,49 @@ class RawOpFuzzTest(absltest.TestCase):
   def test_known_crashers_raise(self):
     # Shapes whose products overflow int64 used to CHECK-fail inside TensorShape (SIGABRT).
     crashers = [
-        {"op": "DePooledEmbeddingLookup", "graph": False,
-         "attrs": {"combiner": "sum", "bounds_check": "error"},
-         "params": {"dtype": "float32", "shape": [0, 2**62], "values": []},
-         "ids": {"dtype": "int64", "shape": [0], "values": []},
-         "row_splits": {"dtype": "int64", "shape": [5], "values": [0, 0, 0, 0, 0]}},
-        {"op": "DeSparseRowSplits", "graph": True, "attrs": {"out_type": "int64"},
-         "indices": {"dtype": "int64", "shape": [0, 2], "values": []},
-         "dense_shape": {"dtype": "int64", "shape": [2], "values": [INT64_MAX, 3]}},
-        {"op": "DePooledEmbeddingLookupGrad", "graph": False,
-         "attrs": {"combiner": "mean", "bounds_check": "error"},
-         "grad": {"dtype": "float32", "shape": [1, 2**62], "values": []},
-         "ids": {"dtype": "int64", "shape": [3], "values": [0, 1, 2]},
-         "row_splits": {"dtype": "int64", "shape": [2], "values": [0, 3]}, "num_rows": 2**62},
+      {
+        "op": "DePooledEmbeddingLookup",
+        "graph": False,
+        "attrs": {"combiner": "sum", "bounds_check": "error"},
+        "params": {"dtype": "float32", "shape": [0, 2**62], "values": []},
+        "ids": {"dtype": "int64", "shape": [0], "values": []},
+        "row_splits": {"dtype": "int64", "shape": [5], "values": [0, 0, 0, 0, 0]},
+      },
+      {
+        "op": "DeSparseRowSplits",
+        "graph": True,
+        "attrs": {"out_type": "int64"},
+        "indices": {"dtype": "int64", "shape": [0, 2], "values": []},
+        "dense_shape": {"dtype": "int64", "shape": [2], "values": [INT64_MAX, 3]},
+      },
+      {
+        "op": "DePooledEmbeddingLookupGrad",
+        "graph": False,
+        "attrs": {"combiner": "mean", "bounds_check": "error"},
+        "grad": {"dtype": "float32", "shape": [1, 2**62], "values": []},
+        "ids": {"dtype": "int64", "shape": [3], "values": [0, 1, 2]},
+        "row_splits": {"dtype": "int64", "shape": [2], "values": [0, 3]},
+        "num_rows": 2**62,
+      },
     ]
     crashers[2]["grad"]["shape"] = [0, 2**62]
     crashers[2]["row_splits"] = {"dtype": "int64", "shape": [1], "values": [0]}
     for case in crashers:
       self.assertEqual("error: InvalidArgumentError", self.worker.run(case), json.dumps(case))
 
-  @hypothesis.settings(max_examples=int(os.environ.get("DE_FUZZ_EXAMPLES", "1500")),
-                       deadline=None, derandomize=True, database=None,
-                       suppress_health_check=list(hypothesis.HealthCheck))
+  @hypothesis.settings(
+    max_examples=int(os.environ.get("DE_FUZZ_EXAMPLES", "1500")),
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=list(hypothesis.HealthCheck),
+  )
   @hypothesis.given(cases())
   def test_no_case_kills_the_process_or_is_internal(self, case):
     result = self.worker.run(case)
-    self.assertTrue(result == "ok" or result.startswith("error: "),
-                    f"{result}\ncase: {json.dumps(case)}")
+    self.assertTrue(
+      result == "ok" or result.startswith("error: "), f"{result}\ncase: {json.dumps(case)}"
+    )
 
 
 if __name__ == "__main__":

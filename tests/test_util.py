@@ -21,9 +21,12 @@ class TestCase(parameterized.TestCase):
   """parameterized.TestCase plus array assertions that accept tensors."""
 
   def assertAllClose(self, expected, actual, rtol=1e-6, atol=1e-6):  # pylint: disable=invalid-name
-    np.testing.assert_allclose(np.asarray(to_numpy(actual), dtype=np.float64),
-                               np.asarray(to_numpy(expected), dtype=np.float64), rtol=rtol,
-                               atol=atol)
+    np.testing.assert_allclose(
+      np.asarray(to_numpy(actual), dtype=np.float64),
+      np.asarray(to_numpy(expected), dtype=np.float64),
+      rtol=rtol,
+      atol=atol,
+    )
 
   def assertAllEqual(self, expected, actual):  # pylint: disable=invalid-name
     if isinstance(actual, tf.RaggedTensor) or isinstance(expected, tf.RaggedTensor):

@@ -9,6 +9,7 @@
 #         pass case for case (only when nvcc is installed);
 #   asan  --config=asan: the C++ kernel tests under AddressSanitizer + UBSan;
 #   consumer  a workspace that vendors this one (tools/ci/consumer_workspace_test.sh);
+#   format  clang-format and ruff report nothing to change (tools/ci/check_format.py);
 #   fuzz  the kernel library's libFuzzer target for FUZZ_SECONDS (default 60).
 # Exits non-zero if anything failed to build or any case failed.
 set -uo pipefail
@@ -48,6 +49,10 @@ run asan //embedding/kernels/... --config=asan
 echo "=== tools/ci/consumer_workspace_test.sh" >&2
 tools/ci/consumer_workspace_test.sh "${events}/consumer.json" || status=1
 runs+=("consumer=${events}/consumer.json")
+
+echo "=== tools/ci/check_format.py" >&2
+.venv/bin/python3 tools/ci/check_format.py "${events}/format.xml" || status=1
+runs+=("format=xml:${events}/format.xml")
 
 echo "=== tools/fuzz/run_fuzzer.sh ${FUZZ_SECONDS:-60}" >&2
 tools/fuzz/run_fuzzer.sh "${FUZZ_SECONDS:-60}" "${events}/fuzz.xml" || status=1

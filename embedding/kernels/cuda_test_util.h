@@ -23,16 +23,16 @@ inline bool GpuExpected() {
 }
 
 // Call from SetUp: returns normally when a CUDA device is usable.
-#define DE_SKIP_OR_FAIL_WITHOUT_CUDA()                                                      \
-  do {                                                                                      \
-    int de_count_ = 0;                                                                      \
-    const cudaError_t de_error_ = cudaGetDeviceCount(&de_count_);                           \
-    if (de_error_ == cudaSuccess && de_count_ > 0) break;                                   \
-    if (::distributed_embeddings::testing::GpuExpected()) {                                 \
-      FAIL() << "a GPU is present (or DE_REQUIRE_GPU=1) but CUDA cannot use it: "           \
-             << cudaGetErrorString(de_error_);                                              \
-    }                                                                                       \
-    GTEST_SKIP() << "no CUDA device";                                                       \
+#define DE_SKIP_OR_FAIL_WITHOUT_CUDA()                                            \
+  do {                                                                            \
+    int de_count_ = 0;                                                            \
+    const cudaError_t de_error_ = cudaGetDeviceCount(&de_count_);                 \
+    if (de_error_ == cudaSuccess && de_count_ > 0) break;                         \
+    if (::distributed_embeddings::testing::GpuExpected()) {                       \
+      FAIL() << "a GPU is present (or DE_REQUIRE_GPU=1) but CUDA cannot use it: " \
+             << cudaGetErrorString(de_error_);                                    \
+    }                                                                             \
+    GTEST_SKIP() << "no CUDA device";                                             \
   } while (0)
 
 }  // namespace testing

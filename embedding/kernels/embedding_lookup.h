@@ -8,9 +8,9 @@
 // Semantics beyond TensorFlow's reference ops:
 //   * an empty bag yields a row of zeros for both combiners (never NaN);
 //   * every id and every row_splits entry is checked before any table or output memory is touched:
-//     with BoundsCheck::kError a bad id is an InvalidArgument error; with BoundsCheck::kSkip a bad id
-//     contributes nothing and a mean divides by the number of valid ids. Malformed row_splits are
-//     an error in both modes.
+//     with BoundsCheck::kError a bad id is an InvalidArgument error; with BoundsCheck::kSkip a bad
+//     id contributes nothing and a mean divides by the number of valid ids. Malformed row_splits
+//     are an error in both modes.
 // Results are deterministic: sums are accumulated in id order, the order TensorFlow's own CPU
 // reductions use, so dense fixed-hotness lookups match tf.reduce_sum(tf.gather(...)) bit for bit.
 #ifndef DISTRIBUTED_EMBEDDINGS_EMBEDDING_KERNELS_EMBEDDING_LOOKUP_H_

@@ -18,14 +18,14 @@
 #include <atomic>
 #include <cstring>
 #include <limits>
-#include <type_traits>
 #include <new>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "embedding/kernels/embedding_lookup.h"
-#include "embedding/kernels/lookup_rules.h"
 #include "embedding/kernels/input_errors.h"
+#include "embedding/kernels/lookup_rules.h"
 
 // x86-64 builds also compile the hot loops for AVX2 (a function attribute, not a build flag) and
 // pick that version at run time, since the library must run on every x86-64 CPU.
@@ -101,7 +101,8 @@ void ForwardBags(const T* __restrict params, int64_t num_rows, int64_t width,
                  int64_t bag_end, T* __restrict output) {
   const int64_t row_bytes = width * static_cast<int64_t>(sizeof(T));
   const int64_t range_end = static_cast<int64_t>(csr.row_splits[bag_end]);
-  const int64_t packet_lanes = width / (kEigenPacketBytes / sizeof(T)) * (kEigenPacketBytes / sizeof(T));
+  const int64_t packet_lanes =
+      width / (kEigenPacketBytes / sizeof(T)) * (kEigenPacketBytes / sizeof(T));
   std::vector<T> scratch(3 * packet_lanes);
   // Issues the loads of the row kPrefetchDistance ids ahead of position j.
   const auto prefetch_ahead = [&](int64_t j) {
@@ -296,16 +297,21 @@ __attribute__((always_inline)) inline void ForwardBagsAnyWidth(
     const T* params, int64_t num_rows, int64_t width, const CsrIds<IdT, OffsetT>& csr,
     Combiner combiner, BoundsCheck bounds_check, int64_t bag_begin, int64_t bag_end, T* output) {
   switch (width) {
-    case 16: return ForwardBagsFixedWidth<16>(params, num_rows, csr, combiner, bounds_check,
-                                              bag_begin, bag_end, output);
-    case 32: return ForwardBagsFixedWidth<32>(params, num_rows, csr, combiner, bounds_check,
-                                              bag_begin, bag_end, output);
-    case 64: return ForwardBagsFixedWidth<64>(params, num_rows, csr, combiner, bounds_check,
-                                              bag_begin, bag_end, output);
-    case 128: return ForwardBagsFixedWidth<128>(params, num_rows, csr, combiner, bounds_check,
-                                                bag_begin, bag_end, output);
-    case 256: return ForwardBagsFixedWidth<256>(params, num_rows, csr, combiner, bounds_check,
-                                                bag_begin, bag_end, output);
+    case 16:
+      return ForwardBagsFixedWidth<16>(params, num_rows, csr, combiner, bounds_check, bag_begin,
+                                       bag_end, output);
+    case 32:
+      return ForwardBagsFixedWidth<32>(params, num_rows, csr, combiner, bounds_check, bag_begin,
+                                       bag_end, output);
+    case 64:
+      return ForwardBagsFixedWidth<64>(params, num_rows, csr, combiner, bounds_check, bag_begin,
+                                       bag_end, output);
+    case 128:
+      return ForwardBagsFixedWidth<128>(params, num_rows, csr, combiner, bounds_check, bag_begin,
+                                        bag_end, output);
+    case 256:
+      return ForwardBagsFixedWidth<256>(params, num_rows, csr, combiner, bounds_check, bag_begin,
+                                        bag_end, output);
     default:
       return ForwardBags(params, num_rows, width, csr, combiner, bag_begin, bag_end, output);
   }
@@ -324,11 +330,10 @@ void ForwardBagsPortable(const T* params, int64_t num_rows, int64_t width,
 // x86-64 CPU. Only the instructions change, not the order of additions (no FMA: no product).
 template <typename T, typename IdT, typename OffsetT>
 __attribute__((target("avx2"))) void ForwardBagsAvx2(const T* params, int64_t num_rows,
-                                                     int64_t width,
-                                                     const CsrIds<IdT, OffsetT>& csr,
-                                                     Combiner combiner,
-                                                     BoundsCheck bounds_check, int64_t bag_begin,
-                                                     int64_t bag_end, T* output) {
+                                                     int64_t width, const CsrIds<IdT, OffsetT>& csr,
+                                                     Combiner combiner, BoundsCheck bounds_check,
+                                                     int64_t bag_begin, int64_t bag_end,
+                                                     T* output) {
   ForwardBagsAnyWidth(params, num_rows, width, csr, combiner, bounds_check, bag_begin, bag_end,
                       output);
 }
@@ -477,9 +482,11 @@ void IndexUniqueIds(Map& map, const IdT* ids, int64_t nnz, int64_t num_rows, int
 // bags[starts[u]] .. bags[starts[u + 1] - 1], for u in [u_begin, u_end); a compile-time width, sums
 // in registers and the rows prefetched, as in the forward pass.
 template <int64_t kWidth, typename T>
-__attribute__((always_inline)) inline void SumGradRowsFixedWidth(
-    const T* __restrict source, const int64_t* __restrict starts, const int64_t* __restrict bags,
-    int64_t u_begin, int64_t u_end, T* __restrict unique_grad) {
+__attribute__((always_inline)) inline void SumGradRowsFixedWidth(const T* __restrict source,
+                                                                 const int64_t* __restrict starts,
+                                                                 const int64_t* __restrict bags,
+                                                                 int64_t u_begin, int64_t u_end,
+                                                                 T* __restrict unique_grad) {
   constexpr int64_t kLanes = kEigenPacketBytes / sizeof(T);
   constexpr int64_t kPackets = kWidth / kLanes;
   constexpr int64_t kBlock = kPackets < 8 ? kPackets : 8;
@@ -506,26 +513,33 @@ __attribute__((always_inline)) inline void SumGradRowsFixedWidth(
 }
 
 template <typename T>
-__attribute__((always_inline)) inline void SumGradRowsAnyWidth(
-    const T* source, int64_t width, const int64_t* starts, const int64_t* bags, int64_t u_begin,
-    int64_t u_end, T* unique_grad) {
+__attribute__((always_inline)) inline void SumGradRowsAnyWidth(const T* source, int64_t width,
+                                                               const int64_t* starts,
+                                                               const int64_t* bags, int64_t u_begin,
+                                                               int64_t u_end, T* unique_grad) {
   switch (width) {
-    case 16: return SumGradRowsFixedWidth<16>(source, starts, bags, u_begin, u_end, unique_grad);
-    case 32: return SumGradRowsFixedWidth<32>(source, starts, bags, u_begin, u_end, unique_grad);
-    case 64: return SumGradRowsFixedWidth<64>(source, starts, bags, u_begin, u_end, unique_grad);
-    case 128: return SumGradRowsFixedWidth<128>(source, starts, bags, u_begin, u_end, unique_grad);
-    case 256: return SumGradRowsFixedWidth<256>(source, starts, bags, u_begin, u_end, unique_grad);
+    case 16:
+      return SumGradRowsFixedWidth<16>(source, starts, bags, u_begin, u_end, unique_grad);
+    case 32:
+      return SumGradRowsFixedWidth<32>(source, starts, bags, u_begin, u_end, unique_grad);
+    case 64:
+      return SumGradRowsFixedWidth<64>(source, starts, bags, u_begin, u_end, unique_grad);
+    case 128:
+      return SumGradRowsFixedWidth<128>(source, starts, bags, u_begin, u_end, unique_grad);
+    case 256:
+      return SumGradRowsFixedWidth<256>(source, starts, bags, u_begin, u_end, unique_grad);
   }
   for (int64_t u = u_begin; u < u_end; ++u) {
     T* __restrict out = unique_grad + u * width;
     std::fill(out, out + width, T(0));
-    for (int64_t k = starts[u]; k < starts[u + 1]; ++k) AddRow(source + bags[k] * width, width, out);
+    for (int64_t k = starts[u]; k < starts[u + 1]; ++k)
+      AddRow(source + bags[k] * width, width, out);
   }
 }
 
 template <typename T>
-void SumGradRowsPortable(const T* source, int64_t width, const int64_t* starts,
-                         const int64_t* bags, int64_t u_begin, int64_t u_end, T* unique_grad) {
+void SumGradRowsPortable(const T* source, int64_t width, const int64_t* starts, const int64_t* bags,
+                         int64_t u_begin, int64_t u_end, T* unique_grad) {
   SumGradRowsAnyWidth(source, width, starts, bags, u_begin, u_end, unique_grad);
 }
 
@@ -623,8 +637,8 @@ void BackwardValidated(const T* grad_output, int64_t num_rows, int64_t width,
       const bool divide = MeanDivides(valid);
       const T count = static_cast<T>(divide ? valid : 1);
       for (int64_t w = 0; w < width; ++w) {
-        scaled[b * width + w] = divide ? grad_output[b * width + w] / count
-                                       : grad_output[b * width + w];
+        scaled[b * width + w] =
+            divide ? grad_output[b * width + w] / count : grad_output[b * width + w];
       }
     }
     source = scaled.data();
@@ -711,13 +725,12 @@ Status CooToRowSplitsCpu(const int64_t* indices, int64_t nnz, int64_t num_rows_d
 }
 
 // Explicit instantiations of the two lookup entry points for one (table, id, offset) type.
-#define DE_INSTANTIATE_CPU_LOOKUP(T, IdT, OffsetT)                                              \
-  template Status PooledLookupForwardCpu(const T*, int64_t, int64_t,                            \
-                                         const CsrIds<IdT, OffsetT>&, Combiner, BoundsCheck,    \
-                                         T*, const ParallelFor&);                               \
-  template Status PooledLookupBackwardCpu(const T*, int64_t, int64_t,                           \
-                                          const CsrIds<IdT, OffsetT>&, Combiner, BoundsCheck,   \
-                                          IdT*, T*, int64_t*, const ParallelFor&);
+#define DE_INSTANTIATE_CPU_LOOKUP(T, IdT, OffsetT)                                                 \
+  template Status PooledLookupForwardCpu(const T*, int64_t, int64_t, const CsrIds<IdT, OffsetT>&,  \
+                                         Combiner, BoundsCheck, T*, const ParallelFor&);           \
+  template Status PooledLookupBackwardCpu(const T*, int64_t, int64_t, const CsrIds<IdT, OffsetT>&, \
+                                          Combiner, BoundsCheck, IdT*, T*, int64_t*,               \
+                                          const ParallelFor&);
 
 }  // namespace distributed_embeddings
 

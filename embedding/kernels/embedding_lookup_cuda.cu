@@ -7,12 +7,11 @@
 // Forward: a warp per bag, lanes across the width, rows read in id order (deterministic sums).
 // Backward: a stable radix sort of (id, position) pairs groups occurrences by id in position order;
 // run-length encoding gives the unique ids, and a warp per unique id sums its gradient rows.
+#include <algorithm>
+#include <climits>
 #include <cub/device/device_radix_sort.cuh>
 #include <cub/device/device_run_length_encode.cuh>
 #include <cub/device/device_scan.cuh>
-
-#include <algorithm>
-#include <climits>
 #include <limits>
 #include <string>
 #include <type_traits>
@@ -64,9 +63,9 @@ Status CudaError(cudaError_t error, const char* what) {
   return Status::Internal(std::string(what) + " failed: " + cudaGetErrorString(error));
 }
 
-#define DE_RETURN_IF_CUDA_ERROR(expr, what)        \
-  do {                                             \
-    cudaError_t de_err_ = (expr);                  \
+#define DE_RETURN_IF_CUDA_ERROR(expr, what)                      \
+  do {                                                           \
+    cudaError_t de_err_ = (expr);                                \
     if (de_err_ != cudaSuccess) return CudaError(de_err_, what); \
   } while (0)
 
@@ -228,14 +227,11 @@ __global__ void BagsKernel(CsrIds<IdT, OffsetT> csr, int64_t num_rows, int64_t* 
 
 // A warp per unique id: sums grad_output rows of the bags its occurrences belong to.
 template <typename T, typename IdT>
-__global__ void AccumulateKernel(const T* __restrict__ grad_output, int64_t width,
-                                 const int64_t* __restrict__ sorted_positions,
-                                 const int64_t* __restrict__ run_starts,
-                                 const int* __restrict__ run_lengths,
-                                 const int64_t* __restrict__ num_unique,
-                                 const int64_t* __restrict__ bag_of,
-                                 const int64_t* __restrict__ valid_count, bool mean,
-                                 T* __restrict__ unique_grad) {
+__global__ void AccumulateKernel(
+    const T* __restrict__ grad_output, int64_t width, const int64_t* __restrict__ sorted_positions,
+    const int64_t* __restrict__ run_starts, const int* __restrict__ run_lengths,
+    const int64_t* __restrict__ num_unique, const int64_t* __restrict__ bag_of,
+    const int64_t* __restrict__ valid_count, bool mean, T* __restrict__ unique_grad) {
   const int lane = threadIdx.x;
   const int64_t warps = static_cast<int64_t>(gridDim.x) * blockDim.y;
   for (int64_t u = blockIdx.x * static_cast<int64_t>(blockDim.y) + threadIdx.y; u < *num_unique;
@@ -295,7 +291,6 @@ __global__ void CooSplitsKernel(const int64_t* indices, int64_t nnz, int64_t num
   }
 }
 
-
 // Scratch layout of the backward pass; with a null base it only measures.
 template <typename T, typename IdT>
 struct BackwardScratch {
@@ -319,10 +314,9 @@ struct BackwardScratch {
   BackwardScratch(void* base, size_t bytes, int64_t nnz, int64_t batch) {
     const int n = static_cast<int>(nnz);
     size_t sort_bytes = 0, rle_bytes = 0, scan_bytes = 0;
-    cub::DeviceRadixSort::SortPairs(nullptr, sort_bytes, static_cast<const Key*>(nullptr),
-                                    static_cast<Key*>(nullptr),
-                                    static_cast<const int64_t*>(nullptr),
-                                    static_cast<int64_t*>(nullptr), n);
+    cub::DeviceRadixSort::SortPairs(
+        nullptr, sort_bytes, static_cast<const Key*>(nullptr), static_cast<Key*>(nullptr),
+        static_cast<const int64_t*>(nullptr), static_cast<int64_t*>(nullptr), n);
     cub::DeviceRunLengthEncode::Encode(nullptr, rle_bytes, static_cast<const Key*>(nullptr),
                                        static_cast<Key*>(nullptr), static_cast<int*>(nullptr),
                                        static_cast<int*>(nullptr), n);
@@ -404,9 +398,8 @@ Status PooledLookupBackwardCuda(const T* grad_output, int64_t num_rows, int64_t 
   DE_RETURN_IF_CUDA_ERROR(cudaGetLastError(), "PrepareSortKernel launch");
   size_t temp_bytes = s.cub_temp_bytes;
   DE_RETURN_IF_CUDA_ERROR(
-      cub::DeviceRadixSort::SortPairs(s.cub_temp, temp_bytes, s.keys_in, s.keys_out,
-                                      s.positions_in, s.positions_out, n, 0, plan.end_bit,
-                                      stream),
+      cub::DeviceRadixSort::SortPairs(s.cub_temp, temp_bytes, s.keys_in, s.keys_out, s.positions_in,
+                                      s.positions_out, n, 0, plan.end_bit, stream),
       "DeviceRadixSort::SortPairs");
   temp_bytes = s.cub_temp_bytes;
   DE_RETURN_IF_CUDA_ERROR(
@@ -414,9 +407,9 @@ Status PooledLookupBackwardCuda(const T* grad_output, int64_t num_rows, int64_t 
                                          s.run_lengths, s.num_runs, n, stream),
       "DeviceRunLengthEncode::Encode");
   temp_bytes = s.cub_temp_bytes;
-  DE_RETURN_IF_CUDA_ERROR(cub::DeviceScan::ExclusiveSum(s.cub_temp, temp_bytes, s.run_lengths,
-                                                        s.run_starts, n, stream),
-                          "DeviceScan::ExclusiveSum");
+  DE_RETURN_IF_CUDA_ERROR(
+      cub::DeviceScan::ExclusiveSum(s.cub_temp, temp_bytes, s.run_lengths, s.run_starts, n, stream),
+      "DeviceScan::ExclusiveSum");
   CountUniqueKernel<<<1, 1, 0, stream>>>(s.run_keys, s.num_runs, plan.sentinel, s.num_unique);
   DE_RETURN_IF_CUDA_ERROR(cudaGetLastError(), "CountUniqueKernel launch");
   if (csr.batch > 0) {
@@ -432,8 +425,8 @@ Status PooledLookupBackwardCuda(const T* grad_output, int64_t num_rows, int64_t 
   if (width > 0) {
     const dim3 block(kWarp, kWarpsPerBlock);
     AccumulateKernel<T, IdT><<<Blocks(*num_unique, kWarpsPerBlock), block, 0, stream>>>(
-        grad_output, width, s.positions_out, s.run_starts, s.run_lengths, s.num_unique,
-        s.bag_of, s.valid_count, combiner == Combiner::kMean, unique_grad);
+        grad_output, width, s.positions_out, s.run_starts, s.run_lengths, s.num_unique, s.bag_of,
+        s.valid_count, combiner == Combiner::kMean, unique_grad);
     DE_RETURN_IF_CUDA_ERROR(cudaGetLastError(), "AccumulateKernel launch");
   }
   return Status::Ok();
@@ -455,7 +448,7 @@ Status CooToRowSplitsCuda(const int64_t* indices, int64_t nnz, int64_t num_rows_
     DE_RETURN_IF_CUDA_ERROR(cudaMemsetAsync(result, 0xff, sizeof(ValidationResult), stream),
                             "cudaMemsetAsync");
     ValidateCooKernel<<<Blocks(nnz, threads), threads, 0, stream>>>(indices, nnz, num_rows_dense,
-                                                                     num_cols_dense, result);
+                                                                    num_cols_dense, result);
     DE_RETURN_IF_CUDA_ERROR(cudaGetLastError(), "ValidateCooKernel launch");
     ValidationResult host;
     DE_RETURN_IF_ERROR(CopyScalarToHost(result, &host, stream));
@@ -463,10 +456,11 @@ Status CooToRowSplitsCuda(const int64_t* indices, int64_t nnz, int64_t num_rows_
       const int64_t j = static_cast<int64_t>(host.bad_coo);
       int64_t index[4] = {0, 0, 0, 0};  // previous (row, col), then this (row, col)
       const int64_t first = j > 0 ? 2 * j - 2 : 2 * j;
-      DE_RETURN_IF_CUDA_ERROR(cudaMemcpyAsync(index, indices + first, 4 * sizeof(int64_t) -
-                                                  (j > 0 ? 0 : 2 * sizeof(int64_t)),
-                                              cudaMemcpyDeviceToHost, stream),
-                              "cudaMemcpyAsync");
+      DE_RETURN_IF_CUDA_ERROR(
+          cudaMemcpyAsync(index, indices + first,
+                          4 * sizeof(int64_t) - (j > 0 ? 0 : 2 * sizeof(int64_t)),
+                          cudaMemcpyDeviceToHost, stream),
+          "cudaMemcpyAsync");
       DE_RETURN_IF_CUDA_ERROR(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
       const int64_t* here = j > 0 ? index + 2 : index;
       if (!CooInBounds(here[0], here[1], num_rows_dense, num_cols_dense)) {
@@ -481,13 +475,12 @@ Status CooToRowSplitsCuda(const int64_t* indices, int64_t nnz, int64_t num_rows_
   return Status::Ok();
 }
 
-#define DE_INSTANTIATE_CUDA_LOOKUP(T, IdT, OffsetT)                                            \
-  template size_t PooledLookupBackwardCudaWorkspaceBytes<T, IdT, OffsetT>(int64_t, int64_t);   \
-  template Status PooledLookupForwardCuda(const T*, int64_t, int64_t,                          \
-                                          const CsrIds<IdT, OffsetT>&, Combiner, BoundsCheck,  \
-                                          T*, void*, size_t, cudaStream_t);                    \
-  template Status PooledLookupBackwardCuda(const T*, int64_t, int64_t,                         \
-                                           const CsrIds<IdT, OffsetT>&, Combiner, BoundsCheck, \
+#define DE_INSTANTIATE_CUDA_LOOKUP(T, IdT, OffsetT)                                                \
+  template size_t PooledLookupBackwardCudaWorkspaceBytes<T, IdT, OffsetT>(int64_t, int64_t);       \
+  template Status PooledLookupForwardCuda(const T*, int64_t, int64_t, const CsrIds<IdT, OffsetT>&, \
+                                          Combiner, BoundsCheck, T*, void*, size_t, cudaStream_t); \
+  template Status PooledLookupBackwardCuda(const T*, int64_t, int64_t,                             \
+                                           const CsrIds<IdT, OffsetT>&, Combiner, BoundsCheck,     \
                                            IdT*, T*, int64_t*, void*, size_t, cudaStream_t);
 
 DE_INSTANTIATE_CUDA_LOOKUP(float, int32_t, int32_t)

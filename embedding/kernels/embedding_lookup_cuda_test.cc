@@ -1,5 +1,7 @@
 // Tests of the CUDA kernels against the same double-precision reference as the CPU suite. Every
 // case skips when no CUDA device is present, and runs in full on a GPU machine.
+#include "embedding/kernels/embedding_lookup_cuda.h"
+
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
@@ -9,7 +11,6 @@
 
 #include "embedding/kernels/cuda_test_util.h"
 #include "embedding/kernels/embedding_lookup.h"
-#include "embedding/kernels/embedding_lookup_cuda.h"
 #include "embedding/kernels/lookup_test_util.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -30,7 +31,8 @@ template <typename U>
 class DeviceBuffer {
  public:
   explicit DeviceBuffer(size_t count) : count_(count) {
-    EXPECT_EQ(cudaMalloc(reinterpret_cast<void**>(&ptr_), std::max<size_t>(count, 1) * sizeof(U)), cudaSuccess);
+    EXPECT_EQ(cudaMalloc(reinterpret_cast<void**>(&ptr_), std::max<size_t>(count, 1) * sizeof(U)),
+              cudaSuccess);
   }
   explicit DeviceBuffer(const std::vector<U>& host) : DeviceBuffer(host.size()) {
     EXPECT_EQ(cudaMemcpy(ptr_, host.data(), host.size() * sizeof(U), cudaMemcpyHostToDevice),
@@ -56,9 +58,7 @@ class DeviceBuffer {
 
 class CudaTest : public ::testing::Test {
  protected:
-  void SetUp() override {
-    DE_SKIP_OR_FAIL_WITHOUT_CUDA();
-  }
+  void SetUp() override { DE_SKIP_OR_FAIL_WITHOUT_CUDA(); }
 };
 
 template <typename T_, typename IdT_, typename OffsetT_>
@@ -94,9 +94,9 @@ CudaGradient<T, IdT, OffsetT> CudaBackward(const T* grad_output, int64_t num_row
   DeviceBuffer<char> workspace(bytes);
   int64_t num_unique = 0;
   CudaGradient<T, IdT, OffsetT> result;
-  result.status = PooledLookupBackwardCuda(grad_output, num_rows, width, csr, combiner, mode,
-                                           unique_ids.get(), unique_grad.get(), &num_unique,
-                                           workspace.get(), bytes, stream);
+  result.status =
+      PooledLookupBackwardCuda(grad_output, num_rows, width, csr, combiner, mode, unique_ids.get(),
+                               unique_grad.get(), &num_unique, workspace.get(), bytes, stream);
   EXPECT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
   if (result.status.ok()) {
     result.ids = unique_ids.ToHost(num_unique);
@@ -118,8 +118,8 @@ void CheckForwardAndBackward(double invalid_fraction, BoundsCheck mode) {
     const CsrIds<IdT, OffsetT> csr{ids.get(), static_cast<int64_t>(c.ids.size()), splits.get(),
                                    c.batch()};
     for (Combiner combiner : {Combiner::kSum, Combiner::kMean}) {
-      SCOPED_TRACE(::testing::Message() << "seed " << spec.seed << " combiner "
-                                        << static_cast<int>(combiner));
+      SCOPED_TRACE(::testing::Message()
+                   << "seed " << spec.seed << " combiner " << static_cast<int>(combiner));
       DeviceBuffer<T> output(c.batch() * c.width);
       DeviceBuffer<char> validation(ValidationWorkspaceBytes());
       ASSERT_TRUE(PooledLookupForwardCuda(params.get(), c.num_rows, c.width, csr, combiner, mode,
@@ -128,15 +128,13 @@ void CheckForwardAndBackward(double invalid_fraction, BoundsCheck mode) {
                       .ok());
       ExpectNear(ReferenceForward(c, combiner), output.ToHost(), spec.max_hotness);
 
-      const auto gradient = CudaBackward(grad_output.get(), c.num_rows, c.width, csr, combiner,
-                                         mode, nullptr);
+      const auto gradient =
+          CudaBackward(grad_output.get(), c.num_rows, c.width, csr, combiner, mode, nullptr);
       ASSERT_TRUE(gradient.status.ok()) << gradient.status.message();
       const int64_t num_unique = static_cast<int64_t>(gradient.ids.size());
       EXPECT_TRUE(std::is_sorted(gradient.ids.begin(), gradient.ids.end()))
           << "the CUDA backward documents ascending unique ids";
-      ExpectSparseGradient(c, combiner, gradient.ids,
-                           gradient.rows, num_unique,
-                           spec.max_hotness);
+      ExpectSparseGradient(c, combiner, gradient.ids, gradient.rows, num_unique, spec.max_hotness);
     }
   }
 }
@@ -253,18 +251,17 @@ TEST_F(CudaTest, Int32OffsetsPastTheirLimitAreRejectedBeforeAnyRead) {
   // pointers (null here) are never read.
   const CsrIds<int32_t, int32_t> csr{nullptr, int64_t{1} << 31, nullptr, 1};
   DeviceBuffer<char> validation(ValidationWorkspaceBytes());
-  const Status status =
-      PooledLookupForwardCuda(static_cast<const float*>(nullptr), 10, 4, csr, Combiner::kSum,
-                              BoundsCheck::kError, static_cast<float*>(nullptr), validation.get(),
-                              ValidationWorkspaceBytes(), nullptr);
+  const Status status = PooledLookupForwardCuda(
+      static_cast<const float*>(nullptr), 10, 4, csr, Combiner::kSum, BoundsCheck::kError,
+      static_cast<float*>(nullptr), validation.get(), ValidationWorkspaceBytes(), nullptr);
   EXPECT_EQ(status.code(), Status::Code::kInvalidArgument);
   EXPECT_THAT(status.message(), HasSubstr("32-bit row_splits"));
 }
 
 class LookupCudaErrorTest : public CudaTest {
  protected:
-  void ExpectRejected(const std::vector<int64_t>& host_ids,
-                      const std::vector<int64_t>& host_splits, const std::string& message) {
+  void ExpectRejected(const std::vector<int64_t>& host_ids, const std::vector<int64_t>& host_splits,
+                      const std::string& message) {
     DeviceBuffer<float> params(std::vector<float>(8, 1.0f));
     DeviceBuffer<int64_t> ids(host_ids), splits(host_splits);
     const int64_t batch = static_cast<int64_t>(host_splits.size()) - 1;
@@ -272,16 +269,16 @@ class LookupCudaErrorTest : public CudaTest {
                                        splits.get(), batch};
     DeviceBuffer<float> output(std::vector<float>(2 * batch, 42.0f));
     DeviceBuffer<char> validation(ValidationWorkspaceBytes());
-    const Status status =
-        PooledLookupForwardCuda(params.get(), 4, 2, csr, Combiner::kSum, BoundsCheck::kError,
-                                output.get(), validation.get(), ValidationWorkspaceBytes(),
-                                nullptr);
+    const Status status = PooledLookupForwardCuda(
+        params.get(), 4, 2, csr, Combiner::kSum, BoundsCheck::kError, output.get(),
+        validation.get(), ValidationWorkspaceBytes(), nullptr);
     EXPECT_EQ(status.code(), Status::Code::kInvalidArgument);
     EXPECT_THAT(status.message(), HasSubstr(message));
     for (float v : output.ToHost()) EXPECT_EQ(v, 42.0f);
     // The backward rejects the same input with the same message and writes nothing.
     const int64_t nnz = static_cast<int64_t>(host_ids.size());
-    const size_t bytes = PooledLookupBackwardCudaWorkspaceBytes<float, int64_t, int64_t>(nnz, batch);
+    const size_t bytes =
+        PooledLookupBackwardCudaWorkspaceBytes<float, int64_t, int64_t>(nnz, batch);
     DeviceBuffer<char> workspace(bytes);
     DeviceBuffer<float> grad(std::vector<float>(2 * batch, 1.0f));
     DeviceBuffer<int64_t> unique_ids(std::vector<int64_t>(nnz + 1, 42));

@@ -1,4 +1,9 @@
 // Tests of the CPU kernels against the naive double-precision reference in lookup_test_util.h.
+#include "embedding/kernels/embedding_lookup.h"
+
+#include <sys/resource.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <cstdint>
 #include <cstdio>
@@ -10,14 +15,10 @@
 #include <utility>
 #include <vector>
 
-#include <sys/resource.h>
-#include <unistd.h>
-
-#include "embedding/kernels/embedding_lookup.h"
 #include "embedding/kernels/lookup_test_util.h"
+#include "embedding/kernels/status.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
-#include "embedding/kernels/status.h"
 
 namespace distributed_embeddings {
 namespace {
@@ -59,8 +60,8 @@ void CheckForwardAndBackward(double invalid_fraction, BoundsCheck mode) {
                                           << static_cast<int>(combiner) << " threads " << threads);
         const ParallelFor pf = threads > 1 ? ThreadedParallelFor(threads) : ParallelFor();
         std::vector<T> output(c.batch() * c.width, T(-7));
-        ASSERT_TRUE(PooledLookupForwardCpu(c.params.data(), c.num_rows, c.width, c.Csr(),
-                                           combiner, mode, output.data(), pf)
+        ASSERT_TRUE(PooledLookupForwardCpu(c.params.data(), c.num_rows, c.width, c.Csr(), combiner,
+                                           mode, output.data(), pf)
                         .ok());
         ExpectNear(ReferenceForward(c, combiner), output, spec.max_hotness);
 
@@ -69,8 +70,8 @@ void CheckForwardAndBackward(double invalid_fraction, BoundsCheck mode) {
         std::vector<T> unique_grad(capacity * c.width);
         int64_t num_unique = -1;
         ASSERT_TRUE(PooledLookupBackwardCpu(c.grad_output.data(), c.num_rows, c.width, c.Csr(),
-                                            combiner, mode, unique_ids.data(),
-                                            unique_grad.data(), &num_unique, pf)
+                                            combiner, mode, unique_ids.data(), unique_grad.data(),
+                                            &num_unique, pf)
                         .ok());
         unique_grad.resize(num_unique * c.width);
         ExpectSparseGradient(c, combiner, unique_ids, unique_grad, num_unique, spec.max_hotness);
@@ -138,8 +139,8 @@ TYPED_TEST(LookupCpuTest, SumFollowsTensorFlowReductionOrder) {
             terms.push_back(c.params[static_cast<int64_t>(c.ids[j]) * c.width + w]);
           }
           ASSERT_EQ(EigenOrderSum(terms, w, c.width), output[b * c.width + w])
-              << "width " << width << ", bag " << b << " of length " << terms.size()
-              << ", lane " << w;
+              << "width " << width << ", bag " << b << " of length " << terms.size() << ", lane "
+              << w;
         }
       }
     }
@@ -172,8 +173,8 @@ TYPED_TEST(LookupCpuTest, SkipModeMeanDividesByValidCount) {
   const std::vector<OffsetT> splits = {0, 4};
   const CsrIds<IdT, OffsetT> csr{ids.data(), 4, splits.data(), 1};
   std::vector<T> output(2);
-  ASSERT_TRUE(PooledLookupForwardCpu(params.data(), 2, 2, csr, Combiner::kMean,
-                                     BoundsCheck::kSkip, output.data())
+  ASSERT_TRUE(PooledLookupForwardCpu(params.data(), 2, 2, csr, Combiner::kMean, BoundsCheck::kSkip,
+                                     output.data())
                   .ok());
   EXPECT_EQ(output, (std::vector<T>{4, 6}));
 }
@@ -203,8 +204,8 @@ class LookupCpuErrorTest : public ::testing::Test {
   void ExpectRejected(const std::vector<int64_t>& ids, const std::vector<int64_t>& splits,
                       const std::string& message) {
     const std::vector<float> params(4 * 2, 1.0f);
-    const CsrIds<int64_t, int64_t> csr{ids.data(), static_cast<int64_t>(ids.size()),
-                                       splits.data(), static_cast<int64_t>(splits.size()) - 1};
+    const CsrIds<int64_t, int64_t> csr{ids.data(), static_cast<int64_t>(ids.size()), splits.data(),
+                                       static_cast<int64_t>(splits.size()) - 1};
     std::vector<float> output(2 * std::max<int64_t>(csr.batch, 0), 42.0f);
     const Status forward = PooledLookupForwardCpu(params.data(), 4, 2, csr, Combiner::kSum,
                                                   BoundsCheck::kError, output.data());
@@ -215,9 +216,9 @@ class LookupCpuErrorTest : public ::testing::Test {
     std::vector<int64_t> unique_ids(ids.size() + 1, 5);
     std::vector<float> unique_grad(2 * (ids.size() + 1), 42.0f);
     int64_t num_unique = 0;
-    const Status backward = PooledLookupBackwardCpu(
-        output.data(), 4, 2, csr, Combiner::kMean, BoundsCheck::kError, unique_ids.data(),
-        unique_grad.data(), &num_unique);
+    const Status backward =
+        PooledLookupBackwardCpu(output.data(), 4, 2, csr, Combiner::kMean, BoundsCheck::kError,
+                                unique_ids.data(), unique_grad.data(), &num_unique);
     EXPECT_EQ(backward.code(), Status::Code::kInvalidArgument);
     EXPECT_THAT(backward.message(), HasSubstr(message));
     for (int64_t v : unique_ids) EXPECT_EQ(v, 5);
@@ -226,7 +227,8 @@ class LookupCpuErrorTest : public ::testing::Test {
 };
 
 TEST_F(LookupCpuErrorTest, RejectsIdPastVocabulary) {
-  ExpectRejected({0, 4, 1}, {0, 2, 3}, "'ids' must be in [0, 4), the rows of 'params'; got ids[1] = 4.");
+  ExpectRejected({0, 4, 1}, {0, 2, 3},
+                 "'ids' must be in [0, 4), the rows of 'params'; got ids[1] = 4.");
 }
 
 TEST_F(LookupCpuErrorTest, RejectsNegativeId) {

@@ -1,8 +1,8 @@
 #include "embedding/kernels/huge_pages.h"
 
 #include <condition_variable>
-#include <cstdio>
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <deque>

@@ -22,8 +22,8 @@ namespace {
 class Mapping {
  public:
   explicit Mapping(size_t bytes) : bytes_(bytes) {
-    data_ = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
-                 -1, 0);
+    data_ = mmap(nullptr, bytes, PROT_READ | PROT_WRITE,
+                 MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     EXPECT_NE(data_, MAP_FAILED);
   }
   ~Mapping() { munmap(data_, bytes_); }
@@ -133,8 +133,8 @@ TEST(HugePagesTest, FirstWriteAdviceEndsWithTheWrite) {
   // Uninitialized, so its pages are first touched after the advice, as an op's output is.
   const size_t count = (kFreshHugePageMinBytes * 2 + 4321) / sizeof(uint64_t);
   std::unique_ptr<uint64_t[]> buffer(new uint64_t[count]);
-  const uintptr_t inner = (reinterpret_cast<uintptr_t>(buffer.get()) + (2 << 20) - 1) &
-                          ~uintptr_t{(2 << 20) - 1};
+  const uintptr_t inner =
+      (reinterpret_cast<uintptr_t>(buffer.get()) + (2 << 20) - 1) & ~uintptr_t{(2 << 20) - 1};
   {
     const FirstWriteAdvice advice(buffer.get() + 1, (count - 1) * sizeof(uint64_t));
     if (SystemThpMode() == ThpMode::kMadvise) {

@@ -15,8 +15,8 @@ Status IdOutOfRangeError(int64_t position, int64_t id, int64_t num_rows) {
 }
 
 Status RowSplitsStartError(int64_t first) {
-  return Status::InvalidArgument("'row_splits' must start at 0; got row_splits[0] = " +
-                                 Str(first) + ".");
+  return Status::InvalidArgument("'row_splits' must start at 0; got row_splits[0] = " + Str(first) +
+                                 ".");
 }
 
 Status RowSplitsDecreasingError(int64_t index, int64_t value, int64_t next) {

@@ -110,8 +110,8 @@ Status ValidateIntegerLookupStateSize(int64_t state_size, int64_t max_tokens) {
 Status ValidateIntegerLookupCount(int64_t count, int64_t max_tokens) {
   if (count < 0 || count > max_tokens) {
     return Status::InvalidArgument("'state' holds a vocabulary size outside [0, " +
-                                   std::to_string(max_tokens) + "]; got " +
-                                   std::to_string(count) + ".");
+                                   std::to_string(max_tokens) + "]; got " + std::to_string(count) +
+                                   ".");
   }
   return Status::Ok();
 }
@@ -127,10 +127,9 @@ Status ValidateIntegerLookupState(const int64_t* state, int64_t state_size, int6
     if (key == kEmptyKey) continue;
     if (key == kOovKey || id < kOovId || id > count) {
       return Status::InvalidArgument(
-          "'state' is corrupted: slot " + std::to_string(s) + " holds key " +
-          std::to_string(key) + " with id " + std::to_string(id) + "; keys other than " +
-          std::to_string(kOovKey) + " have ids in [0, " + std::to_string(count) +
-          "] (the vocabulary size).");
+          "'state' is corrupted: slot " + std::to_string(s) + " holds key " + std::to_string(key) +
+          " with id " + std::to_string(id) + "; keys other than " + std::to_string(kOovKey) +
+          " have ids in [0, " + std::to_string(count) + "] (the vocabulary size).");
     }
   }
   return Status::Ok();

@@ -18,9 +18,8 @@ __device__ __forceinline__ int64_t LoadVolatile(const int64_t* p) {
 __device__ int64_t ReserveIdOnDevice(int64_t* count, int64_t max_tokens) {
   int64_t current = LoadVolatile(count);
   while (current < max_tokens) {
-    const int64_t seen = static_cast<int64_t>(
-        atomicCAS(reinterpret_cast<ULL*>(count), static_cast<ULL>(current),
-                  static_cast<ULL>(current + 1)));
+    const int64_t seen = static_cast<int64_t>(atomicCAS(
+        reinterpret_cast<ULL*>(count), static_cast<ULL>(current), static_cast<ULL>(current + 1)));
     if (seen == current) return current + 1;
     current = seen;
   }
@@ -60,9 +59,9 @@ __global__ void IntegerLookupKernel(int64_t* state, int64_t slots, int64_t max_t
         }
         if (current != kEmptyKey) continue;
         if (!insert || LoadVolatile(state) >= max_tokens) break;
-        current = static_cast<int64_t>(atomicCAS(reinterpret_cast<ULL*>(&table[2 * slot]),
-                                                 static_cast<ULL>(kEmptyKey),
-                                                 static_cast<ULL>(key)));
+        current =
+            static_cast<int64_t>(atomicCAS(reinterpret_cast<ULL*>(&table[2 * slot]),
+                                           static_cast<ULL>(kEmptyKey), static_cast<ULL>(key)));
         if (current == kEmptyKey) {
           id = ReserveIdOnDevice(state, max_tokens);
           __threadfence();
@@ -99,7 +98,8 @@ Status IntegerLookupCuda(int64_t* state, int64_t state_size, int64_t max_tokens,
       state, (state_size - 1) / 2, max_tokens, keys, n, insert, ids);
   error = cudaGetLastError();
   if (error != cudaSuccess) {
-    return Status::Internal(std::string("IntegerLookupKernel launch: ") + cudaGetErrorString(error));
+    return Status::Internal(std::string("IntegerLookupKernel launch: ") +
+                            cudaGetErrorString(error));
   }
   return Status::Ok();
 }

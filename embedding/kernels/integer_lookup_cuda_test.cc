@@ -1,4 +1,6 @@
 // Tests of the CUDA IntegerLookup; every case skips on a machine without a GPU (cuda_test_util.h).
+#include "embedding/kernels/integer_lookup_cuda.h"
+
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
@@ -7,7 +9,6 @@
 
 #include "embedding/kernels/cuda_test_util.h"
 #include "embedding/kernels/embedding_lookup_cuda.h"
-#include "embedding/kernels/integer_lookup_cuda.h"
 #include "embedding/kernels/integer_lookup_test_util.h"
 #include "gtest/gtest.h"
 
@@ -18,9 +19,7 @@ using ::distributed_embeddings::testing::ExpectConsistentIds;
 
 class IntegerLookupCudaTest : public ::testing::Test {
  protected:
-  void SetUp() override {
-    DE_SKIP_OR_FAIL_WITHOUT_CUDA();
-  }
+  void SetUp() override { DE_SKIP_OR_FAIL_WITHOUT_CUDA(); }
 
   // Runs one call on the device; returns the ids and updates `state` from the device.
   std::vector<int64_t> Lookup(std::vector<int64_t>& state, int64_t max_tokens,
@@ -34,9 +33,9 @@ class IntegerLookupCudaTest : public ::testing::Test {
               cudaSuccess);
     cudaMemcpy(d_state, state.data(), state.size() * 8, cudaMemcpyHostToDevice);
     cudaMemcpy(d_keys, keys.data(), n * 8, cudaMemcpyHostToDevice);
-    const Status status = IntegerLookupCuda(d_state, static_cast<int64_t>(state.size()),
-                                            max_tokens, d_keys, static_cast<int64_t>(n), insert,
-                                            d_ids, nullptr);
+    const Status status =
+        IntegerLookupCuda(d_state, static_cast<int64_t>(state.size()), max_tokens, d_keys,
+                          static_cast<int64_t>(n), insert, d_ids, nullptr);
     EXPECT_TRUE(status.ok()) << status.message();
     std::vector<int64_t> ids(n);
     cudaMemcpy(ids.data(), d_ids, n * 8, cudaMemcpyDeviceToHost);

@@ -1,4 +1,6 @@
 // Tests of the CPU IntegerLookup, including concurrent inserts from many threads.
+#include "embedding/kernels/integer_lookup.h"
+
 #include <algorithm>
 #include <chrono>
 #include <map>
@@ -6,7 +8,6 @@
 #include <thread>
 #include <vector>
 
-#include "embedding/kernels/integer_lookup.h"
 #include "embedding/kernels/integer_lookup_test_util.h"
 #include "embedding/kernels/lookup_test_util.h"
 #include "gmock/gmock.h"
@@ -31,9 +32,9 @@ std::vector<int64_t> Lookup(std::vector<int64_t>& state, int64_t max_tokens,
                             const std::vector<KeyT>& keys, bool insert = true,
                             const ParallelFor& pf = ParallelFor()) {
   std::vector<int64_t> ids(keys.size(), -99);
-  const Status status = IntegerLookupCpu(state.data(), static_cast<int64_t>(state.size()),
-                                         max_tokens, keys.data(),
-                                         static_cast<int64_t>(keys.size()), insert, ids.data(), pf);
+  const Status status =
+      IntegerLookupCpu(state.data(), static_cast<int64_t>(state.size()), max_tokens, keys.data(),
+                       static_cast<int64_t>(keys.size()), insert, ids.data(), pf);
   EXPECT_TRUE(status.ok()) << status.message();
   return ids;
 }
@@ -138,8 +139,8 @@ TEST(IntegerLookupCpuTest, RejectsCorruptVocabularySize) {
   state[0] = 11;
   std::vector<int64_t> ids(1);
   const int64_t key = 1;
-  const Status status = IntegerLookupCpu(state.data(), static_cast<int64_t>(state.size()), 10,
-                                         &key, 1, true, ids.data());
+  const Status status = IntegerLookupCpu(state.data(), static_cast<int64_t>(state.size()), 10, &key,
+                                         1, true, ids.data());
   EXPECT_THAT(status.message(), HasSubstr("vocabulary size outside [0, 10]; got 11."));
 }
 
@@ -165,15 +166,15 @@ TEST(IntegerLookupCpuTest, KeyWithoutIdIsAnErrorAfterABoundedWait) {
     if (state[s] == key) state[s + 1] = kPendingId;
   }
   const auto start = std::chrono::steady_clock::now();
-  const Status status = IntegerLookupCpu(state.data(), static_cast<int64_t>(state.size()), 4,
-                                         &key, 1, false, ids.data());
+  const Status status = IntegerLookupCpu(state.data(), static_cast<int64_t>(state.size()), 4, &key,
+                                         1, false, ids.data());
   EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(30));
   EXPECT_EQ(status.code(), Status::Code::kInvalidArgument);
   EXPECT_THAT(status.message(), HasSubstr("key 5 is in the vocabulary without a valid id"));
   EXPECT_EQ(ids[0], kOovId);
-  EXPECT_THAT(ValidateIntegerLookupState(state.data(), static_cast<int64_t>(state.size()), 4)
-                  .message(),
-              HasSubstr("holds key 5 with id -1"));
+  EXPECT_THAT(
+      ValidateIntegerLookupState(state.data(), static_cast<int64_t>(state.size()), 4).message(),
+      HasSubstr("holds key 5 with id -1"));
 }
 
 TEST(IntegerLookupCpuTest, IdAboveMaxTokensIsAnError) {

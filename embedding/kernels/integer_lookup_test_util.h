@@ -15,9 +15,9 @@ namespace testing {
 
 // Every key got one id in every call, distinct keys got distinct ids, the ids in use are exactly
 // 1..count, and no more than max_tokens keys have ids. Returns the key -> id map.
-inline std::map<int64_t, int64_t> ExpectConsistentIds(
-    const std::vector<std::vector<int64_t>>& keys, const std::vector<std::vector<int64_t>>& ids,
-    int64_t count, int64_t max_tokens) {
+inline std::map<int64_t, int64_t> ExpectConsistentIds(const std::vector<std::vector<int64_t>>& keys,
+                                                      const std::vector<std::vector<int64_t>>& ids,
+                                                      int64_t count, int64_t max_tokens) {
   std::map<int64_t, int64_t> id_of;
   std::map<int64_t, int64_t> key_of;
   for (size_t c = 0; c < keys.size(); ++c) {

@@ -22,9 +22,9 @@ struct CaseSpec {
   int64_t num_rows;
   int64_t width;
   int64_t batch;
-  int64_t max_hotness;     // bag lengths are uniform in [0, max_hotness]
-  double empty_fraction;   // share of bags forced empty
-  double invalid_fraction; // share of ids replaced by out-of-range values
+  int64_t max_hotness;      // bag lengths are uniform in [0, max_hotness]
+  double empty_fraction;    // share of bags forced empty
+  double invalid_fraction;  // share of ids replaced by out-of-range values
   uint32_t seed;
 };
 
@@ -63,8 +63,9 @@ LookupCase<T, IdT, OffsetT> MakeCase(const CaseSpec& spec) {
       const double r = unit(rng);
       IdT id = static_cast<IdT>(static_cast<int64_t>(r * r * spec.num_rows) % spec.num_rows);
       if (unit(rng) < spec.invalid_fraction) {
-        id = unit(rng) < 0.5 ? static_cast<IdT>(-1 - static_cast<int64_t>(unit(rng) * 5))
-                             : static_cast<IdT>(spec.num_rows + static_cast<int64_t>(unit(rng) * 5));
+        id = unit(rng) < 0.5
+                 ? static_cast<IdT>(-1 - static_cast<int64_t>(unit(rng) * 5))
+                 : static_cast<IdT>(spec.num_rows + static_cast<int64_t>(unit(rng) * 5));
       }
       c.ids.push_back(id);
     }
@@ -176,18 +177,18 @@ inline ParallelFor ThreadedParallelFor(int threads) {
 // hotness into the thousands.
 inline std::vector<CaseSpec> StandardSpecs(double invalid_fraction) {
   std::vector<CaseSpec> specs = {
-      {10, 4, 0, 3, 0.0, invalid_fraction, 1},       // empty batch
-      {10, 1, 5, 3, 0.5, invalid_fraction, 2},       // width 1, many empty bags
-      {7, 3, 9, 5, 0.2, invalid_fraction, 3},        // width not a multiple of 4
-      {50, 33, 17, 8, 0.1, invalid_fraction, 4},     // width just past a warp
-      {1000, 64, 64, 10, 0.0, invalid_fraction, 5},  // typical
-      {300, 130, 23, 40, 0.1, invalid_fraction, 6},  // wide rows
-      {5, 16, 4, 3000, 0.0, invalid_fraction, 7},    // hotness in the thousands, tiny vocab
-      {100000, 8, 200, 1, 0.0, invalid_fraction, 8}, // one-hot over a large vocab
-      {1, 2, 6, 4, 0.3, invalid_fraction, 9},        // a single row
-      {400, 32, 30, 40, 0.1, invalid_fraction, 10},  // CPU fixed-width loops: 32,
-      {300, 128, 12, 25, 0.1, invalid_fraction, 11}, // 128 (two blocks of registers)
-      {200, 256, 8, 20, 0.0, invalid_fraction, 12},  // and 256 (four)
+      {10, 4, 0, 3, 0.0, invalid_fraction, 1},        // empty batch
+      {10, 1, 5, 3, 0.5, invalid_fraction, 2},        // width 1, many empty bags
+      {7, 3, 9, 5, 0.2, invalid_fraction, 3},         // width not a multiple of 4
+      {50, 33, 17, 8, 0.1, invalid_fraction, 4},      // width just past a warp
+      {1000, 64, 64, 10, 0.0, invalid_fraction, 5},   // typical
+      {300, 130, 23, 40, 0.1, invalid_fraction, 6},   // wide rows
+      {5, 16, 4, 3000, 0.0, invalid_fraction, 7},     // hotness in the thousands, tiny vocab
+      {100000, 8, 200, 1, 0.0, invalid_fraction, 8},  // one-hot over a large vocab
+      {1, 2, 6, 4, 0.3, invalid_fraction, 9},         // a single row
+      {400, 32, 30, 40, 0.1, invalid_fraction, 10},   // CPU fixed-width loops: 32,
+      {300, 128, 12, 25, 0.1, invalid_fraction, 11},  // 128 (two blocks of registers)
+      {200, 256, 8, 20, 0.0, invalid_fraction, 12},   // and 256 (four)
   };
   std::mt19937 rng(42);
   for (uint32_t i = 0; i < 6; ++i) {  // random sizes

@@ -38,8 +38,7 @@ inline void RunParallel(const ParallelFor& parallel_for, int64_t total, int64_t 
 // which the pool then groups into contiguous shares.
 template <typename PrefixT>
 void RunParallelBalanced(const ParallelFor& parallel_for, int64_t n, const PrefixT* load_prefix,
-                         int64_t cost_per_load,
-                         const std::function<void(int64_t, int64_t)>& work) {
+                         int64_t cost_per_load, const std::function<void(int64_t, int64_t)>& work) {
   if (n <= 0) return;
   if (!parallel_for) {
     work(0, n);

@@ -1,7 +1,8 @@
 // Status: the error type of the framework-free kernel library.
 //
-// Kernels return a Status instead of throwing or aborting so each framework binding can turn it into
-// its own error (TensorFlow's InvalidArgument, for instance) without this library depending on it.
+// Kernels return a Status instead of throwing or aborting so each framework binding can turn it
+// into its own error (TensorFlow's InvalidArgument, for instance) without this library depending on
+// it.
 #ifndef DISTRIBUTED_EMBEDDINGS_EMBEDDING_KERNELS_STATUS_H_
 #define DISTRIBUTED_EMBEDDINGS_EMBEDDING_KERNELS_STATUS_H_
 
@@ -44,10 +45,10 @@ class Status {
 }  // namespace distributed_embeddings
 
 // Returns from the enclosing function if `expr` yields a non-OK Status.
-#define DE_RETURN_IF_ERROR(expr)                            \
-  do {                                                      \
-    ::distributed_embeddings::Status de_status_ = (expr);   \
-    if (!de_status_.ok()) return de_status_;                \
+#define DE_RETURN_IF_ERROR(expr)                          \
+  do {                                                    \
+    ::distributed_embeddings::Status de_status_ = (expr); \
+    if (!de_status_.ok()) return de_status_;              \
   } while (0)
 
 #endif  // DISTRIBUTED_EMBEDDINGS_EMBEDDING_KERNELS_STATUS_H_

@@ -4,7 +4,6 @@
 #include <limits>
 
 #include "embedding/kernels/huge_pages.h"
-
 #include "tensorflow/core/framework/register_types.h"
 #include "tensorflow/core/framework/tensor_shape.h"
 #include "tensorflow/core/util/work_sharder.h"
@@ -18,12 +17,13 @@ using CPUDevice = Eigen::ThreadPoolDevice;
 
 absl::Status CheckCsrInputs(const std::string& op, const Tensor& ids, const Tensor& row_splits) {
   if (!TensorShapeUtils::IsVector(ids.shape())) {
-    return absl::InvalidArgumentError(op + ": 'ids' must be 1-D; got shape " + ids.shape().DebugString() +
-                                      ".");
+    return absl::InvalidArgumentError(op + ": 'ids' must be 1-D; got shape " +
+                                      ids.shape().DebugString() + ".");
   }
   if (!TensorShapeUtils::IsVector(row_splits.shape()) || row_splits.NumElements() < 1) {
-    return absl::InvalidArgumentError(op + ": 'row_splits' must be 1-D with at least 1 element; got shape " +
-                                      row_splits.shape().DebugString() + ".");
+    return absl::InvalidArgumentError(
+        op + ": 'row_splits' must be 1-D with at least 1 element; got shape " +
+        row_splits.shape().DebugString() + ".");
   }
   return absl::OkStatus();
 }
@@ -40,9 +40,10 @@ absl::Status CheckGradInputs(const std::string& op, const Tensor& grad, const Te
                              const Tensor& num_rows) {
   if (!TensorShapeUtils::IsMatrix(grad.shape()) ||
       grad.dim_size(0) != row_splits.NumElements() - 1) {
-    return absl::InvalidArgumentError(op + ": 'grad' must be [batch, width] with batch = len(row_splits) - 1 = " +
-        std::to_string(row_splits.NumElements() - 1) + "; got shape " +
-        grad.shape().DebugString() + ".");
+    return absl::InvalidArgumentError(
+        op + ": 'grad' must be [batch, width] with batch = len(row_splits) - 1 = " +
+        std::to_string(row_splits.NumElements() - 1) + "; got shape " + grad.shape().DebugString() +
+        ".");
   }
   if (!TensorShapeUtils::IsScalar(num_rows.shape()) || num_rows.scalar<int64_t>()() < 0) {
     return absl::InvalidArgumentError(op + ": 'num_rows' must be a non-negative scalar; got " +
@@ -54,13 +55,17 @@ absl::Status CheckGradInputs(const std::string& op, const Tensor& grad, const Te
 absl::Status CheckSparseInputs(const std::string& op, const Tensor& indices,
                                const Tensor& dense_shape) {
   if (!TensorShapeUtils::IsMatrix(indices.shape()) || indices.dim_size(1) != 2) {
-    return absl::InvalidArgumentError(op + ": 'indices' must be [nnz, 2] (a 2-D SparseTensor); got shape " +
-                                      indices.shape().DebugString() + ".");
+    return absl::InvalidArgumentError(
+        op + ": 'indices' must be [nnz, 2] (a 2-D SparseTensor); got shape " +
+        indices.shape().DebugString() + ".");
   }
   if (!TensorShapeUtils::IsVector(dense_shape.shape()) || dense_shape.NumElements() != 2 ||
       dense_shape.vec<int64_t>()(0) < 0 || dense_shape.vec<int64_t>()(1) < 0 ||
       dense_shape.vec<int64_t>()(0) == std::numeric_limits<int64_t>::max()) {
-    return absl::InvalidArgumentError(op + ": 'dense_shape' must hold 2 non-negative sizes, the first below INT64_MAX (row_splits has one more element); got " + dense_shape.DebugString() + ".");
+    return absl::InvalidArgumentError(op +
+                                      ": 'dense_shape' must hold 2 non-negative sizes, the first "
+                                      "below INT64_MAX (row_splits has one more element); got " +
+                                      dense_shape.DebugString() + ".");
   }
   return absl::OkStatus();
 }
@@ -75,7 +80,6 @@ absl::Status ReadLookupAttrs(tensorflow::OpKernelConstruction* ctx, Combiner* co
   *bounds_check = bounds_check_attr == "skip" ? BoundsCheck::kSkip : BoundsCheck::kError;
   return absl::OkStatus();
 }
-
 
 template <typename T, typename IdT, typename OffsetT>
 struct LookupFunctor<CPUDevice, T, IdT, OffsetT> {
@@ -100,10 +104,10 @@ struct LookupFunctor<CPUDevice, T, IdT, OffsetT> {
     const FirstWriteAdvice advice(unique.grad.flat<T>().data(),
                                   static_cast<size_t>(capacity * width) * sizeof(T));
     int64_t num_unique = 0;
-    DE_RETURN_IF_ERROR(PooledLookupBackwardCpu(
-        grad.flat<T>().data(), num_rows, width, csr, combiner, bounds_check,
-        unique.ids.flat<IdT>().data(), unique.grad.flat<T>().data(), &num_unique,
-        CpuParallelFor(ctx)));
+    DE_RETURN_IF_ERROR(
+        PooledLookupBackwardCpu(grad.flat<T>().data(), num_rows, width, csr, combiner, bounds_check,
+                                unique.ids.flat<IdT>().data(), unique.grad.flat<T>().data(),
+                                &num_unique, CpuParallelFor(ctx)));
     unique.SetOutputs(ctx, num_unique);
     return Status::Ok();
   }
@@ -111,8 +115,8 @@ struct LookupFunctor<CPUDevice, T, IdT, OffsetT> {
 
 template <typename OffsetT>
 struct SparseRowSplitsFunctor<CPUDevice, OffsetT> {
-  static Status Compute(OpKernelContext* ctx, const int64_t* indices, int64_t nnz,
-                        int64_t num_rows, int64_t num_cols, OffsetT* row_splits) {
+  static Status Compute(OpKernelContext* ctx, const int64_t* indices, int64_t nnz, int64_t num_rows,
+                        int64_t num_cols, OffsetT* row_splits) {
     return CooToRowSplitsCpu(indices, nnz, num_rows, num_cols, row_splits);
   }
 };

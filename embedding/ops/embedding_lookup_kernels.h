@@ -101,8 +101,8 @@ class PooledLookupOp : public tensorflow::OpKernel {
     OP_REQUIRES_OK(ctx, CheckCsrInputs(type_string(), ids, row_splits));
     if constexpr (kResource) {
       tensorflow::core::RefCountPtr<tensorflow::Var> variable;
-      OP_REQUIRES_OK(ctx, tensorflow::LookupResource(ctx, tensorflow::HandleFromInput(ctx, 0),
-                                                     &variable));
+      OP_REQUIRES_OK(
+          ctx, tensorflow::LookupResource(ctx, tensorflow::HandleFromInput(ctx, 0), &variable));
       // Reading under the shared lock, in place: no copy even in copy-on-read mode.
       tensorflow::tf_shared_lock lock(*variable->mu());
       OP_REQUIRES_OK(ctx, CheckVariableValue(type_string(), variable.get(),
@@ -121,8 +121,8 @@ class PooledLookupOp : public tensorflow::OpKernel {
     const int64_t batch = row_splits.NumElements() - 1;
     const int64_t width = params.dim_size(1);
     tensorflow::TensorShape output_shape;
-    OP_REQUIRES_OK(ctx, MakeShape(type_string(), "the output [batch, width]", {batch, width},
-                                  &output_shape));
+    OP_REQUIRES_OK(
+        ctx, MakeShape(type_string(), "the output [batch, width]", {batch, width}, &output_shape));
     tensorflow::Tensor* output = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, output_shape, &output));
     OP_REQUIRES_OK(ctx, ToTfStatus(LookupFunctor<Device, T, IdT, OffsetT>::Forward(
@@ -194,46 +194,46 @@ class SparseRowSplitsOp : public tensorflow::OpKernel {
 // Registers every lookup kernel for one device (DEVICE_CPU with Eigen::ThreadPoolDevice, or
 // DEVICE_GPU with Eigen::GpuDevice). Scalars the kernels read on the host are HostMemory, which
 // is a no-op on the CPU.
-#define DE_REGISTER_LOOKUP_KERNELS(DEVICE, EigenDevice, T, IdT, OffsetT)                           \
-  REGISTER_KERNEL_BUILDER(Name("DePooledEmbeddingLookup")                                          \
-                              .Device(tensorflow::DEVICE)                                          \
-                              .TypeConstraint<T>("T")                                              \
-                              .TypeConstraint<IdT>("Tindices")                                     \
-                              .TypeConstraint<OffsetT>("Tsplits"),                                 \
-                          PooledLookupOp<EigenDevice, T, IdT, OffsetT, false>);                    \
-  REGISTER_KERNEL_BUILDER(Name("DeResourcePooledEmbeddingLookup")                                  \
-                              .Device(tensorflow::DEVICE)                                          \
-                              .HostMemory("resource")                                              \
-                              .TypeConstraint<T>("dtype")                                          \
-                              .TypeConstraint<IdT>("Tindices")                                     \
-                              .TypeConstraint<OffsetT>("Tsplits"),                                 \
-                          PooledLookupOp<EigenDevice, T, IdT, OffsetT, true>);                     \
-  REGISTER_KERNEL_BUILDER(Name("DePooledEmbeddingLookupGrad")                                      \
-                              .Device(tensorflow::DEVICE)                                          \
-                              .HostMemory("num_rows")                                              \
-                              .TypeConstraint<T>("T")                                              \
-                              .TypeConstraint<IdT>("Tindices")                                     \
-                              .TypeConstraint<OffsetT>("Tsplits"),                                 \
+#define DE_REGISTER_LOOKUP_KERNELS(DEVICE, EigenDevice, T, IdT, OffsetT)        \
+  REGISTER_KERNEL_BUILDER(Name("DePooledEmbeddingLookup")                       \
+                              .Device(tensorflow::DEVICE)                       \
+                              .TypeConstraint<T>("T")                           \
+                              .TypeConstraint<IdT>("Tindices")                  \
+                              .TypeConstraint<OffsetT>("Tsplits"),              \
+                          PooledLookupOp<EigenDevice, T, IdT, OffsetT, false>); \
+  REGISTER_KERNEL_BUILDER(Name("DeResourcePooledEmbeddingLookup")               \
+                              .Device(tensorflow::DEVICE)                       \
+                              .HostMemory("resource")                           \
+                              .TypeConstraint<T>("dtype")                       \
+                              .TypeConstraint<IdT>("Tindices")                  \
+                              .TypeConstraint<OffsetT>("Tsplits"),              \
+                          PooledLookupOp<EigenDevice, T, IdT, OffsetT, true>);  \
+  REGISTER_KERNEL_BUILDER(Name("DePooledEmbeddingLookupGrad")                   \
+                              .Device(tensorflow::DEVICE)                       \
+                              .HostMemory("num_rows")                           \
+                              .TypeConstraint<T>("T")                           \
+                              .TypeConstraint<IdT>("Tindices")                  \
+                              .TypeConstraint<OffsetT>("Tsplits"),              \
                           PooledLookupGradOp<EigenDevice, T, IdT, OffsetT>);
 
-#define DE_REGISTER_ALL_LOOKUP_KERNELS(DEVICE, EigenDevice)                                        \
-  DE_REGISTER_LOOKUP_KERNELS(DEVICE, EigenDevice, float, int32_t, int32_t)                         \
-  DE_REGISTER_LOOKUP_KERNELS(DEVICE, EigenDevice, float, int32_t, int64_t)                         \
-  DE_REGISTER_LOOKUP_KERNELS(DEVICE, EigenDevice, float, int64_t, int32_t)                         \
-  DE_REGISTER_LOOKUP_KERNELS(DEVICE, EigenDevice, float, int64_t, int64_t)                         \
-  DE_REGISTER_LOOKUP_KERNELS(DEVICE, EigenDevice, double, int32_t, int32_t)                        \
-  DE_REGISTER_LOOKUP_KERNELS(DEVICE, EigenDevice, double, int32_t, int64_t)                        \
-  DE_REGISTER_LOOKUP_KERNELS(DEVICE, EigenDevice, double, int64_t, int32_t)                        \
-  DE_REGISTER_LOOKUP_KERNELS(DEVICE, EigenDevice, double, int64_t, int64_t)                        \
-  REGISTER_KERNEL_BUILDER(Name("DeSparseRowSplits")                                                \
-                              .Device(tensorflow::DEVICE)                                          \
-                              .HostMemory("dense_shape")                                           \
-                              .TypeConstraint<int32_t>("out_type"),                                \
-                          SparseRowSplitsOp<EigenDevice, int32_t>);                                \
-  REGISTER_KERNEL_BUILDER(Name("DeSparseRowSplits")                                                \
-                              .Device(tensorflow::DEVICE)                                          \
-                              .HostMemory("dense_shape")                                           \
-                              .TypeConstraint<int64_t>("out_type"),                                \
+#define DE_REGISTER_ALL_LOOKUP_KERNELS(DEVICE, EigenDevice)                 \
+  DE_REGISTER_LOOKUP_KERNELS(DEVICE, EigenDevice, float, int32_t, int32_t)  \
+  DE_REGISTER_LOOKUP_KERNELS(DEVICE, EigenDevice, float, int32_t, int64_t)  \
+  DE_REGISTER_LOOKUP_KERNELS(DEVICE, EigenDevice, float, int64_t, int32_t)  \
+  DE_REGISTER_LOOKUP_KERNELS(DEVICE, EigenDevice, float, int64_t, int64_t)  \
+  DE_REGISTER_LOOKUP_KERNELS(DEVICE, EigenDevice, double, int32_t, int32_t) \
+  DE_REGISTER_LOOKUP_KERNELS(DEVICE, EigenDevice, double, int32_t, int64_t) \
+  DE_REGISTER_LOOKUP_KERNELS(DEVICE, EigenDevice, double, int64_t, int32_t) \
+  DE_REGISTER_LOOKUP_KERNELS(DEVICE, EigenDevice, double, int64_t, int64_t) \
+  REGISTER_KERNEL_BUILDER(Name("DeSparseRowSplits")                         \
+                              .Device(tensorflow::DEVICE)                   \
+                              .HostMemory("dense_shape")                    \
+                              .TypeConstraint<int32_t>("out_type"),         \
+                          SparseRowSplitsOp<EigenDevice, int32_t>);         \
+  REGISTER_KERNEL_BUILDER(Name("DeSparseRowSplits")                         \
+                              .Device(tensorflow::DEVICE)                   \
+                              .HostMemory("dense_shape")                    \
+                              .TypeConstraint<int64_t>("out_type"),         \
                           SparseRowSplitsOp<EigenDevice, int64_t>);
 
 }  // namespace distributed_embeddings

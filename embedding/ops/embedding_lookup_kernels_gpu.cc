@@ -46,7 +46,8 @@ struct LookupFunctor<GPUDevice, T, IdT, OffsetT> {
                          BoundsCheck bounds_check) {
     const int64_t width = grad.dim_size(1);
     const int64_t capacity = MaxUniqueIds(csr.nnz, num_rows);
-    const size_t bytes = PooledLookupBackwardCudaWorkspaceBytes<T, IdT, OffsetT>(csr.nnz, csr.batch);
+    const size_t bytes =
+        PooledLookupBackwardCudaWorkspaceBytes<T, IdT, OffsetT>(csr.nnz, csr.batch);
     Tensor workspace;
     DE_RETURN_IF_ERROR(AllocateBytes(ctx, bytes, &workspace));
     UniqueGradOutputs unique;
@@ -63,8 +64,8 @@ struct LookupFunctor<GPUDevice, T, IdT, OffsetT> {
 
 template <typename OffsetT>
 struct SparseRowSplitsFunctor<GPUDevice, OffsetT> {
-  static Status Compute(OpKernelContext* ctx, const int64_t* indices, int64_t nnz,
-                        int64_t num_rows, int64_t num_cols, OffsetT* row_splits) {
+  static Status Compute(OpKernelContext* ctx, const int64_t* indices, int64_t nnz, int64_t num_rows,
+                        int64_t num_cols, OffsetT* row_splits) {
     Tensor workspace;
     DE_RETURN_IF_ERROR(AllocateBytes(ctx, ValidationWorkspaceBytes(), &workspace));
     return CooToRowSplitsCuda(indices, nnz, num_rows, num_cols, row_splits,

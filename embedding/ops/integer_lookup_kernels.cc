@@ -1,7 +1,7 @@
 // CPU functor and registration of DeIntegerLookup.
-#include <cstring>
-
 #include "embedding/ops/integer_lookup_kernels.h"
+
+#include <cstring>
 
 namespace distributed_embeddings {
 
@@ -17,9 +17,8 @@ struct IntegerLookupFunctor<CPUDevice, KeyT> {
     return Status::Ok();
   }
 
-  static Status Lookup(OpKernelContext* ctx, int64_t* state, int64_t state_size,
-                       int64_t max_tokens, const KeyT* keys, int64_t n, bool insert,
-                       int64_t* ids) {
+  static Status Lookup(OpKernelContext* ctx, int64_t* state, int64_t state_size, int64_t max_tokens,
+                       const KeyT* keys, int64_t n, bool insert, int64_t* ids) {
     return IntegerLookupCpu(state, state_size, max_tokens, keys, n, insert, ids,
                             CpuParallelFor(ctx));
   }
@@ -36,9 +35,9 @@ class InitialIntegerLookupStateOp : public tensorflow::OpKernel {
 
   void Compute(OpKernelContext* ctx) override {
     Tensor* state = nullptr;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(
-                            0, tensorflow::TensorShape({IntegerLookupStateSize(max_tokens_)}),
-                            &state));
+    OP_REQUIRES_OK(
+        ctx, ctx->allocate_output(0, tensorflow::TensorShape({IntegerLookupStateSize(max_tokens_)}),
+                                  &state));
     InitIntegerLookupState(state->flat<int64_t>().data(), max_tokens_);
   }
 
@@ -72,11 +71,10 @@ class ValidateIntegerLookupStateOp : public tensorflow::OpKernel {
 REGISTER_KERNEL_BUILDER(Name("DeValidateIntegerLookupState").Device(tensorflow::DEVICE_CPU),
                         ValidateIntegerLookupStateOp);
 
-#define DE_REGISTER_CPU_INTEGER_LOOKUP(KeyT)                                         \
-  REGISTER_KERNEL_BUILDER(Name("DeIntegerLookup")                                    \
-                              .Device(tensorflow::DEVICE_CPU)                        \
-                              .TypeConstraint<KeyT>("Tkeys"),                        \
-                          IntegerLookupOp<CPUDevice, KeyT>);
+#define DE_REGISTER_CPU_INTEGER_LOOKUP(KeyT)                                                \
+  REGISTER_KERNEL_BUILDER(                                                                  \
+      Name("DeIntegerLookup").Device(tensorflow::DEVICE_CPU).TypeConstraint<KeyT>("Tkeys"), \
+      IntegerLookupOp<CPUDevice, KeyT>);
 
 DE_REGISTER_CPU_INTEGER_LOOKUP(int32_t)
 DE_REGISTER_CPU_INTEGER_LOOKUP(int64_t)

@@ -22,8 +22,7 @@ struct IntegerLookupFunctor {
   static Status Copy(tensorflow::OpKernelContext* ctx, const tensorflow::Tensor& from,
                      tensorflow::Tensor* to);
   static Status Lookup(tensorflow::OpKernelContext* ctx, int64_t* state, int64_t state_size,
-                       int64_t max_tokens, const KeyT* keys, int64_t n, bool insert,
-                       int64_t* ids);
+                       int64_t max_tokens, const KeyT* keys, int64_t n, bool insert, int64_t* ids);
 };
 
 template <typename Device, typename KeyT>
@@ -39,8 +38,8 @@ class IntegerLookupOp : public tensorflow::OpKernel {
     tensorflow::Tensor* ids = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, keys.shape(), &ids));
     tensorflow::core::RefCountPtr<tensorflow::Var> variable;
-    OP_REQUIRES_OK(ctx, tensorflow::LookupResource(ctx, tensorflow::HandleFromInput(ctx, 0),
-                                                   &variable));
+    OP_REQUIRES_OK(ctx,
+                   tensorflow::LookupResource(ctx, tensorflow::HandleFromInput(ctx, 0), &variable));
     if (insert_) {
       tensorflow::mutex_lock lock(*variable->mu());
       Run(ctx, variable.get(), keys, ids);
@@ -57,14 +56,14 @@ class IntegerLookupOp : public tensorflow::OpKernel {
     OP_REQUIRES(ctx, variable->is_initialized && state->IsInitialized(),
                 absl::FailedPreconditionError(type_string() +
                                               ": the variable 'state' is not initialized."));
-    OP_REQUIRES(ctx, state->dtype() == tensorflow::DT_INT64 && state->dims() == 1,
-                absl::InvalidArgumentError(type_string() +
-                                           ": 'state' must be a 1-D int64 variable; got " +
-                                           tensorflow::DataTypeString(state->dtype()) + " " +
-                                           state->shape().DebugString() + "."));
-    OP_REQUIRES_OK(ctx, ToTfStatus(ValidateIntegerLookupStateSize(state->NumElements(),
-                                                                  max_tokens_),
-                                   type_string()));
+    OP_REQUIRES(
+        ctx, state->dtype() == tensorflow::DT_INT64 && state->dims() == 1,
+        absl::InvalidArgumentError(type_string() + ": 'state' must be a 1-D int64 variable; got " +
+                                   tensorflow::DataTypeString(state->dtype()) + " " +
+                                   state->shape().DebugString() + "."));
+    OP_REQUIRES_OK(ctx,
+                   ToTfStatus(ValidateIntegerLookupStateSize(state->NumElements(), max_tokens_),
+                              type_string()));
     if (insert_ && !state->RefCountIsOne()) {
       tensorflow::Tensor copy;
       OP_REQUIRES_OK(ctx, ctx->allocate_temp(tensorflow::DT_INT64, state->shape(), &copy));

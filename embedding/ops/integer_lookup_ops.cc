@@ -1,6 +1,6 @@
 // Op definition of IntegerLookup: keys to contiguous ids through a vocabulary kept in a variable.
-#include "tensorflow/core/framework/op.h"
 #include "tensorflow/core/framework/common_shape_fns.h"
+#include "tensorflow/core/framework/op.h"
 #include "tensorflow/core/framework/shape_inference.h"
 
 namespace distributed_embeddings {

@@ -36,9 +36,9 @@ absl::Status CheckVariableValue(const std::string& op, tensorflow::Var* variable
     return absl::FailedPreconditionError(op + ": the variable 'resource' is not initialized.");
   }
   if (value.dtype() != dtype) {
-    return absl::InvalidArgumentError(op + ": 'resource' must hold " +
-                                      tensorflow::DataTypeString(dtype) + " to match 'dtype'; got " +
-                                      tensorflow::DataTypeString(value.dtype()) + ".");
+    return absl::InvalidArgumentError(
+        op + ": 'resource' must hold " + tensorflow::DataTypeString(dtype) +
+        " to match 'dtype'; got " + tensorflow::DataTypeString(value.dtype()) + ".");
   }
   return absl::OkStatus();
 }

@@ -45,8 +45,8 @@ class ReadVariableNoCopyOp : public tensorflow::OpKernel {
 
   void Compute(tensorflow::OpKernelContext* ctx) override {
     tensorflow::core::RefCountPtr<tensorflow::Var> variable;
-    OP_REQUIRES_OK(ctx, tensorflow::LookupResource(ctx, tensorflow::HandleFromInput(ctx, 0),
-                                                   &variable));
+    OP_REQUIRES_OK(ctx,
+                   tensorflow::LookupResource(ctx, tensorflow::HandleFromInput(ctx, 0), &variable));
     // Exclusive: no sparse update may be writing the buffer in place while the mode changes.
     tensorflow::mutex_lock lock(*variable->mu());
     OP_REQUIRES_OK(ctx, CheckVariableValue(type_string(), variable.get(), dtype_));
@@ -63,11 +63,12 @@ REGISTER_KERNEL_BUILDER(Name("DeReadVariableNoCopy").Device(tensorflow::DEVICE_C
 
 #if GOOGLE_CUDA
 // Device memory only: the handle itself lives on the host.
-#define DE_REGISTER_GPU_READ(T)                                                          \
-  REGISTER_KERNEL_BUILDER(                                                               \
-      Name("DeReadVariableNoCopy").Device(tensorflow::DEVICE_GPU).HostMemory("resource") \
-          .TypeConstraint<T>("dtype"),                                                   \
-      ReadVariableNoCopyOp);
+#define DE_REGISTER_GPU_READ(T)                               \
+  REGISTER_KERNEL_BUILDER(Name("DeReadVariableNoCopy")        \
+                              .Device(tensorflow::DEVICE_GPU) \
+                              .HostMemory("resource")         \
+                              .TypeConstraint<T>("dtype"),    \
+                          ReadVariableNoCopyOp);
 DE_REGISTER_GPU_READ(Eigen::half)
 DE_REGISTER_GPU_READ(Eigen::bfloat16)
 DE_REGISTER_GPU_READ(float)

@@ -15,7 +15,15 @@ from distributed_embeddings.dist_model_parallel import DistributedOptimizer
 __version__ = "0.1.0"
 
 __all__ = [
-    "ConcatOneHotEmbedding", "Embedding", "IntegerLookup", "embedding_lookup", "dist_model_parallel",
-    "broadcast_variables", "BroadcastGlobalVariablesCallback", "DistEmbeddingStrategy",
-    "DistributedEmbedding", "DistributedGradientTape", "DistributedOptimizer"
+  "ConcatOneHotEmbedding",
+  "Embedding",
+  "IntegerLookup",
+  "embedding_lookup",
+  "dist_model_parallel",
+  "broadcast_variables",
+  "BroadcastGlobalVariablesCallback",
+  "DistEmbeddingStrategy",
+  "DistributedEmbedding",
+  "DistributedGradientTape",
+  "DistributedOptimizer",
 ]

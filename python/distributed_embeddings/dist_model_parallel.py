@@ -5,7 +5,9 @@ from distributed_embeddings.python.layers.dist_checkpoint import BackupAndRestor
 from distributed_embeddings.python.layers.dist_checkpoint import restore_checkpoint
 from distributed_embeddings.python.layers.dist_checkpoint import save_checkpoint
 from distributed_embeddings.python.layers.dist_model_parallel import broadcast_variables
-from distributed_embeddings.python.layers.dist_model_parallel import BroadcastGlobalVariablesCallback
+from distributed_embeddings.python.layers.dist_model_parallel import (
+  BroadcastGlobalVariablesCallback,
+)
 from distributed_embeddings.python.layers.dist_model_parallel import DistEmbeddingStrategy
 from distributed_embeddings.python.layers.dist_model_parallel import DistributedEmbedding
 from distributed_embeddings.python.layers.dist_model_parallel import DistributedGradientTape

@@ -61,8 +61,9 @@ def launch(num_workers, command, env=None):
   processes, streams = [], []
   for rank in range(num_workers):
     worker_env = dict(env if env is not None else os.environ)
-    worker_env["TF_CONFIG"] = json.dumps({"cluster": {"worker": workers},
-                                          "task": {"type": "worker", "index": rank}})
+    worker_env["TF_CONFIG"] = json.dumps(
+      {"cluster": {"worker": workers}, "task": {"type": "worker", "index": rank}}
+    )
     worker_env["PYTHONUNBUFFERED"] = "1"
     # oneDNN's CPU allocator pools every large allocation for the life of the process, each
     # process up to the host's whole memory: N workers on one host keep N high-water marks.
@@ -70,8 +71,7 @@ def launch(num_workers, command, env=None):
     worker_env.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
     # All workers share this host: the local rank picks each one's GPU (init_from_env).
     worker_env["DE_LOCAL_RANK"] = str(rank)
-    p = subprocess.Popen(command, env=worker_env, stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT)
+    p = subprocess.Popen(command, env=worker_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     processes.append(p)
     t = threading.Thread(target=_stream, args=(rank, p.stdout, lock), daemon=True)
     t.start()
@@ -83,8 +83,11 @@ def launch(num_workers, command, env=None):
       if failed:
         rank, code = failed[0]
         with lock:
-          print(f"[launch] worker {rank} exited with code {code}; stopping the other workers.",
-                file=sys.stderr, flush=True)
+          print(
+            f"[launch] worker {rank} exited with code {code}; stopping the other workers.",
+            file=sys.stderr,
+            flush=True,
+          )
         _stop(processes)
         return code if code > 0 else 1
       if all(code == 0 for code in codes):
@@ -100,8 +103,9 @@ def launch(num_workers, command, env=None):
 
 def main(argv=None):
   parser = argparse.ArgumentParser(
-      prog="python -m distributed_embeddings.launch",
-      description="Runs a training script as N local workers connected for collective ops.")
+    prog="python -m distributed_embeddings.launch",
+    description="Runs a training script as N local workers connected for collective ops.",
+  )
   parser.add_argument("-n", "--num_workers", type=int, required=True)
   parser.add_argument("script")
   parser.add_argument("args", nargs=argparse.REMAINDER)

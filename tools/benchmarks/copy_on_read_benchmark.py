@@ -23,12 +23,13 @@ import distributed_embeddings as de
 
 def _paths():
   return {
-      "distributed_embeddings.embedding_lookup (resource handle)":
-          lambda var, ids: de.embedding_lookup(var, ids, combiner="sum"),
-      "tf.nn.embedding_lookup + reduce_sum (ResourceGather)":
-          lambda var, ids: tf.reduce_sum(tf.nn.embedding_lookup(var, ids), axis=1),
-      "dense read + tf.gather + reduce_sum (what keras ops.take does)":
-          lambda var, ids: tf.reduce_sum(tf.gather(tf.convert_to_tensor(var), ids), axis=1),
+    "distributed_embeddings.embedding_lookup (resource handle)": lambda var,
+    ids: de.embedding_lookup(var, ids, combiner="sum"),
+    "tf.nn.embedding_lookup + reduce_sum (ResourceGather)": lambda var, ids: tf.reduce_sum(
+      tf.nn.embedding_lookup(var, ids), axis=1
+    ),
+    "dense read + tf.gather + reduce_sum (what keras ops.take does)": lambda var,
+    ids: tf.reduce_sum(tf.gather(tf.convert_to_tensor(var), ids), axis=1),
   }
 
 
@@ -59,10 +60,13 @@ def main(argv):
 
   rng = np.random.default_rng(0)
   table = rng.standard_normal((args.vocab, args.width)).astype(np.float32)
-  batches = [tf.constant(rng.integers(0, args.vocab, size=(args.batch, args.hotness)))
-             for _ in range(5)]
-  print(f"V={args.vocab} width={args.width} ({table.nbytes / 2**20:.0f} MiB) "
-        f"batch={args.batch} hotness={args.hotness}; median of {args.repeats} x {args.iters}\n")
+  batches = [
+    tf.constant(rng.integers(0, args.vocab, size=(args.batch, args.hotness))) for _ in range(5)
+  ]
+  print(
+    f"V={args.vocab} width={args.width} ({table.nbytes / 2**20:.0f} MiB) "
+    f"batch={args.batch} hotness={args.hotness}; median of {args.repeats} x {args.iters}\n"
+  )
   print("| path | before sparse update (ms) | after (ms) | after / before |")
   print("|---|---|---|---|")
   for name, lookup in _paths().items():

@@ -55,8 +55,13 @@ def make_inputs(rng, vocab, batch, hotness):
   lengths = make_lengths(rng, batch, hotness)
   values = rng.integers(0, vocab, size=int(lengths.sum()), dtype=np.int64)
   ragged = tf.RaggedTensor.from_row_lengths(values, lengths)
-  inputs = {"ragged": ragged, "sparse": ragged.to_sparse(), "values": values,
-            "offsets": np.concatenate([[0], np.cumsum(lengths)[:-1]]), "nnz": len(values)}
+  inputs = {
+    "ragged": ragged,
+    "sparse": ragged.to_sparse(),
+    "values": values,
+    "offsets": np.concatenate([[0], np.cumsum(lengths)[:-1]]),
+    "nnz": len(values),
+  }
   if hotness not in ("powerlaw", "uniform"):
     inputs["dense"] = tf.constant(values.reshape(batch, int(hotness)))
   return inputs
@@ -74,7 +79,7 @@ def time_interleaved(sweeps, passes, repeats):
     sweeps[name]()  # warm-up: tracing, allocation
   samples = {name: [] for name in names}
   for r in range(repeats):
-    for name in names[r % len(names):] + names[:r % len(names)]:
+    for name in names[r % len(names) :] + names[: r % len(names)]:
       lookups = 0
       start = time.perf_counter()
       for _ in range(passes):
@@ -112,10 +117,15 @@ def tf_paths(table, combiner, fmt, dispatch, batches):
   def native_safe_sparse(ids):
     return tf.nn.safe_embedding_lookup_sparse(table, ids, None, combiner=combiner)
 
-  candidates = {"dense": {"ours": ours, "tf gather+reduce": native_dense},
-                "ragged": {"ours": ours, "tf ragged gather+reduce": native_ragged},
-                "sparse": {"ours": ours, "tf embedding_lookup_sparse": native_sparse,
-                           "tf safe_embedding_lookup_sparse": native_safe_sparse}}[fmt]
+  candidates = {
+    "dense": {"ours": ours, "tf gather+reduce": native_dense},
+    "ragged": {"ours": ours, "tf ragged gather+reduce": native_ragged},
+    "sparse": {
+      "ours": ours,
+      "tf embedding_lookup_sparse": native_sparse,
+      "tf safe_embedding_lookup_sparse": native_safe_sparse,
+    },
+  }[fmt]
   paths = {}
   for name, forward in candidates.items():
 
@@ -226,12 +236,20 @@ def run_case(rng, table_np, table_var, batch, hotness, combiner, args):
     fwd_bwd = time_interleaved({name: p[1] for name, p in paths.items()}, passes, args.repeats)
     for name in paths:
       fwd_s = statistics.median(fwd[name])
-      rows.append({"width": width, "hotness": str(hotness), "combiner": combiner, "format": fmt,
-                   "path": name, "fwd_ms": fwd_s * 1e3,
-                   "fwd_bwd_ms": statistics.median(fwd_bwd[name]) * 1e3,
-                   "fwd_gb_s": bytes_gathered / fwd_s / 1e9,
-                   "ours_speedup_fwd": paired_ratio(fwd[name], fwd["ours"]),
-                   "ours_speedup_fwd_bwd": paired_ratio(fwd_bwd[name], fwd_bwd["ours"])})
+      rows.append(
+        {
+          "width": width,
+          "hotness": str(hotness),
+          "combiner": combiner,
+          "format": fmt,
+          "path": name,
+          "fwd_ms": fwd_s * 1e3,
+          "fwd_bwd_ms": statistics.median(fwd_bwd[name]) * 1e3,
+          "fwd_gb_s": bytes_gathered / fwd_s / 1e9,
+          "ours_speedup_fwd": paired_ratio(fwd[name], fwd["ours"]),
+          "ours_speedup_fwd_bwd": paired_ratio(fwd_bwd[name], fwd_bwd["ours"]),
+        }
+      )
   return rows
 
 
@@ -240,33 +258,47 @@ def summarize(rows):
   (paired) ratio peer time / our time, and in how many cases ours is faster."""
   cases = {}
   for row in rows:
-    cases.setdefault((row["width"], row["hotness"], row["combiner"], row["format"]),
-                     {})[row["path"]] = row
+    cases.setdefault((row["width"], row["hotness"], row["combiner"], row["format"]), {})[
+      row["path"]
+    ] = row
 
   def line(label, ratios):
     if not ratios:
       return []
     faster = sum(r > 1 for r in ratios)
-    return [f"| {label} | {statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})"
-            f" | {faster}/{len(ratios)} |"]
+    return [
+      f"| {label} | {statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})"
+      f" | {faster}/{len(ratios)} |"
+    ]
 
   lines = ["| peer, cases | median ratio (range) | ours faster |", "|---|---|---|"]
   for key, name in (("ours_speedup_fwd", "fwd"), ("ours_speedup_fwd_bwd", "fwd+bwd")):
     for hotness in (None, "1", "10", "powerlaw"):
-      lines += line(f"torch {name}, " + ("all" if hotness is None else f"hotness {hotness}"),
-                    [c["torch embedding_bag"][key] for k, c in cases.items()
-                     if "torch embedding_bag" in c and hotness in (None, k[1])])
+      lines += line(
+        f"torch {name}, " + ("all" if hotness is None else f"hotness {hotness}"),
+        [
+          c["torch embedding_bag"][key]
+          for k, c in cases.items()
+          if "torch embedding_bag" in c and hotness in (None, k[1])
+        ],
+      )
     for fmt in ("dense", "ragged", "sparse"):
       # TF's best path in each case: the one with the smallest ratio to ours.
-      lines += line(f"best TF {name}, {fmt} ids",
-                    [min(r[key] for n, r in c.items() if n.startswith("tf "))
-                     for k, c in cases.items() if k[3] == fmt])
+      lines += line(
+        f"best TF {name}, {fmt} ids",
+        [
+          min(r[key] for n, r in c.items() if n.startswith("tf "))
+          for k, c in cases.items()
+          if k[3] == fmt
+        ],
+      )
   return lines
 
 
 def main(argv):
-  parser = argparse.ArgumentParser(description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   parser.add_argument("--vocab", type=int, default=1_000_000)
   parser.add_argument("--widths", default="16,64,256")
   parser.add_argument("--batch", type=int, default=8192)
@@ -275,8 +307,12 @@ def main(argv):
   parser.add_argument("--iters", type=int, default=10)
   parser.add_argument("--repeats", type=int, default=7)
   parser.add_argument("--threads", type=int, default=0, help="TF intra-op threads (0: default)")
-  parser.add_argument("--dispatch", choices=("in-graph", "per-call"), default="in-graph",
-                      help="how TF paths are called (module docstring)")
+  parser.add_argument(
+    "--dispatch",
+    choices=("in-graph", "per-call"),
+    default="in-graph",
+    help="how TF paths are called (module docstring)",
+  )
   parser.add_argument("--json", help="also write the rows here")
   parser.add_argument("--quick", action="store_true", help="one small case, for smoke tests")
   args = parser.parse_args(argv[1:])
@@ -293,8 +329,10 @@ def main(argv):
   tf.get_logger().setLevel("ERROR")
   rng = np.random.default_rng(0)
   rows = []
-  print("| width | hotness | combiner | format | path | fwd ms | fwd+bwd ms | fwd GB/s |"
-        " ours faster fwd | ours faster fwd+bwd |")
+  print(
+    "| width | hotness | combiner | format | path | fwd ms | fwd+bwd ms | fwd GB/s |"
+    " ours faster fwd | ours faster fwd+bwd |"
+  )
   print("|---|---|---|---|---|---|---|---|---|---|")
   for width in [int(w) for w in args.widths.split(",")]:
     table_np = rng.random((args.vocab, width), dtype=np.float32)
@@ -303,21 +341,26 @@ def main(argv):
     # 256 MB); let it finish so that it does not run inside the first timed case.
     de.embedding_lookup(table_var, tf.zeros([1, 1], tf.int64), combiner="sum")
     time.sleep(0 if args.quick else 2.0 * table_np.nbytes / 2**28)
-    ceiling = gather_ceiling(table_np, [make_inputs(rng, args.vocab, args.batch, 10)
-                                        for _ in range(ROTATING_BATCHES)])
+    ceiling = gather_ceiling(
+      table_np, [make_inputs(rng, args.vocab, args.batch, 10) for _ in range(ROTATING_BATCHES)]
+    )
     print(f"| {width} | - | - | - | numpy take (gather ceiling) | - | - | {ceiling:.1f} | - | - |")
     if args.dispatch == "in-graph":
-      floor = step_floor([make_inputs(rng, args.vocab, args.batch, 1)
-                          for _ in range(ROTATING_BATCHES)])
+      floor = step_floor(
+        [make_inputs(rng, args.vocab, args.batch, 1) for _ in range(ROTATING_BATCHES)]
+      )
       print(f"| {width} | - | - | - | tf in-graph step floor | {floor * 1e3:.2f} | - | - | - | - |")
     for hotness in args.hotness.split(","):
       for combiner in args.combiners.split(","):
         for row in run_case(rng, table_np, table_var, args.batch, hotness, combiner, args):
           rows.append(row)
-          print(f"| {row['width']} | {row['hotness']} | {row['combiner']} | {row['format']} | "
-                f"{row['path']} | {row['fwd_ms']:.2f} | {row['fwd_bwd_ms']:.2f} | "
-                f"{row['fwd_gb_s']:.1f} | {row['ours_speedup_fwd']:.2f}x | "
-                f"{row['ours_speedup_fwd_bwd']:.2f}x |", flush=True)
+          print(
+            f"| {row['width']} | {row['hotness']} | {row['combiner']} | {row['format']} | "
+            f"{row['path']} | {row['fwd_ms']:.2f} | {row['fwd_bwd_ms']:.2f} | "
+            f"{row['fwd_gb_s']:.1f} | {row['ours_speedup_fwd']:.2f}x | "
+            f"{row['ours_speedup_fwd_bwd']:.2f}x |",
+            flush=True,
+          )
     del table_var
   print()
   print("\n".join(summarize(rows)))

@@ -27,16 +27,55 @@ import time
 
 # The reference's `large_testcase_sizes`: [rows, width] of its 41 tables.
 REFERENCE_TABLES = [
-    [2, 8], [2, 16], [10, 8], [10, 16], [10, 16], [10, 16], [10, 16], [10, 16], [10, 32],
-    [10, 128], [10, 128], [10, 128], [10, 128], [10, 1024], [100, 16], [100, 32], [100, 32],
-    [100, 32], [100, 32], [100, 128], [100, 128], [1000, 16], [1000, 16], [1000, 48],
-    [1000, 128], [1000, 128], [1000, 384], [10000, 64], [10000, 64], [10000, 2048],
-    [100000, 32], [100000, 64], [100000, 64], [100000, 64], [100000, 128], [1000000, 96],
-    [1000000, 128], [1000000, 128], [9999999, 8], [10000000, 8], [10000001, 8]
+  [2, 8],
+  [2, 16],
+  [10, 8],
+  [10, 16],
+  [10, 16],
+  [10, 16],
+  [10, 16],
+  [10, 16],
+  [10, 32],
+  [10, 128],
+  [10, 128],
+  [10, 128],
+  [10, 128],
+  [10, 1024],
+  [100, 16],
+  [100, 32],
+  [100, 32],
+  [100, 32],
+  [100, 32],
+  [100, 128],
+  [100, 128],
+  [1000, 16],
+  [1000, 16],
+  [1000, 48],
+  [1000, 128],
+  [1000, 128],
+  [1000, 384],
+  [10000, 64],
+  [10000, 64],
+  [10000, 2048],
+  [100000, 32],
+  [100000, 64],
+  [100000, 64],
+  [100000, 64],
+  [100000, 128],
+  [1000000, 96],
+  [1000000, 128],
+  [1000000, 128],
+  [9999999, 8],
+  [10000000, 8],
+  [10000001, 8],
 ]
 # The reference test's placement for these tables.
-THRESHOLDS = dict(strategy="memory_balanced", data_parallel_threshold=10000,
-                  column_slice_threshold=1000000, row_slice_threshold=10000000)
+THRESHOLDS = dict(
+  strategy="memory_balanced",
+  data_parallel_threshold=10000,
+  column_slice_threshold=1000000,
+  row_slice_threshold=10000000,
+)
 GIB = 2**30
 
 
@@ -74,6 +113,7 @@ def floor_worker(scale):
   import numpy as np  # pylint: disable=import-outside-toplevel
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
   import keras  # pylint: disable=import-outside-toplevel
+
   sampler = PeakSampler()
   tables = _tables(scale)
   layers = [keras.layers.Embedding(rows, width) for rows, width in tables]
@@ -83,8 +123,9 @@ def floor_worker(scale):
   test_weights = [np.copy(w) for w in ref_weights]
   checker = tf.test.TestCase()
   for ref_w, test_w in zip(ref_weights, test_weights):
-    checker.assertAllClose(tf.convert_to_tensor(ref_w), tf.convert_to_tensor(test_w),
-                           rtol=1e-5, atol=1e-5)
+    checker.assertAllClose(
+      tf.convert_to_tensor(ref_w), tf.convert_to_tensor(test_w), rtol=1e-5, atol=1e-5
+    )
   return {"tables_gib": sum(r * w for r, w in tables) * 4 / GIB, "peak_gib": sampler.phase()}
 
 
@@ -93,6 +134,7 @@ def ours_worker(scale, steps):
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
   import keras  # pylint: disable=import-outside-toplevel
   from distributed_embeddings import dist_model_parallel as dmp  # pylint: disable=import-outside-toplevel
+
   comm = dmp.init_from_env()
   sampler = PeakSampler()
   tables = _tables(scale)
@@ -101,11 +143,11 @@ def ours_worker(scale, steps):
     thresholds[key] = max(1, thresholds[key] // scale)
 
   class Model(keras.Model):
-
     def __init__(self):
       super().__init__()
       self.embedding = dmp.DistributedEmbedding(
-          [keras.layers.Embedding(rows, width) for rows, width in tables], **thresholds)
+        [keras.layers.Embedding(rows, width) for rows, width in tables], **thresholds
+      )
       self.dense = keras.layers.Dense(5)
 
     def call(self, ids):
@@ -115,12 +157,15 @@ def ours_worker(scale, steps):
   optimizer = dmp.DistributedOptimizer(keras.optimizers.SGD(0.1))
   rng = np.random.default_rng(comm.rank)
   batch = 24 // comm.world_size
-  batches = [[tf.constant(rng.integers(0, rows, batch)) for rows, _ in tables]
-             for _ in range(steps)]
+  batches = [
+    [tf.constant(rng.integers(0, rows, batch)) for rows, _ in tables] for _ in range(steps)
+  ]
   model(batches[0])
   base = sampler.now()
   built = sampler.phase()
-  shard_bytes = sum(int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize for v in model.embedding.table_variables)
+  shard_bytes = sum(
+    int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize for v in model.embedding.table_variables
+  )
 
   @tf.function
   def step(ids):
@@ -137,10 +182,16 @@ def ours_worker(scale, steps):
   weights = model.embedding.get_weights(all_ranks=True)
   returned = sum(w.nbytes for w in weights) / GIB
   gathered = sampler.phase()
-  return {"rank": comm.rank, "shards_gib": shard_bytes / GIB, "rss_after_build_gib": base,
-          "peak_build_gib": built, "peak_train_gib": trained,
-          "train_above_build_gib": trained - base, "weights_returned_gib": returned,
-          "get_weights_above_returned_gib": gathered - before_weights - returned}
+  return {
+    "rank": comm.rank,
+    "shards_gib": shard_bytes / GIB,
+    "rss_after_build_gib": base,
+    "peak_build_gib": built,
+    "peak_train_gib": trained,
+    "train_above_build_gib": trained - base,
+    "weights_returned_gib": returned,
+    "get_weights_above_returned_gib": gathered - before_weights - returned,
+  }
 
 
 def _run(args, workers, scale, steps):
@@ -150,12 +201,19 @@ def _run(args, workers, scale, steps):
   if workers == 0:
     cmd = [sys.executable] + me + ["--role", "floor"]
   else:
-    cmd = [sys.executable, "-m", "distributed_embeddings.launch", "-n", str(workers)] + me + [
-        "--role", "ours"]
-  out = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                       check=False)
-  results = [json.loads(line.split("RESULT ", 1)[1]) for line in out.stdout.splitlines()
-             if "RESULT {" in line]
+    cmd = (
+      [sys.executable, "-m", "distributed_embeddings.launch", "-n", str(workers)]
+      + me
+      + ["--role", "ours"]
+    )
+  out = subprocess.run(
+    cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, check=False
+  )
+  results = [
+    json.loads(line.split("RESULT ", 1)[1])
+    for line in out.stdout.splitlines()
+    if "RESULT {" in line
+  ]
   if out.returncode != 0 or not results:
     sys.stdout.write(out.stdout[-4000:])
     raise SystemExit(f"{' '.join(cmd)} failed with code {out.returncode}")
@@ -183,14 +241,20 @@ def main(argv):
   floor = _run(args, 0, args.scale, args.steps)[0]
   ours = sorted(_run(args, args.workers, args.scale, args.steps), key=lambda r: r["rank"])
   print(f"host memory {host:.1f} GiB; tables {floor['tables_gib']:.2f} GiB (rows / {args.scale})")
-  print(f"reference test's floor, one worker, library holding nothing: {floor['peak_gib']:.2f} GiB;"
-        f" x{args.workers} workers = {floor['peak_gib'] * args.workers:.1f} GiB")
-  print("rank | shards GiB | RSS after build | peak in training | above build | "
-        "get_weights returned | get_weights overhead")
+  print(
+    f"reference test's floor, one worker, library holding nothing: {floor['peak_gib']:.2f} GiB;"
+    f" x{args.workers} workers = {floor['peak_gib'] * args.workers:.1f} GiB"
+  )
+  print(
+    "rank | shards GiB | RSS after build | peak in training | above build | "
+    "get_weights returned | get_weights overhead"
+  )
   for r in ours:
-    print(f"{r['rank']} | {r['shards_gib']:.2f} | {r['rss_after_build_gib']:.2f} | "
-          f"{r['peak_train_gib']:.2f} | {r['train_above_build_gib']:+.2f} | "
-          f"{r['weights_returned_gib']:.2f} | {r['get_weights_above_returned_gib']:+.2f}")
+    print(
+      f"{r['rank']} | {r['shards_gib']:.2f} | {r['rss_after_build_gib']:.2f} | "
+      f"{r['peak_train_gib']:.2f} | {r['train_above_build_gib']:+.2f} | "
+      f"{r['weights_returned_gib']:.2f} | {r['get_weights_above_returned_gib']:+.2f}"
+    )
 
 
 if __name__ == "__main__":

@@ -28,7 +28,8 @@ def build(kind, optimizer_name, tables, rows, width, lazy):
     outputs = [keras.ops.sum(keras.layers.Embedding(rows, width)(x), axis=1) for x in inputs]
   else:
     outputs = dmp.DistributedEmbedding(
-        [de.Embedding(rows, width, combiner="sum") for _ in range(tables)])(inputs)
+      [de.Embedding(rows, width, combiner="sum") for _ in range(tables)]
+    )(inputs)
   model = keras.Model(inputs, keras.layers.Dense(1)(keras.layers.Concatenate()(outputs)))
   optimizer = getattr(keras.optimizers, optimizer_name)(0.01)
   if kind != "stock":
@@ -53,8 +54,9 @@ def main():
   parser.add_argument("--quick", action="store_true", help="tiny sizes, for smoke tests")
   parser.add_argument("--repeats", type=int, default=5)
   args = parser.parse_args()
-  tables, rows, width, batch, steps = (2, 1000, 8, 64, 2) if args.quick else (8, 200_000, 32,
-                                                                              2048, 20)
+  tables, rows, width, batch, steps = (
+    (2, 1000, 8, 64, 2) if args.quick else (8, 200_000, 32, 2048, 20)
+  )
   repeats = 1 if args.quick else args.repeats
   rng = np.random.default_rng(0)
   x = [rng.integers(0, rows, (batch * steps, 1)) for _ in range(tables)]

@@ -29,8 +29,10 @@ def report(preset, world_size, strategy):
   config = synthetic_dlrm.PRESETS[preset]
   cards = synthetic_dlrm.cardinalities(config["cap"])
   layer = dmp.DistributedEmbedding(
-      [de.Embedding(c, config["width"], combiner="sum") for c in cards], strategy=strategy,
-      communicator=comm_lib.Communicator(0, world_size))
+    [de.Embedding(c, config["width"], combiner="sum") for c in cards],
+    strategy=strategy,
+    communicator=comm_lib.Communicator(0, world_size),
+  )
   memory = layer.plan.bytes_per_worker()
   exchange = layer.exchange_bytes_per_step(local_batch=config["batch"] // world_size)
   return max(memory) * world_size / sum(memory), exchange["all_to_all"] / exchange["minimum"]

@@ -21,8 +21,11 @@ def _case_outcome(case):
   tags = {child.tag for child in case}
   if tags & {"failure", "error"}:
     return "failed"
-  if "skipped" in tags or case.get("result") in ("skipped", "suppressed") or \
-      case.get("status") == "notrun":
+  if (
+    "skipped" in tags
+    or case.get("result") in ("skipped", "suppressed")
+    or case.get("status") == "notrun"
+  ):
     return "skipped"
   return "passed"
 
@@ -53,8 +56,9 @@ def summarize(bep_path):
     for line in f:
       event = json.loads(line)
       kind, key = next(iter(event["id"].items()))
-      if kind == "targetConfigured" and event.get("configured", {}).get(
-          "targetKind", "").endswith("_test rule"):
+      if kind == "targetConfigured" and event.get("configured", {}).get("targetKind", "").endswith(
+        "_test rule"
+      ):
         test_targets.add(key["label"])
       elif kind == "targetCompleted":
         if event.get("aborted", {}).get("reason") == "SKIPPED":
@@ -83,11 +87,12 @@ def main(argv):
     name, _, path = arg.partition("=")
     if path.startswith("xml:"):
       counts, failures = collections.Counter(), []
-      _count_xml(path[len("xml:"):], counts, failures, name)
+      _count_xml(path[len("xml:") :], counts, failures, name)
     else:
       counts, failures = summarize(path)
-    print(f"[{name}] {counts['passed']} passed, {counts['failed']} failed, "
-          f"{counts['skipped']} skipped")
+    print(
+      f"[{name}] {counts['passed']} passed, {counts['failed']} failed, {counts['skipped']} skipped"
+    )
     total.update(counts)
     all_failures += [f"[{name}] {failure}" for failure in failures]
   for failure in all_failures:

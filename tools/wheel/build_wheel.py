@@ -44,8 +44,10 @@ def main():
   with open(args.version_file, encoding="utf-8") as f:
     version = re.search(r'^__version__ = "([^"]+)"', f.read(), re.M).group(1)
   if version != args.version:
-    raise SystemExit(f"{args.version_file} says __version__ = {version!r} but the build says "
-                     f"{args.version!r}; update tools/wheel/version.bzl or the package.")
+    raise SystemExit(
+      f"{args.version_file} says __version__ = {version!r} but the build says "
+      f"{args.version!r}; update tools/wheel/version.bzl or the package."
+    )
   with open(args.description_file, encoding="utf-8") as f:
     description = f.read()
 
@@ -56,26 +58,37 @@ def main():
       entries[name] = (f.read(), name.endswith(".so"))
 
   dist_info = f"{args.name}-{version}.dist-info"
-  entries[f"{dist_info}/METADATA"] = ("\n".join([
-      "Metadata-Version: 2.1",
-      f"Name: {args.name.replace('_', '-')}",
-      f"Version: {version}",
-      f"Summary: {args.summary}",
-      "License: Apache-2.0",
-      f"Requires-Python: {args.requires_python}",
-      "Description-Content-Type: text/markdown",
-      "",
-      description,
-  ]).encode(), False)
-  entries[f"{dist_info}/WHEEL"] = ("\n".join([
-      "Wheel-Version: 1.0",
-      "Generator: distributed_embeddings tools/wheel/build_wheel.py",
-      "Root-Is-Purelib: false",
-      f"Tag: py3-none-{args.platform_tag}",
-      "",
-  ]).encode(), False)
-  record_lines = [f"{name},{_record_hash(data)},{len(data)}"
-                  for name, (data, _) in sorted(entries.items())]
+  entries[f"{dist_info}/METADATA"] = (
+    "\n".join(
+      [
+        "Metadata-Version: 2.1",
+        f"Name: {args.name.replace('_', '-')}",
+        f"Version: {version}",
+        f"Summary: {args.summary}",
+        "License: Apache-2.0",
+        f"Requires-Python: {args.requires_python}",
+        "Description-Content-Type: text/markdown",
+        "",
+        description,
+      ]
+    ).encode(),
+    False,
+  )
+  entries[f"{dist_info}/WHEEL"] = (
+    "\n".join(
+      [
+        "Wheel-Version: 1.0",
+        "Generator: distributed_embeddings tools/wheel/build_wheel.py",
+        "Root-Is-Purelib: false",
+        f"Tag: py3-none-{args.platform_tag}",
+        "",
+      ]
+    ).encode(),
+    False,
+  )
+  record_lines = [
+    f"{name},{_record_hash(data)},{len(data)}" for name, (data, _) in sorted(entries.items())
+  ]
   record_lines.append(f"{dist_info}/RECORD,,")
   entries[f"{dist_info}/RECORD"] = (("\n".join(record_lines) + "\n").encode(), False)
 

@@ -27,10 +27,40 @@ def load_library(path):
   lib.de_forward_workspace_bytes.restype = size
   lib.de_backward_workspace_bytes.restype = size
   lib.de_backward_workspace_bytes.argtypes = [i64, i64]
-  lib.de_forward.argtypes = [ptr, i64, i64, ptr, i64, ptr, i64, ctypes.c_int, ptr, ptr, size, ptr,
-                             ctypes.c_char_p, size]
-  lib.de_backward.argtypes = [ptr, i64, i64, ptr, i64, ptr, i64, ctypes.c_int, ptr, ptr, ptr, ptr,
-                              size, ptr, ctypes.c_char_p, size]
+  lib.de_forward.argtypes = [
+    ptr,
+    i64,
+    i64,
+    ptr,
+    i64,
+    ptr,
+    i64,
+    ctypes.c_int,
+    ptr,
+    ptr,
+    size,
+    ptr,
+    ctypes.c_char_p,
+    size,
+  ]
+  lib.de_backward.argtypes = [
+    ptr,
+    i64,
+    i64,
+    ptr,
+    i64,
+    ptr,
+    i64,
+    ctypes.c_int,
+    ptr,
+    ptr,
+    ptr,
+    ptr,
+    size,
+    ptr,
+    ctypes.c_char_p,
+    size,
+  ]
   return lib
 
 
@@ -45,8 +75,9 @@ class Ours:
     device = table.device
     self.out = torch.empty(self.batch, table.shape[1], device=device)
     self.fwd_ws = torch.empty(lib.de_forward_workspace_bytes(), dtype=torch.uint8, device=device)
-    self.bwd_ws = torch.empty(max(1, lib.de_backward_workspace_bytes(nnz, self.batch)),
-                              dtype=torch.uint8, device=device)
+    self.bwd_ws = torch.empty(
+      max(1, lib.de_backward_workspace_bytes(nnz, self.batch)), dtype=torch.uint8, device=device
+    )
     capacity = min(nnz, table.shape[0])
     self.unique_ids = torch.empty(max(capacity, 1), dtype=torch.int64, device=device)
     self.unique_grad = torch.empty(max(capacity, 1), table.shape[1], device=device)
@@ -59,21 +90,48 @@ class Ours:
 
   def forward(self):
     stream = torch.cuda.current_stream().cuda_stream
-    self._check(self.lib.de_forward(
-        self.table.data_ptr(), self.table.shape[0], self.table.shape[1], self.values.data_ptr(),
-        self.values.numel(), self.splits.data_ptr(), self.batch, self.combiner,
-        self.out.data_ptr(), self.fwd_ws.data_ptr(), self.fwd_ws.numel(), stream, self.error,
-        len(self.error)))
+    self._check(
+      self.lib.de_forward(
+        self.table.data_ptr(),
+        self.table.shape[0],
+        self.table.shape[1],
+        self.values.data_ptr(),
+        self.values.numel(),
+        self.splits.data_ptr(),
+        self.batch,
+        self.combiner,
+        self.out.data_ptr(),
+        self.fwd_ws.data_ptr(),
+        self.fwd_ws.numel(),
+        stream,
+        self.error,
+        len(self.error),
+      )
+    )
     return self.out
 
   def backward(self, grad_output):
     stream = torch.cuda.current_stream().cuda_stream
-    self._check(self.lib.de_backward(
-        grad_output.data_ptr(), self.table.shape[0], self.table.shape[1],
-        self.values.data_ptr(), self.values.numel(), self.splits.data_ptr(), self.batch,
-        self.combiner, self.unique_ids.data_ptr(), self.unique_grad.data_ptr(),
-        ctypes.byref(self.num_unique), self.bwd_ws.data_ptr(), self.bwd_ws.numel(), stream,
-        self.error, len(self.error)))
+    self._check(
+      self.lib.de_backward(
+        grad_output.data_ptr(),
+        self.table.shape[0],
+        self.table.shape[1],
+        self.values.data_ptr(),
+        self.values.numel(),
+        self.splits.data_ptr(),
+        self.batch,
+        self.combiner,
+        self.unique_ids.data_ptr(),
+        self.unique_grad.data_ptr(),
+        ctypes.byref(self.num_unique),
+        self.bwd_ws.data_ptr(),
+        self.bwd_ws.numel(),
+        stream,
+        self.error,
+        len(self.error),
+      )
+    )
     n = self.num_unique.value
     return self.unique_ids[:n], self.unique_grad[:n]
 
@@ -145,16 +203,25 @@ def run_case(lib, table, batch, hotness, combiner, args, copy_gb_s):
   peer_both = median_ms(torch_fwd_bwd, args.iters, args.repeats)
   moved = (values.numel() + batch) * table.shape[1] * 4  # rows read + output written
   gb_s = moved / ours_fwd / 1e6
-  return {"width": table.shape[1], "hotness": str(hotness), "combiner": combiner,
-          "ours_fwd_ms": ours_fwd, "torch_fwd_ms": peer_fwd, "fwd_speedup": peer_fwd / ours_fwd,
-          "ours_fwd_bwd_ms": ours_both, "torch_fwd_bwd_ms": peer_both,
-          "fwd_bwd_speedup": peer_both / ours_both, "fwd_gb_s": gb_s,
-          "fwd_fraction_of_copy": gb_s / copy_gb_s}
+  return {
+    "width": table.shape[1],
+    "hotness": str(hotness),
+    "combiner": combiner,
+    "ours_fwd_ms": ours_fwd,
+    "torch_fwd_ms": peer_fwd,
+    "fwd_speedup": peer_fwd / ours_fwd,
+    "ours_fwd_bwd_ms": ours_both,
+    "torch_fwd_bwd_ms": peer_both,
+    "fwd_bwd_speedup": peer_both / ours_both,
+    "fwd_gb_s": gb_s,
+    "fwd_fraction_of_copy": gb_s / copy_gb_s,
+  }
 
 
 def main(argv):
-  parser = argparse.ArgumentParser(description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   parser.add_argument("--lib", required=True, help="path of the built lookup_capi library")
   parser.add_argument("--vocab", type=int, default=1_000_000)
   parser.add_argument("--widths", default="16,64,256")
@@ -170,11 +237,15 @@ def main(argv):
     return 2
   lib = load_library(args.lib)
   copy_gb_s = copy_bandwidth(args.iters, args.repeats)
-  print(f"{torch.cuda.get_device_name()}; torch {torch.__version__}; device copy "
-        f"{copy_gb_s:.0f} GB/s (read + write); V={args.vocab} batch={args.batch}; median of "
-        f"{args.repeats} x {args.iters}\n")
-  print("| width | hotness | combiner | ours fwd ms | torch fwd ms | torch/ours | ours fwd+bwd ms "
-        "| torch fwd+bwd ms | torch/ours | fwd GB/s | of copy BW |")
+  print(
+    f"{torch.cuda.get_device_name()}; torch {torch.__version__}; device copy "
+    f"{copy_gb_s:.0f} GB/s (read + write); V={args.vocab} batch={args.batch}; median of "
+    f"{args.repeats} x {args.iters}\n"
+  )
+  print(
+    "| width | hotness | combiner | ours fwd ms | torch fwd ms | torch/ours | ours fwd+bwd ms "
+    "| torch fwd+bwd ms | torch/ours | fwd GB/s | of copy BW |"
+  )
   print("|---|---|---|---|---|---|---|---|---|---|---|")
   rows = []
   for width in map(int, args.widths.split(",")):
@@ -183,10 +254,13 @@ def main(argv):
       for combiner in args.combiners.split(","):
         r = run_case(lib, table, args.batch, hotness, combiner, args, copy_gb_s)
         rows.append(r)
-        print(f"| {width} | {hotness} | {combiner} | {r['ours_fwd_ms']:.3f} | "
-              f"{r['torch_fwd_ms']:.3f} | {r['fwd_speedup']:.2f} | {r['ours_fwd_bwd_ms']:.3f} | "
-              f"{r['torch_fwd_bwd_ms']:.3f} | {r['fwd_bwd_speedup']:.2f} | {r['fwd_gb_s']:.0f} | "
-              f"{r['fwd_fraction_of_copy']:.0%} |", flush=True)
+        print(
+          f"| {width} | {hotness} | {combiner} | {r['ours_fwd_ms']:.3f} | "
+          f"{r['torch_fwd_ms']:.3f} | {r['fwd_speedup']:.2f} | {r['ours_fwd_bwd_ms']:.3f} | "
+          f"{r['torch_fwd_bwd_ms']:.3f} | {r['fwd_bwd_speedup']:.2f} | {r['fwd_gb_s']:.0f} | "
+          f"{r['fwd_fraction_of_copy']:.0%} |",
+          flush=True,
+        )
     del table
   if args.json:
     with open(args.json, "w", encoding="utf-8") as f:

@@ -2,9 +2,9 @@
 // pointers of PyTorch tensors, so our kernels and torch's run on the very same buffers.
 // float params, int64 ids and row_splits; combiner 0 = sum, 1 = mean. Each function returns 0,
 // or 1 with the error message copied into `error`.
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
-#include <algorithm>
 #include <cstring>
 #include <string>
 
@@ -51,13 +51,13 @@ size_t de_backward_workspace_bytes(int64_t nnz, int64_t batch) {
 }
 
 int de_forward(const float* params, int64_t num_rows, int64_t width, const int64_t* ids,
-               int64_t nnz, const int64_t* row_splits, int64_t batch, int combiner,
-               float* output, void* workspace, size_t workspace_bytes, void* stream, char* error,
+               int64_t nnz, const int64_t* row_splits, int64_t batch, int combiner, float* output,
+               void* workspace, size_t workspace_bytes, void* stream, char* error,
                size_t error_len) {
   return Report(distributed_embeddings::PooledLookupForwardCuda(
                     params, num_rows, width, Csr(ids, nnz, row_splits, batch),
-                    combiner == 1 ? Combiner::kMean : Combiner::kSum, BoundsCheck::kError,
-                    output, workspace, workspace_bytes, static_cast<cudaStream_t>(stream)),
+                    combiner == 1 ? Combiner::kMean : Combiner::kSum, BoundsCheck::kError, output,
+                    workspace, workspace_bytes, static_cast<cudaStream_t>(stream)),
                 error, error_len);
 }
 
@@ -65,12 +65,12 @@ int de_backward(const float* grad_output, int64_t num_rows, int64_t width, const
                 int64_t nnz, const int64_t* row_splits, int64_t batch, int combiner,
                 int64_t* unique_ids, float* unique_grad, int64_t* num_unique, void* workspace,
                 size_t workspace_bytes, void* stream, char* error, size_t error_len) {
-  return Report(distributed_embeddings::PooledLookupBackwardCuda(
-                    grad_output, num_rows, width, Csr(ids, nnz, row_splits, batch),
-                    combiner == 1 ? Combiner::kMean : Combiner::kSum, BoundsCheck::kError,
-                    unique_ids, unique_grad, num_unique, workspace, workspace_bytes,
-                    static_cast<cudaStream_t>(stream)),
-                error, error_len);
+  return Report(
+      distributed_embeddings::PooledLookupBackwardCuda(
+          grad_output, num_rows, width, Csr(ids, nnz, row_splits, batch),
+          combiner == 1 ? Combiner::kMean : Combiner::kSum, BoundsCheck::kError, unique_ids,
+          unique_grad, num_unique, workspace, workspace_bytes, static_cast<cudaStream_t>(stream)),
+      error, error_len);
 }
 
 }  // extern "C"

@@ -9,7 +9,6 @@ from distributed_embeddings.python.layers.embedding import Embedding
 
 
 class ConsumerTest(absltest.TestCase):
-
   def test_lookup_matches_numpy(self):
     table = np.arange(12, dtype=np.float32).reshape(6, 2)
     ids = tf.ragged.constant([[0, 5], [], [3]], dtype=tf.int64)

@@ -23,8 +23,11 @@ _FORMAT_VERSION = 1
 
 def _distributed_layers(model):
   """The model's DistributedEmbedding layers, in its layer order (their keys are positions)."""
-  return [l for l in model._flatten_layers(include_self=False)  # pylint: disable=protected-access
-          if isinstance(l, dist_embedding.DistributedEmbedding)]
+  return [
+    l
+    for l in model._flatten_layers(include_self=False)  # pylint: disable=protected-access
+    if isinstance(l, dist_embedding.DistributedEmbedding)
+  ]
 
 
 def _other_state(model, optimizer, layers):
@@ -93,20 +96,26 @@ def restore_checkpoint(path, model, optimizer=None):
     arrays = {key: data[key] for key in data.files}
   version = int(arrays.get("meta/format_version", -1))
   if version != _FORMAT_VERSION:
-    raise ValueError(f"restore_checkpoint: {path} has format version {version}; expected "
-                     f"{_FORMAT_VERSION}.")
+    raise ValueError(
+      f"restore_checkpoint: {path} has format version {version}; expected {_FORMAT_VERSION}."
+    )
   layers = _distributed_layers(model)
   expected = dict(_other_state(model, optimizer, layers))
   missing = [key for key in expected if key not in arrays]
-  missing += [f"(unexpected) {key}" for key in arrays
-              if key.split("/")[0] in ("weight", "optimizer") and key not in expected]
+  missing += [
+    f"(unexpected) {key}"
+    for key in arrays
+    if key.split("/")[0] in ("weight", "optimizer") and key not in expected
+  ]
   for k, layer in enumerate(layers):
     prefix = f"embedding/{k}/"
     n = len(layer.plan.tables)
     missing += [f"{prefix}table{t}" for t in range(n) if f"{prefix}table{t}" not in arrays]
   if missing:
-    raise ValueError(f"restore_checkpoint: {path} does not match the model: "
-                     f"{sorted(missing)[:8]} ({len(missing)} entries in all).")
+    raise ValueError(
+      f"restore_checkpoint: {path} does not match the model: "
+      f"{sorted(missing)[:8]} ({len(missing)} entries in all)."
+    )
   for k, layer in enumerate(layers):
     prefix = f"embedding/{k}/"
     n = len(layer.plan.tables)
@@ -114,16 +123,23 @@ def restore_checkpoint(path, model, optimizer=None):
       layer.build()
     layer.set_weights([arrays[f"{prefix}table{t}"] for t in range(n)])
     if optimizer is not None:
-      names = {key[len(prefix + "slot/"):].rsplit("/", 1)[0] for key in arrays
-               if key.startswith(prefix + "slot/")}
-      layer.set_optimizer_slots(optimizer, {
-          name: [arrays[f"{prefix}slot/{name}/table{t}"] for t in range(n)] for name in names})
+      names = {
+        key[len(prefix + "slot/") :].rsplit("/", 1)[0]
+        for key in arrays
+        if key.startswith(prefix + "slot/")
+      }
+      layer.set_optimizer_slots(
+        optimizer,
+        {name: [arrays[f"{prefix}slot/{name}/table{t}"] for t in range(n)] for name in names},
+      )
   for key, v in expected.items():
     if tuple(arrays[key].shape) != tuple(v.shape):
-      raise ValueError(f"restore_checkpoint: {key} ({v.path}) has shape {arrays[key].shape} "
-                       f"in {path}; the model's is {tuple(v.shape)}.")
+      raise ValueError(
+        f"restore_checkpoint: {key} ({v.path}) has shape {arrays[key].shape} "
+        f"in {path}; the model's is {tuple(v.shape)}."
+      )
     v.assign(arrays[key])
-  return {key[len("meta/"):]: arrays[key].item() for key in arrays if key.startswith("meta/")}
+  return {key[len("meta/") :]: arrays[key].item() for key in arrays if key.startswith("meta/")}
 
 
 class BackupAndRestore(keras.callbacks.Callback):
@@ -151,8 +167,9 @@ class BackupAndRestore(keras.callbacks.Callback):
     comm = self.communicator or comm_lib.default_communicator()
     if comm.rank == 0:
       os.makedirs(self.backup_dir, exist_ok=True)
-    save_checkpoint(self.path, self.model, self.model.optimizer, comm,
-                    metadata={"epoch": epoch + 1})
+    save_checkpoint(
+      self.path, self.model, self.model.optimizer, comm, metadata={"epoch": epoch + 1}
+    )
 
   def on_train_end(self, logs=None):
     comm = self.communicator or comm_lib.default_communicator()

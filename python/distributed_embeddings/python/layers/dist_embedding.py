@@ -65,8 +65,13 @@ _NO_ERROR, _BAD_ID, _MALFORMED, _UNEQUAL_BATCH, _STRUCTURE = 0, 1, 2, 3, 4
 # Collective instance keys of one layer's call sites, reserved when it is created: the check,
 # the id and value gathers, and the row-slice all-reduce and the all-to-all with their
 # gradients. A second call of the layer in one traced function takes further keys then.
-_SITE_KEYS = {"check#0": 1, "ids#0": comm_lib.SIZE_CLASSES, "values#0": comm_lib.SIZE_CLASSES,
-              "row_slices#0": 2 * comm_lib.SIZE_CLASSES, "exchange#0": 2 * comm_lib.SIZE_CLASSES}
+_SITE_KEYS = {
+  "check#0": 1,
+  "ids#0": comm_lib.SIZE_CLASSES,
+  "values#0": comm_lib.SIZE_CLASSES,
+  "row_slices#0": 2 * comm_lib.SIZE_CLASSES,
+  "exchange#0": 2 * comm_lib.SIZE_CLASSES,
+}
 
 
 def _fingerprint(*parts):
@@ -78,6 +83,7 @@ def _fingerprint(*parts):
 @dataclasses.dataclass(frozen=True)
 class Piece:
   """What one worker sends for one (shard, input) pair: `width` values per row of the batch."""
+
   shard: planner_lib.Shard
   input_index: int
   width: int
@@ -86,6 +92,7 @@ class Piece:
 @dataclasses.dataclass(frozen=True)
 class ExchangeLayout:
   """Per worker, the pieces of its all-to-all block, in order."""
+
   pieces: tuple
 
   @property
@@ -105,6 +112,7 @@ class _Feed:
   (ragged or sparse ids, or dense ids of unknown hotness), or 'replicated' (an input of a
   replicated table, looked up locally as given).
   """
+
   index: int
   kind: str
   original: object
@@ -135,15 +143,22 @@ def _after(feed, dependency):
       return None
     with tf.control_dependencies([dependency]):
       if isinstance(x, tf.RaggedTensor):
-        return tf.RaggedTensor.from_row_splits(tf.identity(x.values), tf.identity(x.row_splits),
-                                               validate=False)
+        return tf.RaggedTensor.from_row_splits(
+          tf.identity(x.values), tf.identity(x.row_splits), validate=False
+        )
       if isinstance(x, tf.SparseTensor):
-        return tf.SparseTensor(tf.identity(x.indices), tf.identity(x.values),
-                               tf.identity(x.dense_shape))
+        return tf.SparseTensor(
+          tf.identity(x.indices), tf.identity(x.values), tf.identity(x.dense_shape)
+        )
       return tf.identity(x)
 
-  return dataclasses.replace(feed, original=wait(feed.original), ids=wait(feed.ids),
-                             lengths=wait(feed.lengths), batch=wait(feed.batch))
+  return dataclasses.replace(
+    feed,
+    original=wait(feed.original),
+    ids=wait(feed.ids),
+    lengths=wait(feed.lengths),
+    batch=wait(feed.batch),
+  )
 
 
 class DistributedEmbedding(keras.layers.Layer):
@@ -166,14 +181,24 @@ class DistributedEmbedding(keras.layers.Layer):
     communicator: the worker's Communicator.
   """
 
-  def __init__(self, embeddings, strategy="basic", column_slice_threshold=None,
-               row_slice_threshold=None, dp_input=True, input_table_map=None,
-               data_parallel_threshold=None, gpu_embedding_size=None, communicator=None,
-               **kwargs):
+  def __init__(
+    self,
+    embeddings,
+    strategy="basic",
+    column_slice_threshold=None,
+    row_slice_threshold=None,
+    dp_input=True,
+    input_table_map=None,
+    data_parallel_threshold=None,
+    gpu_embedding_size=None,
+    communicator=None,
+    **kwargs,
+  ):
     super().__init__(autocast=False, **kwargs)
     self.supports_jit = False  # Custom ops and collectives: no XLA.
     self.communicator = distributed_training._communicator(  # pylint: disable=protected-access
-        communicator, "DistributedEmbedding")
+      communicator, "DistributedEmbedding"
+    )
     self.world_size = self.communicator.world_size
     self.rank = self.communicator.rank
     if not isinstance(dp_input, bool):
@@ -184,21 +209,41 @@ class DistributedEmbedding(keras.layers.Layer):
     self.table_configs = configs
     self.combiners = [c.get("combiner") for c in configs]
     self.strategy = planner_lib.DistEmbeddingStrategy(
-        embeddings, self.world_size, strategy, input_table_map, column_slice_threshold,
-        row_slice_threshold, data_parallel_threshold, gpu_embedding_size)
+      embeddings,
+      self.world_size,
+      strategy,
+      input_table_map,
+      column_slice_threshold,
+      row_slice_threshold,
+      data_parallel_threshold,
+      gpu_embedding_size,
+    )
     self.plan = self.strategy.plan
-    if not dp_input and self.world_size > 1 and (
-        self.plan.data_parallel_tables or
-        any(s.kind == "row_slice" for w in self.plan.shards for s in w)):
-      raise ValueError("dp_input=False supports whole and column-sliced tables only; drop "
-                       "row_slice_threshold and data_parallel_threshold.")
+    if (
+      not dp_input
+      and self.world_size > 1
+      and (
+        self.plan.data_parallel_tables
+        or any(s.kind == "row_slice" for w in self.plan.shards for s in w)
+      )
+    ):
+      raise ValueError(
+        "dp_input=False supports whole and column-sliced tables only; drop "
+        "row_slice_threshold and data_parallel_threshold."
+      )
     self.local_shards = self.plan.shards[self.rank]
     self._inputs_of_table = self.strategy.inputs_of_table
     # Inputs this worker must be fed with dp_input=False: those of its shards' tables.
     self.local_input_indices = self.strategy.input_ids_list[self.rank]
     self._plan_fingerprint = _fingerprint(
-        self.world_size, self.dp_input, self.plan.tables, self.plan.input_table_map,
-        self.plan.shards, self.plan.data_parallel_tables, self.combiners)
+      self.world_size,
+      self.dp_input,
+      self.plan.tables,
+      self.plan.input_table_map,
+      self.plan.shards,
+      self.plan.data_parallel_tables,
+      self.combiners,
+    )
     self._shard_vars = []
     self._slots = []
     self._fused_count = {}
@@ -221,28 +266,38 @@ class DistributedEmbedding(keras.layers.Layer):
     groups = {}
     for k, s in enumerate(self.local_shards):
       if s.kind == "row_slice":
-        var = self.add_weight(shape=(s.rows, s.width), initializer=self._initializer(s.table),
-                              name=f"table{s.table}_r{s.row_begin}_c{s.col_begin}")
+        var = self.add_weight(
+          shape=(s.rows, s.width),
+          initializer=self._initializer(s.table),
+          name=f"table{s.table}_r{s.row_begin}_c{s.col_begin}",
+        )
         self._slots[k] = (var, 0)
         self._fused_count[id(var)] = 1
         continue
       by_width = groups.setdefault(s.width, [[]])
-      if by_width[-1] and (sum(self.local_shards[m].rows for m in by_width[-1]) + s.rows) * \
-          s.width > _MAX_FUSED_ELEMENTS:
+      if (
+        by_width[-1]
+        and (sum(self.local_shards[m].rows for m in by_width[-1]) + s.rows) * s.width
+        > _MAX_FUSED_ELEMENTS
+      ):
         by_width.append([])
       by_width[-1].append(k)
     groups = [(width, members) for width, split in sorted(groups.items()) for members in split]
     for width, members in groups:
-      parts = [(self.local_shards[k].rows, self._initializer(self.local_shards[k].table))
-               for k in members]
+      parts = [
+        (self.local_shards[k].rows, self._initializer(self.local_shards[k].table)) for k in members
+      ]
       tables = "_".join(str(self.local_shards[k].table) for k in members)
 
       def stacked(shape, dtype=None, parts=parts, width=width):
         del shape
         return tf.concat([init((rows, width), dtype=dtype) for rows, init in parts], axis=0)
 
-      var = self.add_weight(shape=(sum(rows for rows, _ in parts), width), initializer=stacked,
-                            name=f"tables{tables}_w{width}")
+      var = self.add_weight(
+        shape=(sum(rows for rows, _ in parts), width),
+        initializer=stacked,
+        name=f"tables{tables}_w{width}",
+      )
       self._fused_count[id(var)] = len(members)
       offset = 0
       for k, (rows, _) in zip(members, parts):
@@ -257,14 +312,17 @@ class DistributedEmbedding(keras.layers.Layer):
       var.de_local = True
     for t in self.plan.data_parallel_tables:
       spec = self.plan.tables[t]
-      self._replicated_vars[t] = self.add_weight(shape=(spec.input_dim, spec.output_dim),
-                                                 initializer=self._initializer(t),
-                                                 name=f"table{t}_replicated")
+      self._replicated_vars[t] = self.add_weight(
+        shape=(spec.input_dim, spec.output_dim),
+        initializer=self._initializer(t),
+        name=f"table{t}_replicated",
+      )
     self.built = True
 
   def _initializer(self, table):
-    return keras.initializers.get(self.table_configs[table].get("embeddings_initializer",
-                                                                "uniform"))
+    return keras.initializers.get(
+      self.table_configs[table].get("embeddings_initializer", "uniform")
+    )
 
   def sharded_variables(self):
     """The variables that hold this worker's shards (different on every worker); none with one
@@ -311,8 +369,10 @@ class DistributedEmbedding(keras.layers.Layer):
     if self.dp_input and len(inputs) != n_inputs:
       raise ValueError(f"DistributedEmbedding: expected {n_inputs} inputs; got {len(inputs)}.")
     if not self.dp_input and len(inputs) != len(self.local_input_indices):
-      raise ValueError(f"DistributedEmbedding: with dp_input=False worker {self.rank} takes "
-                       f"inputs {self.local_input_indices}; got {len(inputs)} tensors.")
+      raise ValueError(
+        f"DistributedEmbedding: with dp_input=False worker {self.rank} takes "
+        f"inputs {self.local_input_indices}; got {len(inputs)} tensors."
+      )
 
   def _check_static_batch(self, feeds):
     """With dp_input=False, a global batch whose shape shows it does not divide among the
@@ -321,25 +381,32 @@ class DistributedEmbedding(keras.layers.Layer):
       return
     static = [f.original.shape[0] for f in feeds if f.original.shape[0] is not None]
     if static and static[0] % self.world_size:
-      raise ValueError(f"DistributedEmbedding: the global batch ({static[0]}) is not "
-                       f"divisible by the number of workers ({self.world_size}); it must "
-                       f"divide evenly among {self.world_size} workers.")
+      raise ValueError(
+        f"DistributedEmbedding: the global batch ({static[0]}) is not "
+        f"divisible by the number of workers ({self.world_size}); it must "
+        f"divide evenly among {self.world_size} workers."
+      )
 
   def _fail_together(self, error, index):
     """Sends the check with this worker's mistake, so that every worker fails at once: here
     with `error` itself, elsewhere with a ValueError (eagerly) naming this worker."""
-    mine = tf.constant([_CHECK_VERSION, self.world_size, self._plan_fingerprint, 0, -1, 0,
-                        _STRUCTURE, index, 0, 0], tf.int64)
+    mine = tf.constant(
+      [_CHECK_VERSION, self.world_size, self._plan_fingerprint, 0, -1, 0, _STRUCTURE, index, 0, 0],
+      tf.int64,
+    )
     gathered = self.communicator.all_gather(mine, site=self._site("check"))
     if tf.executing_eagerly():
       raise error
     # Traced: the function must still build; it fails when the check runs.
     # Always false, but only once the check has run everywhere.
-    check = tf.debugging.Assert(tf.equal(tf.size(gathered), -1),
-                                [f"{type(error).__name__}: {error}"])
+    check = tf.debugging.Assert(
+      tf.equal(tf.size(gathered), -1), [f"{type(error).__name__}: {error}"]
+    )
     with tf.control_dependencies([check]):
-      return [tf.zeros([0, self.plan.tables[t].output_dim], self.compute_dtype)
-              for t in self.plan.input_table_map]
+      return [
+        tf.zeros([0, self.plan.tables[t].output_dim], self.compute_dtype)
+        for t in self.plan.input_table_map
+      ]
 
   def _in_compute_dtype(self, out):
     """Under a mixed precision policy the tables stay float32 and the outputs come in the
@@ -350,8 +417,9 @@ class DistributedEmbedding(keras.layers.Layer):
     return tf.cast(out, dtype)
 
   def _lookup(self, variable, ids, combiner, bounds_check="error"):
-    return embedding_lookup_ops.embedding_lookup(variable, ids, combiner=combiner,
-                                                 bounds_check=bounds_check)
+    return embedding_lookup_ops.embedding_lookup(
+      variable, ids, combiner=combiner, bounds_check=bounds_check
+    )
 
   # One worker: the lookups of a plain set of Embedding layers, any dense rank included.
 
@@ -405,7 +473,7 @@ class DistributedEmbedding(keras.layers.Layer):
         outputs[e] = self._lookup(var, ids, combiner)
     for (_, combiner), (var, members) in fusable.items():
       if len(members) == 1:
-        (e, ids), = members
+        ((e, ids),) = members
         outputs[e] = self._lookup(var, ids, combiner)
         continue
       pooled = self._lookup(var, id_formats.concat_bags([ids for _, ids in members]), combiner)
@@ -423,9 +491,14 @@ class DistributedEmbedding(keras.layers.Layer):
       ids = tf.convert_to_tensor(ids)
     if not check:
       return id_formats.add_to_ids(ids, offset)
-    with tf.control_dependencies(embedding_lookup_ops.row_id_checks(
-        id_formats.flat_ids(ids), rows, f"DistributedEmbedding: ids of input {i}",
-        f"{rows} (its table's input_dim)")):
+    with tf.control_dependencies(
+      embedding_lookup_ops.row_id_checks(
+        id_formats.flat_ids(ids),
+        rows,
+        f"DistributedEmbedding: ids of input {i}",
+        f"{rows} (its table's input_dim)",
+      )
+    ):
       return id_formats.add_to_ids(ids, offset)
 
   # Several workers.
@@ -444,23 +517,29 @@ class DistributedEmbedding(keras.layers.Layer):
     combiner = self.combiners[t]
     if isinstance(x, tf.SparseTensor):
       if x.shape.rank != 2:
-        raise ValueError(f"DistributedEmbedding: sparse input {i} must be 2-D; got shape "
-                         f"{x.shape}.")
+        raise ValueError(
+          f"DistributedEmbedding: sparse input {i} must be 2-D; got shape {x.shape}."
+        )
     elif not isinstance(x, tf.RaggedTensor):
       x = tf.convert_to_tensor(x)
     if not x.dtype.is_integer:
-      raise TypeError(f"DistributedEmbedding: input {i} must hold integer ids; got "
-                      f"{x.dtype.name}.")
-    feed = _Feed(i, "replicated", x, id_formats.batch_size(x),
-                 structure_ok=id_formats.structure_ok(x))
+      raise TypeError(f"DistributedEmbedding: input {i} must hold integer ids; got {x.dtype.name}.")
+    feed = _Feed(
+      i, "replicated", x, id_formats.batch_size(x), structure_ok=id_formats.structure_ok(x)
+    )
     if self._replicated(i):
       return feed
     if isinstance(x, (tf.RaggedTensor, tf.SparseTensor)):
-      if combiner is None or (isinstance(x, tf.RaggedTensor) and x.ragged_rank != 1) or \
-          x.shape.rank != 2:
-        raise ValueError(f"DistributedEmbedding: ragged or sparse input {i} of a sharded table "
-                         f"must be 2-D and its table must have a combiner ('sum' or 'mean'); "
-                         f"got shape {x.shape}, combiner {combiner!r}.")
+      if (
+        combiner is None
+        or (isinstance(x, tf.RaggedTensor) and x.ragged_rank != 1)
+        or x.shape.rank != 2
+      ):
+        raise ValueError(
+          f"DistributedEmbedding: ragged or sparse input {i} of a sharded table "
+          f"must be 2-D and its table must have a combiner ('sum' or 'mean'); "
+          f"got shape {x.shape}, combiner {combiner!r}."
+        )
       feed.kind = "ragged"
       if isinstance(x, tf.RaggedTensor):
         feed.ids = tf.cast(x.values, tf.int64)
@@ -474,18 +553,24 @@ class DistributedEmbedding(keras.layers.Layer):
       feed.kind, feed.ids, feed.one_hot = "dense", tf.cast(x, tf.int64)[:, tf.newaxis], True
       return feed
     if x.shape.rank != 2:
-      raise ValueError(f"DistributedEmbedding: with several workers, dense input {i} of a "
-                       f"sharded table must be 1-D [batch] or 2-D [batch, hotness]; got shape "
-                       f"{x.shape}.")
+      raise ValueError(
+        f"DistributedEmbedding: with several workers, dense input {i} of a "
+        f"sharded table must be 1-D [batch] or 2-D [batch, hotness]; got shape "
+        f"{x.shape}."
+      )
     if not self.dp_input and combiner is None:
-      raise ValueError(f"DistributedEmbedding: with dp_input=False, input {i} of table {t} "
-                       "(no combiner) must be one-hot: 1-D ids [global_batch], giving "
-                       f"[local_batch, width]; got shape {x.shape}. Give the table a combiner "
-                       "for several ids per row.")
+      raise ValueError(
+        f"DistributedEmbedding: with dp_input=False, input {i} of table {t} "
+        "(no combiner) must be one-hot: 1-D ids [global_batch], giving "
+        f"[local_batch, width]; got shape {x.shape}. Give the table a combiner "
+        "for several ids per row."
+      )
     if x.shape[1] is None:
       if combiner is None:
-        raise ValueError(f"DistributedEmbedding: input {i} has no combiner, so its hotness "
-                         f"(last dimension) must be static; got shape {x.shape}.")
+        raise ValueError(
+          f"DistributedEmbedding: input {i} has no combiner, so its hotness "
+          f"(last dimension) must be static; got shape {x.shape}."
+        )
       ragged = tf.RaggedTensor.from_tensor(tf.cast(x, tf.int64), row_splits_dtype=tf.int64)
       feed.kind, feed.ids, feed.lengths = "ragged", ragged.values, ragged.row_lengths()
       return feed
@@ -497,8 +582,13 @@ class DistributedEmbedding(keras.layers.Layer):
     if not self.dp_input:
       return 0
     # Ragged and sparse ids both travel as CSR, so a mix of the two is fine.
-    return _fingerprint([(f.index, f.kind, f.hotness if f.kind == "dense" else -1, f.one_hot)
-                         for f in feeds if f.kind != "replicated"])
+    return _fingerprint(
+      [
+        (f.index, f.kind, f.hotness if f.kind == "dense" else -1, f.one_hot)
+        for f in feeds
+        if f.kind != "replicated"
+      ]
+    )
 
   def _local_status(self, feeds):
     """[error code, input, position, value] of this worker's first malformed input or, if none,
@@ -507,29 +597,49 @@ class DistributedEmbedding(keras.layers.Layer):
       return tf.zeros([4], tf.int64)
     malformed = tf.logical_not(tf.stack([f.structure_ok for f in feeds]))
     first_malformed = tf.argmax(tf.cast(malformed, tf.int32), output_type=tf.int64)
-    ids = [tf.cast(id_formats.flat_ids(f.original) if f.kind == "replicated" else
-                   tf.reshape(f.ids, [-1]), tf.int64) for f in feeds]
+    ids = [
+      tf.cast(
+        id_formats.flat_ids(f.original) if f.kind == "replicated" else tf.reshape(f.ids, [-1]),
+        tf.int64,
+      )
+      for f in feeds
+    ]
     sizes = tf.stack([tf.size(v, out_type=tf.int64) for v in ids])
     values = tf.concat(ids, axis=0)
-    limits = tf.repeat(tf.constant([self.plan.tables[self.plan.input_table_map[f.index]].input_dim
-                                    for f in feeds], tf.int64), sizes)
+    limits = tf.repeat(
+      tf.constant(
+        [self.plan.tables[self.plan.input_table_map[f.index]].input_dim for f in feeds], tf.int64
+      ),
+      sizes,
+    )
     # A sentinel keeps argmax defined when a worker holds no ids at all.
     bad = tf.concat([tf.logical_or(values < 0, values >= limits), [False]], 0)
     first = tf.argmax(tf.cast(bad, tf.int32), output_type=tf.int64)
     starts = tf.cumsum(sizes, exclusive=True)
-    feed = tf.searchsorted(tf.cumsum(sizes), first[tf.newaxis], side="right",
-                           out_type=tf.int64)[0]
+    feed = tf.searchsorted(tf.cumsum(sizes), first[tf.newaxis], side="right", out_type=tf.int64)[0]
     feed = tf.minimum(feed, len(feeds) - 1)
     value = tf.gather(tf.concat([values, [0]], 0), first)
     index_of = tf.constant([f.index for f in feeds], tf.int64)
     none = tf.zeros([4], tf.int64)
-    bad_id = tf.stack([tf.constant(_BAD_ID, tf.int64), tf.gather(index_of, feed),
-                       first - tf.gather(starts, feed), value])
-    malformed_input = tf.stack([tf.constant(_MALFORMED, tf.int64),
-                                tf.gather(index_of, first_malformed), tf.constant(-1, tf.int64),
-                                tf.constant(0, tf.int64)])
-    return tf.where(tf.reduce_any(malformed), malformed_input,
-                    tf.where(tf.reduce_any(bad), bad_id, none))
+    bad_id = tf.stack(
+      [
+        tf.constant(_BAD_ID, tf.int64),
+        tf.gather(index_of, feed),
+        first - tf.gather(starts, feed),
+        value,
+      ]
+    )
+    malformed_input = tf.stack(
+      [
+        tf.constant(_MALFORMED, tf.int64),
+        tf.gather(index_of, first_malformed),
+        tf.constant(-1, tf.int64),
+        tf.constant(0, tf.int64),
+      ]
+    )
+    return tf.where(
+      tf.reduce_any(malformed), malformed_input, tf.where(tf.reduce_any(bad), bad_id, none)
+    )
 
   def _check_workers(self, feeds):
     """The first collective of a forward pass: every worker learns every other's fingerprints,
@@ -540,22 +650,34 @@ class DistributedEmbedding(keras.layers.Layer):
       batch = feeds[0].batch if feeds else tf.constant(0, tf.int64)
     else:
       batch = sharded[0].batch if sharded else tf.constant(-1, tf.int64)
-    n_values = sum((tf.size(f.ids, out_type=tf.int64) for f in sharded if f.kind == "ragged"),
-                   tf.constant(0, tf.int64))
-    mine = tf.concat([
-        tf.constant([_CHECK_VERSION, self.world_size, self._plan_fingerprint,
-                     self._feed_fingerprint(feeds)], tf.int64),
-        tf.stack([batch, n_values]), self._local_status(feeds)], axis=0)
+    n_values = sum(
+      (tf.size(f.ids, out_type=tf.int64) for f in sharded if f.kind == "ragged"),
+      tf.constant(0, tf.int64),
+    )
+    mine = tf.concat(
+      [
+        tf.constant(
+          [_CHECK_VERSION, self.world_size, self._plan_fingerprint, self._feed_fingerprint(feeds)],
+          tf.int64,
+        ),
+        tf.stack([batch, n_values]),
+        self._local_status(feeds),
+      ],
+      axis=0,
+    )
     # Every input of one worker must have the same batch; a mismatch is this worker's error.
     for f in (feeds if self.dp_input else sharded)[1:]:
-      unequal = tf.stack([tf.constant(_UNEQUAL_BATCH, tf.int64), tf.constant(f.index, tf.int64),
-                          f.batch])
-      mine = tf.where(tf.logical_and(tf.not_equal(f.batch, batch),
-                                     tf.equal(mine[_F_ERROR], _NO_ERROR)),
-                      tf.tensor_scatter_nd_update(mine, [[_F_ERROR], [_F_INPUT], [_F_VALUE]],
-                                                  unequal), mine)
-    table = tf.reshape(self.communicator.all_gather(mine, site=self._site("check")),
-                       [self.world_size, _CHECK_FIELDS])
+      unequal = tf.stack(
+        [tf.constant(_UNEQUAL_BATCH, tf.int64), tf.constant(f.index, tf.int64), f.batch]
+      )
+      mine = tf.where(
+        tf.logical_and(tf.not_equal(f.batch, batch), tf.equal(mine[_F_ERROR], _NO_ERROR)),
+        tf.tensor_scatter_nd_update(mine, [[_F_ERROR], [_F_INPUT], [_F_VALUE]], unequal),
+        mine,
+      )
+    table = tf.reshape(
+      self.communicator.all_gather(mine, site=self._site("check")), [self.world_size, _CHECK_FIELDS]
+    )
     failed, message = self._check_message(table)
     if tf.executing_eagerly():
       if bool(failed):
@@ -573,46 +695,73 @@ class DistributedEmbedding(keras.layers.Layer):
     name = f"DistributedEmbedding {self.name}"
     column = lambda field: table[:, field]  # pylint: disable=unnecessary-lambda-assignment
     differs = lambda field: tf.reduce_any(  # pylint: disable=unnecessary-lambda-assignment
-        tf.not_equal(column(field), column(field)[0]))
+      tf.not_equal(column(field), column(field)[0])
+    )
     errors = column(_F_ERROR)
     structure = tf.equal(errors, _STRUCTURE)
     problems = [
-        (differs(_F_VERSION) | differs(_F_WORLD),
-         lambda: tf.strings.format(
-             name + ": the workers run different versions of distributed_embeddings or "
-             "different world sizes (per worker: {} {}).", (column(_F_VERSION), column(_F_WORLD)),
-             summarize=-1)),
-        (differs(_F_PLAN),
-         lambda: tf.strings.format(
-             name + ": the workers disagree on the tables and their placement (plan fingerprint "
-             "per worker: {}). Every worker must build DistributedEmbedding from the same "
-             "embeddings and arguments and call its DistributedEmbedding layers in the same "
-             "order.", column(_F_PLAN), summarize=-1)),
-        (tf.reduce_any(structure),
-         lambda: tf.strings.format(
-             name + ": worker {} could not use its inputs (input {}, -1: all of them) and "
-             "raised an error that says why; every worker stops with it.",
-             (tf.argmax(tf.cast(structure, tf.int32)),
-              table[tf.argmax(tf.cast(structure, tf.int32)), _F_INPUT]))),
-        (differs(_F_FEED),
-         lambda: tf.strings.format(
-             name + ": the workers were fed inputs of different structure (dense, ragged or "
-             "sparse; the hotness of dense ids; input fingerprint per worker: {}). With "
-             "dp_input=True every worker must pass every input in the same format.",
-             column(_F_FEED), summarize=-1)),
+      (
+        differs(_F_VERSION) | differs(_F_WORLD),
+        lambda: tf.strings.format(
+          name + ": the workers run different versions of distributed_embeddings or "
+          "different world sizes (per worker: {} {}).",
+          (column(_F_VERSION), column(_F_WORLD)),
+          summarize=-1,
+        ),
+      ),
+      (
+        differs(_F_PLAN),
+        lambda: tf.strings.format(
+          name + ": the workers disagree on the tables and their placement (plan fingerprint "
+          "per worker: {}). Every worker must build DistributedEmbedding from the same "
+          "embeddings and arguments and call its DistributedEmbedding layers in the same "
+          "order.",
+          column(_F_PLAN),
+          summarize=-1,
+        ),
+      ),
+      (
+        tf.reduce_any(structure),
+        lambda: tf.strings.format(
+          name + ": worker {} could not use its inputs (input {}, -1: all of them) and "
+          "raised an error that says why; every worker stops with it.",
+          (
+            tf.argmax(tf.cast(structure, tf.int32)),
+            table[tf.argmax(tf.cast(structure, tf.int32)), _F_INPUT],
+          ),
+        ),
+      ),
+      (
+        differs(_F_FEED),
+        lambda: tf.strings.format(
+          name + ": the workers were fed inputs of different structure (dense, ragged or "
+          "sparse; the hotness of dense ids; input fingerprint per worker: {}). With "
+          "dp_input=True every worker must pass every input in the same format.",
+          column(_F_FEED),
+          summarize=-1,
+        ),
+      ),
     ]
     if not self.dp_input:
       batches = tf.boolean_mask(column(_F_BATCH), column(_F_BATCH) >= 0)
       problems += [
-          (tf.reduce_any(tf.not_equal(batches, tf.reduce_max(batches))),
-           lambda: tf.strings.format(
-               name + ": with dp_input=False every worker must be fed the same global batch; "
-               "got {} rows (per worker, -1: no inputs).", column(_F_BATCH), summarize=-1)),
-          (tf.not_equal(tf.reduce_max(column(_F_BATCH)) % self.world_size, 0),
-           lambda: tf.strings.format(
-               name + ": the global batch ({}) is not divisible by the number of workers "
-               f"({self.world_size}); it must divide evenly among {self.world_size} workers.",
-               tf.reduce_max(column(_F_BATCH)))),
+        (
+          tf.reduce_any(tf.not_equal(batches, tf.reduce_max(batches))),
+          lambda: tf.strings.format(
+            name + ": with dp_input=False every worker must be fed the same global batch; "
+            "got {} rows (per worker, -1: no inputs).",
+            column(_F_BATCH),
+            summarize=-1,
+          ),
+        ),
+        (
+          tf.not_equal(tf.reduce_max(column(_F_BATCH)) % self.world_size, 0),
+          lambda: tf.strings.format(
+            name + ": the global batch ({}) is not divisible by the number of workers "
+            f"({self.world_size}); it must divide evenly among {self.world_size} workers.",
+            tf.reduce_max(column(_F_BATCH)),
+          ),
+        ),
       ]
     worker = tf.argmax(tf.cast(tf.not_equal(errors, _NO_ERROR), tf.int32), output_type=tf.int64)
     row = table[worker]
@@ -620,24 +769,39 @@ class DistributedEmbedding(keras.layers.Layer):
     rows = tf.constant([s.input_dim for s in self.plan.tables], tf.int64)
     table_of = tf.gather(tables, row[_F_INPUT] % len(self.plan.input_table_map))
     problems += [
-        (tf.equal(row[_F_ERROR], _BAD_ID),
-         lambda: tf.strings.format(
-             "DistributedEmbedding: ids of input {} must be in [0, {}), the rows of table {}; "
-             "got ids[{}] = {} on worker {}.",
-             (row[_F_INPUT], tf.gather(rows, table_of), table_of, row[_F_POSITION],
-              row[_F_VALUE], worker))),
-        (tf.equal(row[_F_ERROR], _MALFORMED),
-         lambda: tf.strings.format(
-             "DistributedEmbedding: input {} on worker {} is malformed: a RaggedTensor's "
-             "row_splits must start at 0, never decrease and end at its number of values; a "
-             "SparseTensor's indices must lie inside its dense_shape (at most 2**31 - 1 rows), in "
-             "canonical row-major order (tf.sparse.reorder), each position once.",
-             (row[_F_INPUT], worker))),
-        (tf.equal(row[_F_ERROR], _UNEQUAL_BATCH),
-         lambda: tf.strings.format(
-             "DistributedEmbedding: every input of a worker must have the same batch; on worker "
-             "{} input {} has {} rows, input 0 has {}.",
-             (worker, row[_F_INPUT], row[_F_VALUE], row[_F_BATCH]))),
+      (
+        tf.equal(row[_F_ERROR], _BAD_ID),
+        lambda: tf.strings.format(
+          "DistributedEmbedding: ids of input {} must be in [0, {}), the rows of table {}; "
+          "got ids[{}] = {} on worker {}.",
+          (
+            row[_F_INPUT],
+            tf.gather(rows, table_of),
+            table_of,
+            row[_F_POSITION],
+            row[_F_VALUE],
+            worker,
+          ),
+        ),
+      ),
+      (
+        tf.equal(row[_F_ERROR], _MALFORMED),
+        lambda: tf.strings.format(
+          "DistributedEmbedding: input {} on worker {} is malformed: a RaggedTensor's "
+          "row_splits must start at 0, never decrease and end at its number of values; a "
+          "SparseTensor's indices must lie inside its dense_shape (at most 2**31 - 1 rows), in "
+          "canonical row-major order (tf.sparse.reorder), each position once.",
+          (row[_F_INPUT], worker),
+        ),
+      ),
+      (
+        tf.equal(row[_F_ERROR], _UNEQUAL_BATCH),
+        lambda: tf.strings.format(
+          "DistributedEmbedding: every input of a worker must have the same batch; on worker "
+          "{} input {} has {} rows, input 0 has {}.",
+          (worker, row[_F_INPUT], row[_F_VALUE], row[_F_BATCH]),
+        ),
+      ),
     ]
     failed = tf.reduce_any(tf.stack([p for p, _ in problems]))
 
@@ -658,9 +822,12 @@ class DistributedEmbedding(keras.layers.Layer):
       feeds = [_after(f, table) for f in feeds]
     for f in feeds:
       if f.kind == "ragged" and f.lengths is None:  # sparse ids, well formed by now
-        f.lengths = tf.math.bincount(tf.cast(f.original.indices[:, 0], tf.int32),
-                                     minlength=tf.cast(f.batch, tf.int32),
-                                     maxlength=tf.cast(f.batch, tf.int32), dtype=tf.int64)
+        f.lengths = tf.math.bincount(
+          tf.cast(f.original.indices[:, 0], tf.int32),
+          minlength=tf.cast(f.batch, tf.int32),
+          maxlength=tf.cast(f.batch, tf.int32),
+          dtype=tf.int64,
+        )
     outputs = [None] * len(self.plan.input_table_map)
     by_index = {f.index: f for f in feeds}
     if self.dp_input:
@@ -683,8 +850,7 @@ class DistributedEmbedding(keras.layers.Layer):
           ids = ids[:, tf.newaxis]
         if isinstance(ids, tf.SparseTensor):
           ids = id_formats.to_ragged(ids) if combiner is not None else ids
-        out = self._lookup(self._replicated_vars[self.plan.input_table_map[f.index]], ids,
-                           combiner)
+        out = self._lookup(self._replicated_vars[self.plan.input_table_map[f.index]], ids, combiner)
         outputs[f.index] = tf.squeeze(out, axis=1) if squeeze and combiner is None else out
 
     sharded = [f for f in feeds if f.kind != "replicated"]
@@ -692,8 +858,9 @@ class DistributedEmbedding(keras.layers.Layer):
       shapes = {f.index: (f.hotness, f.one_hot) for f in sharded if f.kind == "dense"}
     else:
       # Inputs without a combiner are one-hot with dp_input=False (checked when fed).
-      shapes = {i: (1, True) for i, t in enumerate(self.plan.input_table_map)
-                if self.combiners[t] is None}
+      shapes = {
+        i: (1, True) for i, t in enumerate(self.plan.input_table_map) if self.combiners[t] is None
+      }
     if self.dp_input:
       global_ids = self._gather_ids(sharded, table, block)
     else:
@@ -716,23 +883,28 @@ class DistributedEmbedding(keras.layers.Layer):
     local = comm_lib.pad_rows(tf.concat(columns, axis=1), block)
     row, index, length = _padded_rows(local, 1)
     gathered = comm.all_gather(row[0], size_class=index, site=self._site("ids"))
-    matrix = tf.reshape(tf.reshape(gathered, [self.world_size, -1])[:, :length],
-                        [-1, local.shape[1]])
+    matrix = tf.reshape(
+      tf.reshape(gathered, [self.world_size, -1])[:, :length], [-1, local.shape[1]]
+    )
     out, column = {}, 0
     for f in dense:
-      out[f.index] = matrix[:, column:column + f.hotness]
+      out[f.index] = matrix[:, column : column + f.hotness]
       column += f.hotness
     if ragged:
       lengths = matrix[:, column:]  # [world * block, inputs]; padding rows have length 0
       values_class, values_block = comm_lib.size_class(
-          tf.maximum(tf.reduce_max(table[:, _F_VALUES]), 1))
-      values = comm.all_gather(comm_lib.pad_rows(tf.concat([f.ids for f in ragged], 0),
-                                                 values_block), size_class=values_class,
-                               site=self._site("values"))
+        tf.maximum(tf.reduce_max(table[:, _F_VALUES]), 1)
+      )
+      values = comm.all_gather(
+        comm_lib.pad_rows(tf.concat([f.ids for f in ragged], 0), values_block),
+        size_class=values_class,
+        site=self._site("values"),
+      )
       # Worker w's values of input j start at w * values_block plus the counts of inputs < j.
       counts = tf.reduce_sum(tf.reshape(lengths, [self.world_size, -1, len(ragged)]), axis=1)
-      starts = (tf.range(self.world_size, dtype=tf.int64)[:, tf.newaxis] * values_block +
-                tf.cumsum(counts, axis=1, exclusive=True))
+      starts = tf.range(self.world_size, dtype=tf.int64)[:, tf.newaxis] * values_block + tf.cumsum(
+        counts, axis=1, exclusive=True
+      )
       for j, f in enumerate(ragged):
         positions = tf.ragged.range(starts[:, j], starts[:, j] + counts[:, j]).flat_values
         out[f.index] = (lengths[:, j], tf.gather(values, positions))
@@ -743,8 +915,7 @@ class DistributedEmbedding(keras.layers.Layer):
     rows = [self.world_size, -1]
     if feed.kind == "dense":
       per_worker = tf.reshape(feed.ids, [self.world_size, -1, feed.hotness])
-      padded = tf.pad(per_worker, [[0, 0], [0, block - tf.shape(per_worker, tf.int64)[1]],
-                                   [0, 0]])
+      padded = tf.pad(per_worker, [[0, 0], [0, block - tf.shape(per_worker, tf.int64)[1]], [0, 0]])
       return tf.reshape(padded, [-1, feed.hotness])
     lengths = tf.reshape(feed.lengths, rows)
     lengths = tf.pad(lengths, [[0, 0], [0, block - tf.shape(lengths, tf.int64)[1]]])
@@ -776,9 +947,12 @@ class DistributedEmbedding(keras.layers.Layer):
         combiner = self.combiners[s.table]
         ids = bags[i]
         # Ids of other workers' rows fall outside this slice and are skipped.
-        partial = self._lookup(var, ids.with_values(ids.values - s.row_begin),
-                               "sum" if combiner in (None, "mean") else combiner,
-                               bounds_check="skip")
+        partial = self._lookup(
+          var,
+          ids.with_values(ids.values - s.row_begin),
+          "sum" if combiner in (None, "mean") else combiner,
+          bounds_check="skip",
+        )
         hotness = 1 if combiner is not None else shapes.get(i, (1, True))[0]
         partials.append(tf.reshape(partial, [self.world_size * block, hotness * s.width]))
         parts.append((i, ids))
@@ -786,18 +960,17 @@ class DistributedEmbedding(keras.layers.Layer):
       return
     partials_of_all = tf.concat(partials, axis=1)
     row, index, length = _padded_rows(partials_of_all, 1)
-    summed = self.communicator.all_reduce(row[0], size_class=index,
-                                          site=self._site("row_slices"))
+    summed = self.communicator.all_reduce(row[0], size_class=index, site=self._site("row_slices"))
     total = tf.reshape(summed[:length], tf.shape(partials_of_all))
     start = tf.cast(self.rank, tf.int64) * block
     offset = 0
     for (i, ids), partial in zip(parts, partials):
       width = partial.shape[1]
-      mine = total[:, offset:offset + width][start:start + local_batch]
+      mine = total[:, offset : offset + width][start : start + local_batch]
       offset += width
       combiner = self.combiners[self.plan.input_table_map[i]]
       if combiner == "mean":
-        count = ids.row_lengths()[start:start + local_batch]
+        count = ids.row_lengths()[start : start + local_batch]
         mine = mine / tf.cast(tf.maximum(count, 1), mine.dtype)[:, tf.newaxis]
       outputs[i] = self._unflatten(i, [mine], shapes, local_batch)
 
@@ -808,8 +981,10 @@ class DistributedEmbedding(keras.layers.Layer):
       return
     mine = layout.pieces[self.rank]
     entries = [(self.local_shards.index(p.shard), p.input_index) for p in mine]
-    sends = [tf.reshape(out, [self.world_size * block, p.width])
-             for p, out in zip(mine, self._local_lookups(entries, bags, unit_bags=True))]
+    sends = [
+      tf.reshape(out, [self.world_size * block, p.width])
+      for p, out in zip(mine, self._local_lookups(entries, bags, unit_bags=True))
+    ]
     dtype = self.variable_dtype
     send = tf.concat(sends, axis=1) if sends else tf.zeros([self.world_size * block, 0], dtype)
     send = tf.pad(send, [[0, 0], [0, layout.max_width - layout.block_widths[self.rank]]])
@@ -821,7 +996,8 @@ class DistributedEmbedding(keras.layers.Layer):
       offset = 0
       for p in pieces:
         assembled.setdefault(p.input_index, []).append(
-            (p.shard.col_begin, received[source, :, offset:offset + p.width][:local_batch]))
+          (p.shard.col_begin, received[source, :, offset : offset + p.width][:local_batch])
+        )
         offset += p.width
     for i, parts in assembled.items():
       parts.sort(key=lambda part: part[0])
@@ -886,29 +1062,35 @@ class DistributedEmbedding(keras.layers.Layer):
     del use_lock
     if not self.built:
       # As in the reference API and Keras: a layer has no weights to set before it is built.
-      raise ValueError(f"set_weights: {self.name} is not built yet; call it on inputs or call "
-                       "build() first.")
+      raise ValueError(
+        f"set_weights: {self.name} is not built yet; call it on inputs or call build() first."
+      )
     if not isinstance(chunk, (int, np.integer)) or isinstance(chunk, bool) or chunk < 1:
       raise ValueError(f"set_weights: 'chunk' must be a positive integer; got {chunk!r}.")
-    weights = [np.load(w, mmap_mode="r") if isinstance(w, (str, os.PathLike)) else w
-               for w in weights]
-    self._set_global_tables({id(v): v for v in self.table_variables}, weights, "set_weights",
-                            int(chunk))
+    weights = [
+      np.load(w, mmap_mode="r") if isinstance(w, (str, os.PathLike)) else w for w in weights
+    ]
+    self._set_global_tables(
+      {id(v): v for v in self.table_variables}, weights, "set_weights", int(chunk)
+    )
 
   def get_optimizer_slots(self, optimizer, all_ranks=False):
     """{slot name: global tables} of `optimizer`'s per-row state for this layer's tables (e.g.
     Adagrad's accumulators), assembled like get_weights: on rank 0 only ({} elsewhere) unless
     `all_ranks`. Collective: call on all workers."""
-    slots = {name: self._global_tables(by_var, all_ranks)
-             for name, by_var in sorted(self.optimizer_slot_variables(optimizer).items())}
+    slots = {
+      name: self._global_tables(by_var, all_ranks)
+      for name, by_var in sorted(self.optimizer_slot_variables(optimizer).items())
+    }
     return slots if all_ranks or self.rank == 0 else {}
 
   def set_optimizer_slots(self, optimizer, slots):
     """Loads what get_optimizer_slots returned, written by any worker count."""
     own = self.optimizer_slot_variables(optimizer)
     if set(own) != set(slots):
-      raise ValueError(f"set_optimizer_slots: the optimizer has slots {sorted(own)}; got "
-                       f"{sorted(slots)}.")
+      raise ValueError(
+        f"set_optimizer_slots: the optimizer has slots {sorted(own)}; got {sorted(slots)}."
+      )
     for name, tables in slots.items():
       self._set_global_tables(own[name], tables, f"set_optimizer_slots[{name!r}]")
 
@@ -925,7 +1107,7 @@ class DistributedEmbedding(keras.layers.Layer):
       prefix = var.path.replace("/", "_") + "_"
       for slot in optimizer.variables:
         if slot.name.startswith(prefix) and tuple(slot.shape) == tuple(var.shape):
-          slots.setdefault(slot.name[len(prefix):], {})[id(var)] = slot
+          slots.setdefault(slot.name[len(prefix) :], {})[id(var)] = slot
     missing = [name for name, by_var in slots.items() if len(by_var) != len(variables)]
     if missing:
       raise ValueError(f"optimizer slots {missing} do not cover every table of {self.name}.")
@@ -960,19 +1142,21 @@ class DistributedEmbedding(keras.layers.Layer):
           piece = None
           if owner == self.rank:
             var, offset = self._slots[k]
-            piece = value_of(var)[offset:offset + s.rows]
+            piece = value_of(var)[offset : offset + s.rows]
 
           def place(begin, rows, s=s):
             if keep:
-              full[s.row_begin + begin:s.row_begin + begin + rows.shape[0],
-                   s.col_begin:s.col_end] = rows.numpy()
+              full[
+                s.row_begin + begin : s.row_begin + begin + rows.shape[0], s.col_begin : s.col_end
+              ] = rows.numpy()
 
           if self.world_size == 1:
             place(0, piece)
           else:
             # In pieces of at most 32 MiB: no worker holds a second whole copy of a shard.
-            self.communicator.broadcast_rows(piece, owner, shape=[s.rows, s.width],
-                                             dtype=self.variable_dtype, consume=place)
+            self.communicator.broadcast_rows(
+              piece, owner, shape=[s.rows, s.width], dtype=self.variable_dtype, consume=place
+            )
       if keep:
         tables.append(full)
     distributed_training.release_freed_memory()
@@ -983,21 +1167,23 @@ class DistributedEmbedding(keras.layers.Layer):
       raise ValueError(f"{what}: expected {len(self.plan.tables)} tables; got {len(tables)}.")
     for t, (table, spec) in enumerate(zip(tables, self.plan.tables)):
       if tuple(np.shape(table)) != (spec.input_dim, spec.output_dim):
-        raise ValueError(f"{what}: table {t} must be {(spec.input_dim, spec.output_dim)}; "
-                         f"got {np.shape(table)}.")
+        raise ValueError(
+          f"{what}: table {t} must be {(spec.input_dim, spec.output_dim)}; got {np.shape(table)}."
+        )
 
     def assign_rows(var, first, source):
       """var[first:first + len(source)] = source, at most `chunk` elements at a time."""
       var = sparse_updates.backing_variable(var)
       rows_per_chunk = max(1, chunk // max(1, int(np.prod(source.shape[1:]))))
       for begin in range(0, source.shape[0], rows_per_chunk):
-        part = np.asarray(source[begin:begin + rows_per_chunk], var.dtype.as_numpy_dtype)
-        var[first + begin:first + begin + part.shape[0]].assign(part)
+        part = np.asarray(source[begin : begin + rows_per_chunk], var.dtype.as_numpy_dtype)
+        var[first + begin : first + begin + part.shape[0]].assign(part)
 
     tables = [np.asarray(table) for table in tables]  # a memory map stays one, unread
     for s, (var, offset) in zip(self.local_shards, self._slots):
-      assign_rows(by_var[id(var)], offset,
-                  tables[s.table][s.row_begin:s.row_end, s.col_begin:s.col_end])
+      assign_rows(
+        by_var[id(var)], offset, tables[s.table][s.row_begin : s.row_end, s.col_begin : s.col_end]
+      )
     for t, var in self._replicated_vars.items():
       assign_rows(by_var[id(var)], 0, tables[t])
     distributed_training.release_freed_memory()

@@ -14,7 +14,9 @@ from distributed_embeddings.python.layers.dist_embedding import Piece
 from distributed_embeddings.python.layers.planner import DistEmbeddingStrategy
 from distributed_embeddings.python.parallel.communicator import init_from_env
 from distributed_embeddings.python.training.distributed_training import broadcast_variables
-from distributed_embeddings.python.training.distributed_training import BroadcastGlobalVariablesCallback
+from distributed_embeddings.python.training.distributed_training import (
+  BroadcastGlobalVariablesCallback,
+)
 from distributed_embeddings.python.training.distributed_training import DistributedGradientTape
 from distributed_embeddings.python.training.distributed_training import DistributedOptimizer
 from distributed_embeddings.python.training.distributed_training import is_model_parallel

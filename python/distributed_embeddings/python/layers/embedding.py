@@ -15,8 +15,15 @@ from distributed_embeddings.python.ops import embedding_lookup_ops
 _COMBINERS = (None, "sum", "mean")
 
 # Keys a stock keras.layers.Embedding config may hold that this layer has no use for.
-_UNSUPPORTED_KERAS_KEYS = ("mask_zero", "input_length", "lora_rank", "lora_alpha", "sparse",
-                           "quantization_config", "embeddings_dtype")
+_UNSUPPORTED_KERAS_KEYS = (
+  "mask_zero",
+  "input_length",
+  "lora_rank",
+  "lora_alpha",
+  "sparse",
+  "quantization_config",
+  "embeddings_dtype",
+)
 
 
 # kMaxIntegerLookupTokens in embedding/kernels/integer_lookup.h.
@@ -45,8 +52,11 @@ def _native_lookup(table, ids, combiner):
     if isinstance(ids, tf.RaggedTensor):
       return tf.ragged.map_flat_values(tf.gather, table, ids)
     return tf.gather(table, ids)
-  rows = tf.gather(table, ids) if not isinstance(ids, tf.RaggedTensor) else \
-      tf.ragged.map_flat_values(tf.gather, table, ids)
+  rows = (
+    tf.gather(table, ids)
+    if not isinstance(ids, tf.RaggedTensor)
+    else tf.ragged.map_flat_values(tf.gather, table, ids)
+  )
   total = tf.reduce_sum(rows, axis=1)
   if combiner == "sum":
     return total
@@ -80,10 +90,19 @@ class Embedding(keras.layers.Layer):
   comes in the compute dtype. Float ids are cast to integers.
   """
 
-  def __init__(self, input_dim, output_dim, embeddings_initializer="uniform",
-               embeddings_regularizer=None, activity_regularizer=None,
-               embeddings_constraint=None, combiner=None, use_custom_kernel=True, weights=None,
-               **kwargs):
+  def __init__(
+    self,
+    input_dim,
+    output_dim,
+    embeddings_initializer="uniform",
+    embeddings_regularizer=None,
+    activity_regularizer=None,
+    embeddings_constraint=None,
+    combiner=None,
+    use_custom_kernel=True,
+    weights=None,
+    **kwargs,
+  ):
     input_dim = _positive_int("Embedding", "input_dim", input_dim)
     output_dim = _positive_int("Embedding", "output_dim", output_dim)
     if combiner not in _COMBINERS:
@@ -109,10 +128,14 @@ class Embedding(keras.layers.Layer):
   def build(self, input_shape=None):
     if self.built:
       return
-    self.embeddings = self.add_weight(shape=(self.input_dim, self.output_dim),
-                                      initializer=self.embeddings_initializer, name="embeddings",
-                                      regularizer=self.embeddings_regularizer,
-                                      constraint=self.embeddings_constraint, trainable=True)
+    self.embeddings = self.add_weight(
+      shape=(self.input_dim, self.output_dim),
+      initializer=self.embeddings_initializer,
+      name="embeddings",
+      regularizer=self.embeddings_regularizer,
+      constraint=self.embeddings_constraint,
+      trainable=True,
+    )
     self.built = True
 
   def set_weights(self, weights):
@@ -130,8 +153,9 @@ class Embedding(keras.layers.Layer):
   def call(self, inputs):
     if isinstance(inputs, tf.SparseTensor):
       if not inputs.dtype.is_integer:
-        inputs = tf.SparseTensor(inputs.indices, tf.cast(inputs.values, tf.int64),
-                                 inputs.dense_shape)
+        inputs = tf.SparseTensor(
+          inputs.indices, tf.cast(inputs.values, tf.int64), inputs.dense_shape
+        )
     elif isinstance(inputs, tf.RaggedTensor):
       if not inputs.dtype.is_integer:
         inputs = tf.cast(inputs, tf.int64)
@@ -145,14 +169,17 @@ class Embedding(keras.layers.Layer):
     rank = inputs.shape.rank
     if isinstance(inputs, (tf.RaggedTensor, tf.SparseTensor)):
       if rank != 2:
-        raise ValueError(f"Embedding: ragged and sparse inputs must be 2-D; got shape "
-                         f"{inputs.shape}.")
+        raise ValueError(
+          f"Embedding: ragged and sparse inputs must be 2-D; got shape {inputs.shape}."
+        )
       output = self._lookup(inputs, self.combiner)
     elif rank is None:
       raise ValueError("Embedding: inputs must have a known rank.")
     elif self.combiner is not None and rank < 2:
-      raise ValueError(f"Embedding: a combiner pools the last dimension, so inputs must be at "
-                       f"least 2-D; got shape {inputs.shape}. Add a batch dimension.")
+      raise ValueError(
+        f"Embedding: a combiner pools the last dimension, so inputs must be at "
+        f"least 2-D; got shape {inputs.shape}. Add a batch dimension."
+      )
     else:
       # Fold every leading dimension into the batch: 2-D ids of (rows, last dimension).
       last = 1 if (rank < 2 or self.combiner is None) else -1
@@ -173,12 +200,14 @@ class Embedding(keras.layers.Layer):
 
   def compute_output_spec(self, inputs):
     ragged = getattr(inputs, "ragged", False) and self.combiner is None
-    return keras.KerasTensor(self.compute_output_shape(inputs.shape), dtype=self.compute_dtype,
-                             ragged=ragged)
+    return keras.KerasTensor(
+      self.compute_output_shape(inputs.shape), dtype=self.compute_dtype, ragged=ragged
+    )
 
   def get_config(self):
     config = super().get_config()
-    config.update({
+    config.update(
+      {
         "input_dim": self.input_dim,
         "output_dim": self.output_dim,
         "embeddings_initializer": keras.initializers.serialize(self.embeddings_initializer),
@@ -187,7 +216,8 @@ class Embedding(keras.layers.Layer):
         "embeddings_constraint": keras.constraints.serialize(self.embeddings_constraint),
         "combiner": self.combiner,
         "use_custom_kernel": self.use_custom_kernel,
-    })
+      }
+    )
     return config
 
   @classmethod
@@ -226,15 +256,22 @@ class IntegerLookup(keras.layers.Layer):
   def __init__(self, max_tokens, use_gpu=True, **kwargs):
     max_tokens = _positive_int("IntegerLookup", "max_tokens", max_tokens)
     if max_tokens > _MAX_INTEGER_LOOKUP_TOKENS:
-      raise ValueError(f"IntegerLookup: 'max_tokens' must be at most 2**40 (its state would "
-                       f"already take 32 TiB); got {max_tokens}.")
+      raise ValueError(
+        f"IntegerLookup: 'max_tokens' must be at most 2**40 (its state would "
+        f"already take 32 TiB); got {max_tokens}."
+      )
     kwargs["autocast"] = False
     super().__init__(**kwargs)
     self.max_tokens = max_tokens
     self.use_gpu = use_gpu
     initial = embedding_lookup_ops.initial_integer_lookup_state(max_tokens)
-    self.state = self.add_weight(name="vocabulary", shape=initial.shape, dtype="int64",
-                                 initializer=lambda shape, dtype=None: initial, trainable=False)
+    self.state = self.add_weight(
+      name="vocabulary",
+      shape=initial.shape,
+      dtype="int64",
+      initializer=lambda shape, dtype=None: initial,
+      trainable=False,
+    )
     self.built = True
 
   def call(self, inputs, training=None):
@@ -255,8 +292,12 @@ class IntegerLookup(keras.layers.Layer):
     return lookup(tf.convert_to_tensor(inputs))
 
   def compute_output_spec(self, inputs):
-    return keras.KerasTensor(inputs.shape, dtype="int64", sparse=getattr(inputs, "sparse", False),
-                             ragged=getattr(inputs, "ragged", False))
+    return keras.KerasTensor(
+      inputs.shape,
+      dtype="int64",
+      sparse=getattr(inputs, "sparse", False),
+      ragged=getattr(inputs, "ragged", False),
+    )
 
   def set_weights(self, weights):
     """Loads a vocabulary state after checking it whole (InvalidArgumentError if corrupted)."""
@@ -308,29 +349,40 @@ class ConcatOneHotEmbedding(keras.layers.Layer):
   def __init__(self, feature_sizes, embedding_width, **kwargs):
     kwargs["autocast"] = False  # As in Embedding: only the output takes the compute dtype.
     super().__init__(**kwargs)
-    self.feature_sizes = [_positive_int("ConcatOneHotEmbedding", f"feature_sizes[{f}]", size)
-                          for f, size in enumerate(feature_sizes)]
+    self.feature_sizes = [
+      _positive_int("ConcatOneHotEmbedding", f"feature_sizes[{f}]", size)
+      for f, size in enumerate(feature_sizes)
+    ]
     if not self.feature_sizes:
       raise ValueError("ConcatOneHotEmbedding: 'feature_sizes' must name at least one feature.")
-    self.embedding_width = _positive_int("ConcatOneHotEmbedding", "embedding_width",
-                                         embedding_width)
+    self.embedding_width = _positive_int(
+      "ConcatOneHotEmbedding", "embedding_width", embedding_width
+    )
     self._starts = [0]
     for size in self.feature_sizes[:-1]:
       self._starts.append(self._starts[-1] + size)
-    self.params = self.add_weight(shape=(sum(self.feature_sizes), self.embedding_width),
-                                  initializer="uniform", name="params")
+    self.params = self.add_weight(
+      shape=(sum(self.feature_sizes), self.embedding_width), initializer="uniform", name="params"
+    )
 
   def call(self, inputs):
     ids = tf.convert_to_tensor(inputs)
     if not ids.dtype.is_integer:
       raise TypeError(f"ConcatOneHotEmbedding: ids must be integers; got {ids.dtype.name}.")
     if ids.shape.rank != 2 or ids.shape[1] != len(self.feature_sizes):
-      raise ValueError(f"ConcatOneHotEmbedding: ids must be [batch, {len(self.feature_sizes)}] "
-                       f"(one column per feature); got shape {ids.shape}.")
+      raise ValueError(
+        f"ConcatOneHotEmbedding: ids must be [batch, {len(self.feature_sizes)}] "
+        f"(one column per feature); got shape {ids.shape}."
+      )
     ids = tf.cast(ids, tf.int64)
-    with tf.control_dependencies(embedding_lookup_ops.row_id_checks(
-        ids, [self.feature_sizes], "ConcatOneHotEmbedding: ids",
-        f"their feature's size (feature_sizes={self.feature_sizes})")):
+    with tf.control_dependencies(
+      embedding_lookup_ops.row_id_checks(
+        ids,
+        [self.feature_sizes],
+        "ConcatOneHotEmbedding: ids",
+        f"their feature's size (feature_sizes={self.feature_sizes})",
+      )
+    ):
       rows = ids + tf.constant([self._starts], tf.int64)
     output = embedding_lookup_ops.embedding_lookup(self.params, rows)
     if output.dtype != self.compute_dtype:
@@ -342,8 +394,9 @@ class ConcatOneHotEmbedding(keras.layers.Layer):
 
   def get_config(self):
     config = super().get_config()
-    config.update({"feature_sizes": list(self.feature_sizes),
-                   "embedding_width": self.embedding_width})
+    config.update(
+      {"feature_sizes": list(self.feature_sizes), "embedding_width": self.embedding_width}
+    )
     return config
 
 

@@ -25,6 +25,7 @@ STRATEGIES = ("basic", "memory_balanced", "memory_optimized", "balanced")
 @dataclasses.dataclass(frozen=True)
 class TableSpec:
   """What the planner needs to know of a table."""
+
   input_dim: int
   output_dim: int
 
@@ -36,6 +37,7 @@ class TableSpec:
 @dataclasses.dataclass(frozen=True)
 class Shard:
   """A rectangle of table `table`: rows [row_begin, row_end) x columns [col_begin, col_end)."""
+
   table: int
   row_begin: int
   row_end: int
@@ -59,20 +61,24 @@ class Shard:
 @dataclasses.dataclass
 class Plan:
   """Which shards each worker holds, and which tables every worker replicates."""
+
   world_size: int
   tables: List[TableSpec]
   input_table_map: List[int]
-  shards: List[List[Shard]]           # per worker
+  shards: List[List[Shard]]  # per worker
   data_parallel_tables: List[int]
 
   def bytes_per_worker(self, bytes_per_element=4):
     replicated = sum(self.tables[t].size for t in self.data_parallel_tables)
-    return [(sum(s.size for s in worker) + replicated) * bytes_per_element
-            for worker in self.shards]
+    return [
+      (sum(s.size for s in worker) + replicated) * bytes_per_element for worker in self.shards
+    ]
 
   def __str__(self):
-    lines = [f"Embedding plan: {len(self.tables)} tables, {len(self.input_table_map)} inputs, "
-             f"{self.world_size} workers"]
+    lines = [
+      f"Embedding plan: {len(self.tables)} tables, {len(self.input_table_map)} inputs, "
+      f"{self.world_size} workers"
+    ]
     if self.data_parallel_tables:
       lines.append(f"  data parallel (on every worker): tables {self.data_parallel_tables}")
     for rank, (worker, nbytes) in enumerate(zip(self.shards, self.bytes_per_worker())):
@@ -136,9 +142,12 @@ def _place_balanced(units, uses, world_size):
     peak_memory, peak_width = max(memory), max(width)
 
     def cost(r, size=size, w=w, peak_memory=peak_memory, peak_width=peak_width):
-      return (max(peak_memory, memory[r] + size) / total_memory +
-              max(peak_width, width[r] + w) / total_width,
-              memory[r] / total_memory + width[r] / total_width, r)
+      return (
+        max(peak_memory, memory[r] + size) / total_memory
+        + max(peak_width, width[r] + w) / total_width,
+        memory[r] / total_memory + width[r] / total_width,
+        r,
+      )
 
     free = [r for r in range(world_size) if all(s.table != unit.table for s in shards[r])]
     rank = min(free or range(world_size), key=cost)
@@ -153,11 +162,15 @@ def _check_threshold(name, value):
     raise ValueError(f"'{name}' must be None or a positive integer; got {value!r}.")
 
 
-def make_plan(tables: Sequence[TableSpec], world_size: int, strategy: str = "basic",
-              column_slice_threshold: Optional[int] = None,
-              row_slice_threshold: Optional[int] = None,
-              data_parallel_threshold: Optional[int] = None,
-              input_table_map: Optional[Sequence[int]] = None) -> Plan:
+def make_plan(
+  tables: Sequence[TableSpec],
+  world_size: int,
+  strategy: str = "basic",
+  column_slice_threshold: Optional[int] = None,
+  row_slice_threshold: Optional[int] = None,
+  data_parallel_threshold: Optional[int] = None,
+  input_table_map: Optional[Sequence[int]] = None,
+) -> Plan:
   """Places `tables` on `world_size` workers; see the module docstring for the rules."""
   tables = list(tables)
   if not tables:
@@ -166,17 +179,21 @@ def make_plan(tables: Sequence[TableSpec], world_size: int, strategy: str = "bas
     raise ValueError(f"'world_size' must be a positive integer; got {world_size!r}.")
   if strategy not in STRATEGIES:
     raise ValueError(f"'strategy' must be one of {STRATEGIES}; got {strategy!r}.")
-  for name, value in (("column_slice_threshold", column_slice_threshold),
-                      ("row_slice_threshold", row_slice_threshold),
-                      ("data_parallel_threshold", data_parallel_threshold)):
+  for name, value in (
+    ("column_slice_threshold", column_slice_threshold),
+    ("row_slice_threshold", row_slice_threshold),
+    ("data_parallel_threshold", data_parallel_threshold),
+  ):
     _check_threshold(name, value)
   if input_table_map is None:
     input_table_map = list(range(len(tables)))
   input_table_map = list(input_table_map)
   for i, t in enumerate(input_table_map):
     if not isinstance(t, int) or not 0 <= t < len(tables):
-      raise ValueError(f"'input_table_map' must hold table indices in [0, {len(tables)}); "
-                       f"got input_table_map[{i}] = {t!r}.")
+      raise ValueError(
+        f"'input_table_map' must hold table indices in [0, {len(tables)}); "
+        f"got input_table_map[{i}] = {t!r}."
+      )
   unused = sorted(set(range(len(tables))) - set(input_table_map))
   if unused:
     raise ValueError(f"'input_table_map' must use every table; tables {unused} are unused.")
@@ -187,8 +204,11 @@ def make_plan(tables: Sequence[TableSpec], world_size: int, strategy: str = "bas
       model_parallel.append(t)
     elif data_parallel_threshold is not None and spec.size < data_parallel_threshold:
       data_parallel.append(t)
-    elif (row_slice_threshold is not None and spec.size > row_slice_threshold and
-          spec.input_dim >= world_size):
+    elif (
+      row_slice_threshold is not None
+      and spec.size > row_slice_threshold
+      and spec.input_dim >= world_size
+    ):
       row_sliced.append(t)
     else:
       model_parallel.append(t)
@@ -198,8 +218,10 @@ def make_plan(tables: Sequence[TableSpec], world_size: int, strategy: str = "bas
   pieces = {t: 1 for t in model_parallel}
   if column_slice_threshold is not None and world_size > 1:  # One worker: nothing to spread.
     for t in model_parallel:
-      while (tables[t].size / pieces[t] > column_slice_threshold and
-             pieces[t] * 2 <= tables[t].output_dim):
+      while (
+        tables[t].size / pieces[t] > column_slice_threshold
+        and pieces[t] * 2 <= tables[t].output_dim
+      ):
         pieces[t] *= 2
   elif model_parallel and len(model_parallel) < world_size:
     # More workers than tables: halve the largest table until every worker can get a shard.
@@ -246,8 +268,13 @@ def make_plan(tables: Sequence[TableSpec], world_size: int, strategy: str = "bas
 
 # Settings of a wrapped layer that its shards would not honour, with the values that are safe:
 # silently training a frozen or regularized table as a plain one would be worse than an error.
-_UNSUPPORTED_SETTINGS = {"embeddings_regularizer": None, "activity_regularizer": None,
-                         "embeddings_constraint": None, "mask_zero": False, "trainable": True}
+_UNSUPPORTED_SETTINGS = {
+  "embeddings_regularizer": None,
+  "activity_regularizer": None,
+  "embeddings_constraint": None,
+  "mask_zero": False,
+  "trainable": True,
+}
 
 
 def table_configs(embeddings):
@@ -256,12 +283,16 @@ def table_configs(embeddings):
   for i, layer in enumerate(embeddings):
     config = layer.get_config()
     if "input_dim" not in config or "output_dim" not in config:
-      raise ValueError(f"embeddings[{i}] ({type(layer).__name__}) must have input_dim and "
-                       "output_dim in its config.")
+      raise ValueError(
+        f"embeddings[{i}] ({type(layer).__name__}) must have input_dim and "
+        "output_dim in its config."
+      )
     for key, supported in _UNSUPPORTED_SETTINGS.items():
       if config.get(key, supported) != supported:
-        raise ValueError(f"embeddings[{i}] ({type(layer).__name__}) has {key}={config[key]!r}, "
-                         f"which DistributedEmbedding does not apply; it must be {supported!r}.")
+        raise ValueError(
+          f"embeddings[{i}] ({type(layer).__name__}) has {key}={config[key]!r}, "
+          f"which DistributedEmbedding does not apply; it must be {supported!r}."
+        )
     configs.append(config)
   return configs, [TableSpec(int(c["input_dim"]), int(c["output_dim"])) for c in configs]
 
@@ -275,9 +306,17 @@ class DistEmbeddingStrategy:
   the order DistributedEmbedding takes them.
   """
 
-  def __init__(self, embeddings, world_size, strategy="basic", input_table_map=None,
-               column_slice_threshold=None, row_slice_threshold=None,
-               data_parallel_threshold=None, gpu_embedding_size=None):
+  def __init__(
+    self,
+    embeddings,
+    world_size,
+    strategy="basic",
+    input_table_map=None,
+    column_slice_threshold=None,
+    row_slice_threshold=None,
+    data_parallel_threshold=None,
+    gpu_embedding_size=None,
+  ):
     _, specs = table_configs(embeddings)
     self.strategy = strategy
     self.world_size = world_size
@@ -285,15 +324,23 @@ class DistEmbeddingStrategy:
     self.row_slice_threshold = row_slice_threshold
     self.data_parallel_threshold = data_parallel_threshold
     self.gpu_embedding_size = gpu_embedding_size  # Accepted for the reference API; unused.
-    self.plan = make_plan(specs, world_size, strategy, column_slice_threshold,
-                          row_slice_threshold, data_parallel_threshold, input_table_map)
+    self.plan = make_plan(
+      specs,
+      world_size,
+      strategy,
+      column_slice_threshold,
+      row_slice_threshold,
+      data_parallel_threshold,
+      input_table_map,
+    )
     self.input_table_map = list(self.plan.input_table_map)
     self.inputs_of_table = {}  # table -> the inputs looked up in it
     for i, t in enumerate(self.input_table_map):
       self.inputs_of_table.setdefault(t, []).append(i)
     self.table_ids = [list(dict.fromkeys(s.table for s in shards)) for shards in self.plan.shards]
-    self.input_ids_list = [sorted({i for t in tables for i in self.inputs_of_table[t]})
-                           for tables in self.table_ids]
+    self.input_ids_list = [
+      sorted({i for t in tables for i in self.inputs_of_table[t]}) for tables in self.table_ids
+    ]
 
   def __str__(self):
     return str(self.plan)

@@ -12,8 +12,9 @@ import tensorflow as tf
 from tensorflow.python.framework import ops as framework_ops
 from tensorflow.python.ops import resource_variable_ops
 
-_ops = tf.load_op_library(os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                       "_embedding_ops.so"))
+_ops = tf.load_op_library(
+  os.path.join(os.path.dirname(os.path.abspath(__file__)), "_embedding_ops.so")
+)
 
 _COMBINERS = (None, "sum", "mean")
 _BOUNDS_CHECKS = ("error", "skip")
@@ -36,16 +37,23 @@ def _pooled_lookup(param, ids, row_splits, combiner, bounds_check):
   variable = _resource_variable(param)
   if variable is not None and variable.dtype in _KERNEL_DTYPES:
     resource_variable_ops.variable_accessed(variable)
-    return _ops.de_resource_pooled_embedding_lookup(variable.handle, ids, row_splits,
-                                                    combiner=combiner, bounds_check=bounds_check,
-                                                    dtype=variable.dtype)
+    return _ops.de_resource_pooled_embedding_lookup(
+      variable.handle,
+      ids,
+      row_splits,
+      combiner=combiner,
+      bounds_check=bounds_check,
+      dtype=variable.dtype,
+    )
   table = tf.convert_to_tensor(variable if variable is not None else param)
   if table.dtype in _KERNEL_DTYPES:
-    return _ops.de_pooled_embedding_lookup(table, ids, row_splits, combiner=combiner,
-                                           bounds_check=bounds_check)
+    return _ops.de_pooled_embedding_lookup(
+      table, ids, row_splits, combiner=combiner, bounds_check=bounds_check
+    )
   # Half-precision tables: accumulate in float32, hand back the table's dtype.
-  output = _ops.de_pooled_embedding_lookup(tf.cast(table, tf.float32), ids, row_splits,
-                                           combiner=combiner, bounds_check=bounds_check)
+  output = _ops.de_pooled_embedding_lookup(
+    tf.cast(table, tf.float32), ids, row_splits, combiner=combiner, bounds_check=bounds_check
+  )
   return tf.cast(output, table.dtype)
 
 
@@ -63,8 +71,9 @@ def _lookup_dense(param, ids, width, combiner, bounds_check):
   ids_shape = tf.shape(ids, out_type=ids.dtype)
   flat_ids = tf.reshape(ids, [-1])
   if combiner is None:
-    output = _pooled_lookup(param, flat_ids, _unit_splits(tf.size(flat_ids), ids.dtype), "sum",
-                            bounds_check)
+    output = _pooled_lookup(
+      param, flat_ids, _unit_splits(tf.size(flat_ids), ids.dtype), "sum", bounds_check
+    )
     output = tf.reshape(output, tf.concat([tf.cast(ids_shape, tf.int32), tf.shape(output)[1:]], 0))
     output.set_shape(ids.shape.concatenate([width]))
     return output
@@ -77,8 +86,10 @@ def _lookup_dense(param, ids, width, combiner, bounds_check):
 
 def _lookup_ragged(param, ids, width, combiner, bounds_check):
   if ids.ragged_rank != 1:
-    raise ValueError("embedding_lookup: 'ids' must be a 2-D RaggedTensor with one ragged "
-                     f"dimension; got ragged_rank {ids.ragged_rank}.")
+    raise ValueError(
+      "embedding_lookup: 'ids' must be a 2-D RaggedTensor with one ragged "
+      f"dimension; got ragged_rank {ids.ragged_rank}."
+    )
   _check_ids_dtype(ids.values.dtype)
   if combiner is None:
     splits = _unit_splits(tf.size(ids.values), ids.row_splits.dtype)
@@ -101,8 +112,9 @@ def _lookup_sparse(param, ids, width, combiner, bounds_check):
   # Validates bounds and canonical order of the indices, and gives the CSR row_splits.
   row_splits = sparse_row_splits(ids.indices, ids.dense_shape)
   if combiner is None:
-    values = _pooled_lookup(param, ids.values, _unit_splits(tf.size(ids.values), tf.int64), "sum",
-                            bounds_check)
+    values = _pooled_lookup(
+      param, ids.values, _unit_splits(tf.size(ids.values), tf.int64), "sum", bounds_check
+    )
     with tf.control_dependencies([row_splits]):
       dense_shape = tf.concat([ids.dense_shape, tf.shape(values, out_type=tf.int64)[1:]], axis=0)
       output = tf.scatter_nd(ids.indices, values, dense_shape)
@@ -138,14 +150,17 @@ def embedding_lookup(param, ids, combiner=None, bounds_check="error"):
     ValueError: If `ids` is not 2-D, or `combiner` or `bounds_check` is not a known value.
   """
   if combiner not in _COMBINERS:
-    raise ValueError("embedding_lookup: 'combiner' must be None, 'sum' or 'mean'; "
-                     f"got {combiner!r}.")
+    raise ValueError(
+      f"embedding_lookup: 'combiner' must be None, 'sum' or 'mean'; got {combiner!r}."
+    )
   if bounds_check not in _BOUNDS_CHECKS:
-    raise ValueError("embedding_lookup: 'bounds_check' must be 'error' or 'skip'; "
-                     f"got {bounds_check!r}.")
+    raise ValueError(
+      f"embedding_lookup: 'bounds_check' must be 'error' or 'skip'; got {bounds_check!r}."
+    )
   if _resource_variable(param) is None and not tf.is_tensor(param):
-    raise TypeError("embedding_lookup: 'param' must be a tf.Tensor or a variable; "
-                    f"got {type(param).__name__}.")
+    raise TypeError(
+      f"embedding_lookup: 'param' must be a tf.Tensor or a variable; got {type(param).__name__}."
+    )
   if param.shape.rank is not None and param.shape.rank != 2:
     raise ValueError(f"embedding_lookup: 'param' must be 2-D; got shape {param.shape}.")
   width = param.shape[-1] if param.shape.rank is not None else None
@@ -189,8 +204,10 @@ def read_var_no_copy(res_var):
   """
   variable = _resource_variable(res_var)
   if variable is None:
-    raise TypeError("read_var_no_copy: 'res_var' must be a tf.Variable or a Keras variable; "
-                    f"got {type(res_var).__name__}.")
+    raise TypeError(
+      "read_var_no_copy: 'res_var' must be a tf.Variable or a Keras variable; "
+      f"got {type(res_var).__name__}."
+    )
   resource_variable_ops.variable_accessed(variable)
   return _ops.de_read_variable_no_copy(variable.handle, dtype=variable.dtype)
 
@@ -207,17 +224,23 @@ def row_id_checks(ids, limit, what, limit_text=None):
   "<what> must be >= 0" and "<what> must be < <limit_text or limit>". Returns the assertion ops
   for tf.control_dependencies (none when eager: eager assertions raise at once)."""
   checks = [
-      tf.debugging.assert_non_negative(ids, message=f"{what} must be >= 0"),
-      tf.debugging.assert_less(ids, tf.cast(limit, ids.dtype),
-                               message=f"{what} must be < {limit_text or limit}")
+    tf.debugging.assert_non_negative(ids, message=f"{what} must be >= 0"),
+    tf.debugging.assert_less(
+      ids, tf.cast(limit, ids.dtype), message=f"{what} must be < {limit_text or limit}"
+    ),
   ]
   return [c for c in checks if c is not None]
 
 
 def _sparse_gradient(op, grad, dense_shape):
   unique_ids, unique_grad = _ops.de_pooled_embedding_lookup_grad(
-      grad, op.inputs[1], op.inputs[2], dense_shape[0], combiner=op.get_attr("combiner"),
-      bounds_check=op.get_attr("bounds_check"))
+    grad,
+    op.inputs[1],
+    op.inputs[2],
+    dense_shape[0],
+    combiner=op.get_attr("combiner"),
+    bounds_check=op.get_attr("bounds_check"),
+  )
   return [tf.IndexedSlices(unique_grad, unique_ids, dense_shape), None, None]
 
 
@@ -228,8 +251,9 @@ def _pooled_lookup_grad(op, grad):
 
 @framework_ops.RegisterGradient("DeResourcePooledEmbeddingLookup")
 def _resource_pooled_lookup_grad(op, grad):
-  return _sparse_gradient(op, grad,
-                          resource_variable_ops.variable_shape(op.inputs[0], out_type=tf.int64))
+  return _sparse_gradient(
+    op, grad, resource_variable_ops.variable_shape(op.inputs[0], out_type=tf.int64)
+  )
 
 
 framework_ops.NotDifferentiable("DePooledEmbeddingLookupGrad")
@@ -277,5 +301,6 @@ def validate_integer_lookup_state(state, max_tokens):
       size outside [0, max_tokens], or a slot whose key has no valid id.
   """
   with framework_ops.init_scope():
-    _ops.de_validate_integer_lookup_state(tf.convert_to_tensor(state, tf.int64),
-                                          max_tokens=max_tokens)
+    _ops.de_validate_integer_lookup_state(
+      tf.convert_to_tensor(state, tf.int64), max_tokens=max_tokens
+    )

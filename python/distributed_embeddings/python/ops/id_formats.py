@@ -41,11 +41,18 @@ def concat_bags(batches):
   """One batch of bags from several: dense batches of one hotness stay dense, else ragged."""
   dtype = tf.int64 if any(b.dtype == tf.int64 for b in batches) else batches[0].dtype
   batches = [tf.cast(b, dtype) if b.dtype != dtype else b for b in batches]
-  if all(isinstance(b, tf.Tensor) for b in batches) and len(
-      {b.shape[1] for b in batches}) == 1 and batches[0].shape[1] is not None:
+  if (
+    all(isinstance(b, tf.Tensor) for b in batches)
+    and len({b.shape[1] for b in batches}) == 1
+    and batches[0].shape[1] is not None
+  ):
     return tf.concat(batches, axis=0)
-  ragged = [b.with_row_splits_dtype(tf.int64) if isinstance(b, tf.RaggedTensor) else
-            tf.RaggedTensor.from_tensor(b, row_splits_dtype=tf.int64) for b in batches]
+  ragged = [
+    b.with_row_splits_dtype(tf.int64)
+    if isinstance(b, tf.RaggedTensor)
+    else tf.RaggedTensor.from_tensor(b, row_splits_dtype=tf.int64)
+    for b in batches
+  ]
   return tf.concat(ragged, axis=0)
 
 
@@ -72,17 +79,23 @@ def structure_ok(ids):
     ends = tf.concat([[-1], splits, [-1]], 0)
     size = tf.size(splits)
     return tf.logical_and(
-        tf.logical_and(tf.equal(ends[1], 0),
-                       tf.equal(ends[size], tf.shape(ids.values, out_type=splits.dtype)[0])),
-        tf.logical_and(size > 0, tf.reduce_all(splits[1:] >= splits[:-1])))
+      tf.logical_and(
+        tf.equal(ends[1], 0), tf.equal(ends[size], tf.shape(ids.values, out_type=splits.dtype)[0])
+      ),
+      tf.logical_and(size > 0, tf.reduce_all(splits[1:] >= splits[:-1])),
+    )
   if isinstance(ids, tf.SparseTensor):
     shape = ids.dense_shape
     rows, cols = ids.indices[:, 0], ids.indices[:, 1]
     in_shape = tf.logical_and(
-        tf.reduce_all(tf.logical_and(rows >= 0, rows < shape[0])),
-        tf.reduce_all(tf.logical_and(cols >= 0, cols < shape[1])))
-    ordered = tf.reduce_all(tf.logical_or(rows[1:] > rows[:-1], tf.logical_and(
-        tf.equal(rows[1:], rows[:-1]), cols[1:] > cols[:-1])))
+      tf.reduce_all(tf.logical_and(rows >= 0, rows < shape[0])),
+      tf.reduce_all(tf.logical_and(cols >= 0, cols < shape[1])),
+    )
+    ordered = tf.reduce_all(
+      tf.logical_or(
+        rows[1:] > rows[:-1], tf.logical_and(tf.equal(rows[1:], rows[:-1]), cols[1:] > cols[:-1])
+      )
+    )
     sane_shape = tf.logical_and(tf.reduce_all(shape >= 0), shape[0] <= MAX_SPARSE_ROWS)
     return tf.logical_and(sane_shape, tf.logical_and(in_shape, ordered))
   return tf.constant(True)

@@ -71,8 +71,11 @@ def size_class(n):
   # At least 1: a collective on an empty tensor can crash TensorFlow's runtime.
   n = tf.maximum(tf.cast(n, tf.int64), 1)
   # k: the exponent with 2**k < n <= 2**(k + 1), for n > 1.
-  k = tf.reduce_sum(tf.cast(tf.bitwise.right_shift(
-      tf.maximum(n - 1, 1), tf.range(1, 63, dtype=tf.int64)) > 0, tf.int64))
+  k = tf.reduce_sum(
+    tf.cast(
+      tf.bitwise.right_shift(tf.maximum(n - 1, 1), tf.range(1, 63, dtype=tf.int64)) > 0, tf.int64
+    )
+  )
   step = tf.bitwise.left_shift(tf.constant(1, tf.int64), tf.maximum(k - 3, 0))
   low = tf.bitwise.left_shift(tf.constant(1, tf.int64), k)
   j = (n - low + step - 1) // step  # 1..8
@@ -102,8 +105,10 @@ def default_timeout():
   except ValueError:
     seconds = -1.0
   if not seconds >= 0:
-    raise ValueError(f"Environment variable {_TIMEOUT_VARIABLE} must be a number of seconds >= 0 "
-                     f"(0: no timeout); got {value!r}.")
+    raise ValueError(
+      f"Environment variable {_TIMEOUT_VARIABLE} must be a number of seconds >= 0 "
+      f"(0: no timeout); got {value!r}."
+    )
   return seconds
 
 
@@ -148,12 +153,14 @@ class Communicator:
   traced (so every worker must trace alike), and an eager one the key of its signature.
   """
 
-  def __init__(self, rank, world_size, group_key=None, device=None, communication_hint="auto",
-               timeout=None):
+  def __init__(
+    self, rank, world_size, group_key=None, device=None, communication_hint="auto", timeout=None
+  ):
     if not 0 <= rank < world_size:
       raise ValueError(f"'rank' must be in [0, {world_size}); got {rank}.")
-    if timeout is not None and (isinstance(timeout, bool) or not isinstance(
-        timeout, (int, float)) or not timeout >= 0):
+    if timeout is not None and (
+      isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout >= 0
+    ):
       raise ValueError(f"'timeout' must be None or a number of seconds >= 0; got {timeout!r}.")
     self.rank = rank
     self.world_size = world_size
@@ -171,8 +178,9 @@ class Communicator:
     self._token = None
     if world_size > 1:
       with tf.init_scope(), tf.device(device):
-        self._token = resource_variable_ops.ResourceVariable(0.0, trainable=False,
-                                                             name=f"collective_order_{rank}")
+        self._token = resource_variable_ops.ResourceVariable(
+          0.0, trainable=False, name=f"collective_order_{rank}"
+        )
 
   def site(self, owner, name):
     """The call site `name` of `owner` for one use in the function being traced (or eagerly).
@@ -195,8 +203,10 @@ class Communicator:
     with self._lock:
       key = self._next_key
       if key + count > (self.group_key + 1) * _KEYS_PER_GROUP:
-        raise RuntimeError(f"Communicator (group {self.group_key}) ran out of collective "
-                           f"instance keys after {_KEYS_PER_GROUP}; trace fewer functions.")
+        raise RuntimeError(
+          f"Communicator (group {self.group_key}) ran out of collective "
+          f"instance keys after {_KEYS_PER_GROUP}; trace fewer functions."
+        )
       self._next_key += count
       return key
 
@@ -234,9 +244,11 @@ class Communicator:
       block = entry.blocks.get(root) if entry.blocks is not None else None
       if block is not None:
         if block[0] + count > block[1]:
-          raise RuntimeError(f"{type(site.owner).__name__} has no collective instance keys left "
-                             f"for '{site.name}': more call sites, or more calls in one traced "
-                             "function, than it reserved.")
+          raise RuntimeError(
+            f"{type(site.owner).__name__} has no collective instance keys left "
+            f"for '{site.name}': more call sites, or more calls in one traced "
+            "function, than it reserved."
+          )
         known, block[0] = block[0], block[0] + count
         entry.sites[site.name] = known
         return known
@@ -261,10 +273,14 @@ class Communicator:
     return base if size_class is None else base + tf.cast(size_class, tf.int32)
 
   def _common(self, kind, tensor, size_class=None, site=None):
-    return dict(group_size=self.world_size, group_key=self.group_key,
-                instance_key=self._instance_key(kind, tensor, size_class, site),
-                communication_hint=self.communication_hint, timeout=self.timeout,
-                ordering_token=self._token.handle)
+    return dict(
+      group_size=self.world_size,
+      group_key=self.group_key,
+      instance_key=self._instance_key(kind, tensor, size_class, site),
+      communication_hint=self.communication_hint,
+      timeout=self.timeout,
+      ordering_token=self._token.handle,
+    )
 
   def all_reduce(self, tensor, op="sum", size_class=None, site=None):
     """Sum (or mean) of `tensor` over workers; its gradient is the all-reduce of the gradient.
@@ -280,8 +296,9 @@ class Communicator:
     @tf.custom_gradient
     def reduce(x):
       with tf.device(self.device):
-        y = collective_ops.all_reduce_v2(x, merge_op=merge, final_op="Id",
-                                        **self._common("all_reduce", x, size_class, site))
+        y = collective_ops.all_reduce_v2(
+          x, merge_op=merge, final_op="Id", **self._common("all_reduce", x, size_class, site)
+        )
         if op == "mean":
           y = y / self.world_size
 
@@ -310,7 +327,7 @@ class Communicator:
       def grad(dy):
         total = self.all_reduce(dy, size_class=size_class, site=site and site.child("grad"))
         rows = tf.shape(x)[0]
-        return total[self.rank * rows:(self.rank + 1) * rows]
+        return total[self.rank * rows : (self.rank + 1) * rows]
 
       return gather(x), grad
 
@@ -331,14 +348,16 @@ class Communicator:
       out = [tf.identity(t) for t in tensors]
       return out[0] if single else out
     with tf.device(self.device):
-      sizes = self.all_gather(tf.shape(tensors[0], out_type=tf.int64)[:1],
-                              site=site and site.child("sizes"))
+      sizes = self.all_gather(
+        tf.shape(tensors[0], out_type=tf.int64)[:1], site=site and site.child("sizes")
+      )
       index, padded = size_class(tf.reduce_max(sizes))
       valid = tf.reshape(tf.sequence_mask(sizes, padded), [-1])
       out = []
       for k, t in enumerate(tensors):
-        gathered = self.all_gather(pad_rows(t, padded), size_class=index,
-                                   site=site and site.child(f"part{k}"))
+        gathered = self.all_gather(
+          pad_rows(t, padded), size_class=index, site=site and site.child(f"part{k}")
+        )
         out.append(tf.boolean_mask(tf.stop_gradient(gathered), valid))
     return out[0] if single else out
 
@@ -351,8 +370,10 @@ class Communicator:
     def exchange(x, where):
       with tf.device(self.device):
         flat = tf.reshape(x, [self.world_size, -1])
-        return tf.reshape(collective_ops.all_to_all_v2(
-            flat, **self._common("all_to_all", flat, size_class, where)), tf.shape(x))
+        return tf.reshape(
+          collective_ops.all_to_all_v2(flat, **self._common("all_to_all", flat, size_class, where)),
+          tf.shape(x),
+        )
 
     if not tensor.dtype.is_floating:
       return exchange(tensor, site)
@@ -384,15 +405,20 @@ class Communicator:
     with tf.device(self.device):
       send_sizes = tf.stack([tf.shape(c, out_type=tf.int64)[0] for c in chunks])
       # recv_sizes[w]: rows worker w sends here.
-      recv_sizes = tf.reshape(self.all_to_all(tf.reshape(send_sizes, [self.world_size, 1]),
-                                              site=site and site.child("sizes")), [-1])
-      index, padded = size_class(self.all_reduce_max(tf.reduce_max(send_sizes),
-                                                     site=site and site.child("largest")))
+      recv_sizes = tf.reshape(
+        self.all_to_all(
+          tf.reshape(send_sizes, [self.world_size, 1]), site=site and site.child("sizes")
+        ),
+        [-1],
+      )
+      index, padded = size_class(
+        self.all_reduce_max(tf.reduce_max(send_sizes), site=site and site.child("largest"))
+      )
 
     def exchange(blocks, sizes_in, where):
       padded_blocks = tf.stack([pad_rows(b, padded) for b in blocks])
       received = self.all_to_all(padded_blocks, size_class=index, site=where)
-      return [received[w, :sizes_in[w]] for w in range(self.world_size)]
+      return [received[w, : sizes_in[w]] for w in range(self.world_size)]
 
     if not dtype.is_floating:
       return exchange(chunks, recv_sizes, site and site.child("blocks"))
@@ -400,8 +426,9 @@ class Communicator:
     @tf.custom_gradient
     def differentiable(*blocks):
       def grad(*dys):
-        return exchange([tf.convert_to_tensor(dy) for dy in dys], send_sizes,
-                        site and site.child("blocks_grad"))
+        return exchange(
+          [tf.convert_to_tensor(dy) for dy in dys], send_sizes, site and site.child("blocks_grad")
+        )
 
       return exchange(list(blocks), recv_sizes, site and site.child("blocks")), grad
 
@@ -413,8 +440,9 @@ class Communicator:
     if self.world_size == 1:
       return tf.identity(tensor)
     with tf.device(self.device):
-      return collective_ops.all_reduce_v2(tensor, merge_op="Max", final_op="Id",
-                                          **self._common("all_reduce_max", tensor, site=site))
+      return collective_ops.all_reduce_v2(
+        tensor, merge_op="Max", final_op="Id", **self._common("all_reduce_max", tensor, site=site)
+      )
 
   def broadcast(self, tensor, root=0, shape=None, dtype=None):
     """`tensor` of worker `root`, on every worker.
@@ -433,13 +461,19 @@ class Communicator:
         shape = tensor.shape if tensor is not None else tf.TensorShape(shape)
         dtype = tf.as_dtype(tensor.dtype if tensor is not None else dtype)
       key = self._instance_key(("broadcast", root), tf.TensorSpec(shape, dtype))
-      common = dict(group_size=self.world_size, group_key=self.group_key, instance_key=key,
-                    communication_hint=self.communication_hint, timeout=self.timeout)
+      common = dict(
+        group_size=self.world_size,
+        group_key=self.group_key,
+        instance_key=key,
+        communication_hint=self.communication_hint,
+        timeout=self.timeout,
+      )
       with tf.device(self.device):
         if self.rank == root:
           return collective_ops.broadcast_send_v2(tensor, **common)
-        return collective_ops.broadcast_recv_v2(tf.constant(shape.as_list(), tf.int32), dtype,
-                                                **common)
+        return collective_ops.broadcast_recv_v2(
+          tf.constant(shape.as_list(), tf.int32), dtype, **common
+        )
     contribution = tensor if self.rank == root else tf.zeros_like(tensor)
     if tensor.dtype.is_integer or tensor.dtype == tf.bool:
       return tf.cast(self.all_reduce(tf.cast(contribution, tf.int64)), tensor.dtype)
@@ -457,14 +491,17 @@ class Communicator:
     if self.world_size == 1:
       return
     if self.rank == root:
-      self.broadcast_rows(tf.convert_to_tensor(variable) if value is None else value, root,
-                          consume=lambda begin, piece: None)
+      self.broadcast_rows(
+        tf.convert_to_tensor(variable) if value is None else value,
+        root,
+        consume=lambda begin, piece: None,
+      )
       return
     buffer = np.empty(variable.shape.as_list(), variable.dtype.as_numpy_dtype)
 
     def collect(begin, piece):
       if buffer.ndim:
-        buffer[begin:begin + piece.shape[0]] = piece.numpy()
+        buffer[begin : begin + piece.shape[0]] = piece.numpy()
       else:
         buffer[...] = piece.numpy()
 
@@ -489,8 +526,9 @@ class Communicator:
     for begin in range(0, rows, step):
       end = min(rows, begin + step)
       piece = tensor[begin:end] if self.rank == root else None
-      consume(begin, self.broadcast(piece, root, shape=[end - begin] + shape[1:].as_list(),
-                                    dtype=dtype))
+      consume(
+        begin, self.broadcast(piece, root, shape=[end - begin] + shape[1:].as_list(), dtype=dtype)
+      )
 
   def broadcast_object(self, obj, root=0):
     """Worker `root`'s `obj` (anything picklable: a seed, a config), on every worker; eager
@@ -504,8 +542,9 @@ class Communicator:
       data = pickle.dumps(obj)
       payload = np.frombuffer(data + bytes(-len(data) % 8), np.int64)  # collectives move no bytes
     size = self.broadcast(tf.constant([0 if payload is None else payload.size], tf.int64), root)
-    received = self.broadcast(None if payload is None else tf.constant(payload), root,
-                              shape=[int(size[0])], dtype=tf.int64).numpy()
+    received = self.broadcast(
+      None if payload is None else tf.constant(payload), root, shape=[int(size[0])], dtype=tf.int64
+    ).numpy()
     return obj if self.rank == root else pickle.loads(received.tobytes())
 
 
@@ -551,7 +590,8 @@ def configure_logical_devices(count):
   """Splits the CPU into `count` logical devices; call before TensorFlow initializes devices."""
   cpus = tf.config.list_physical_devices("CPU")
   tf.config.set_logical_device_configuration(
-      cpus[0], [tf.config.LogicalDeviceConfiguration() for _ in range(count)])
+    cpus[0], [tf.config.LogicalDeviceConfiguration() for _ in range(count)]
+  )
 
 
 _DEFAULT = None
@@ -586,8 +626,9 @@ def local_rank(rank, environ=None):
     try:
       index = int(value)
     except ValueError:
-      raise ValueError(f"Environment variable {name} must be a worker index; got {value!r}") \
-          from None
+      raise ValueError(
+        f"Environment variable {name} must be a worker index; got {value!r}"
+      ) from None
     if index < 0:
       raise ValueError(f"Environment variable {name} must be a worker index; got {value!r}")
     return index
@@ -619,9 +660,14 @@ def _pin_to_gpu(gpu_index):
   except RuntimeError:
     if gpu_index != 0:
       import warnings  # pylint: disable=import-outside-toplevel
-      warnings.warn(f"init_from_env: TensorFlow had already initialized its devices, so this "
-                    f"worker could not be limited to GPU {gpu_index}; call init_from_env before "
-                    f"any other TensorFlow work.", RuntimeWarning, stacklevel=3)
+
+      warnings.warn(
+        f"init_from_env: TensorFlow had already initialized its devices, so this "
+        f"worker could not be limited to GPU {gpu_index}; call init_from_env before "
+        f"any other TensorFlow work.",
+        RuntimeWarning,
+        stacklevel=3,
+      )
     return f"GPU:{gpu_index}"
 
 
@@ -655,6 +701,7 @@ class PeerMonitor:
   def _run(self):
     from tensorflow.python.eager import context  # pylint: disable=import-outside-toplevel
     from tensorflow.python.framework import errors  # pylint: disable=import-outside-toplevel
+
     misses = {r: 0 for r in self.peers}
     timeout_ms = max(1, int(self.interval * 1000))
     while not self._stopped.wait(self.interval):
@@ -678,11 +725,12 @@ class PeerMonitor:
         detail = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
         self.gone = (peer, cause)
         context.context().abort_collective_ops(
-            errors.UNAVAILABLE,
-            f"distributed_embeddings: worker {peer} ({self._task(peer)}) is gone ({detail}). "
-            f"Worker {self.rank} has aborted its collectives, and TensorFlow fails every later "
-            "one in this process: restart all workers (BackupAndRestore resumes from the last "
-            "epoch).")
+          errors.UNAVAILABLE,
+          f"distributed_embeddings: worker {peer} ({self._task(peer)}) is gone ({detail}). "
+          f"Worker {self.rank} has aborted its collectives, and TensorFlow fails every later "
+          "one in this process: restart all workers (BackupAndRestore resumes from the last "
+          "epoch).",
+        )
         return
 
 
@@ -709,6 +757,7 @@ def init_from_env(collective_timeout=None, peer_check_seconds=None):
   from tensorflow.core.protobuf import config_pb2  # pylint: disable=import-outside-toplevel
   from tensorflow.core.protobuf import tensorflow_server_pb2  # pylint: disable=import-outside-toplevel
   from tensorflow.python.eager import context  # pylint: disable=import-outside-toplevel
+
   global _MONITOR  # pylint: disable=global-statement
 
   if peer_check_seconds is None:
@@ -716,11 +765,13 @@ def init_from_env(collective_timeout=None, peer_check_seconds=None):
     try:
       peer_check_seconds = float(value) if value else _DEFAULT_PEER_CHECK_SECONDS
     except ValueError:
-      raise ValueError(f"Environment variable {_PEER_CHECK_VARIABLE} must be a number of "
-                       f"seconds; got {value!r}.") from None
+      raise ValueError(
+        f"Environment variable {_PEER_CHECK_VARIABLE} must be a number of seconds; got {value!r}."
+      ) from None
   if isinstance(peer_check_seconds, bool) or not peer_check_seconds >= 0:
-    raise ValueError(f"'peer_check_seconds' must be a number of seconds >= 0; got "
-                     f"{peer_check_seconds!r}.")
+    raise ValueError(
+      f"'peer_check_seconds' must be a number of seconds >= 0; got {peer_check_seconds!r}."
+    )
   config = json.loads(os.environ.get("TF_CONFIG", "{}"))
   workers = config.get("cluster", {}).get("worker", [])
   if len(workers) <= 1:
@@ -736,15 +787,23 @@ def init_from_env(collective_timeout=None, peer_check_seconds=None):
     # leaves every task believing it leads, and the first collective then waits forever.
     session_config = config_pb2.ConfigProto()
     session_config.experimental.collective_group_leader = leader
-    server_def = tensorflow_server_pb2.ServerDef(cluster=cluster.as_cluster_def(),
-                                                 default_session_config=session_config,
-                                                 job_name="worker", task_index=rank,
-                                                 protocol="grpc")
+    server_def = tensorflow_server_pb2.ServerDef(
+      cluster=cluster.as_cluster_def(),
+      default_session_config=session_config,
+      job_name="worker",
+      task_index=rank,
+      protocol="grpc",
+    )
     context.context().configure_collective_ops(collective_leader=leader)
     context.context().enable_collective_ops(server_def)
-    communicator = Communicator(rank, len(workers), new_group_key(),
-                                f"/job:worker/replica:0/task:{rank}/device:{device}", hint,
-                                timeout=collective_timeout)
+    communicator = Communicator(
+      rank,
+      len(workers),
+      new_group_key(),
+      f"/job:worker/replica:0/task:{rank}/device:{device}",
+      hint,
+      timeout=collective_timeout,
+    )
     if _MONITOR is not None:
       _MONITOR.stop()
       _MONITOR = None

@@ -95,38 +95,51 @@ def reduce_gradients(grads, variables, communicator, sparse_as_dense=False):
     if g is None or n == 1:
       out.append(g)
     elif _is_in(v, found):
-      out.append(tf.IndexedSlices(g.values / n, g.indices, g.dense_shape)
-                 if isinstance(g, tf.IndexedSlices) else g / n)
+      out.append(
+        tf.IndexedSlices(g.values / n, g.indices, g.dense_shape)
+        if isinstance(g, tf.IndexedSlices)
+        else g / n
+      )
     elif isinstance(g, tf.IndexedSlices) and not sparse_as_dense:
-      indices, values = communicator.all_gather_v([g.indices, g.values],
-                                                  site=communicator.site(v, "sparse_gradient"))
+      indices, values = communicator.all_gather_v(
+        [g.indices, g.values], site=communicator.site(v, "sparse_gradient")
+      )
       out.append(tf.IndexedSlices(values / n, indices, g.dense_shape))
     else:
-      out.append(communicator.all_reduce(tf.convert_to_tensor(g), op="mean",
-                                         site=communicator.site(v, "gradient")))
+      out.append(
+        communicator.all_reduce(
+          tf.convert_to_tensor(g), op="mean", site=communicator.site(v, "gradient")
+        )
+      )
   return out
 
 
 def _communicator(communicator, api):
   if communicator is not None and not isinstance(communicator, comm_lib.Communicator):
-    raise TypeError(f"{api}: 'communicator' must be a Communicator or None; got "
-                    f"{communicator!r}.")
+    raise TypeError(f"{api}: 'communicator' must be a Communicator or None; got {communicator!r}.")
   return communicator or comm_lib.default_communicator()
 
 
-def _check_horovod_options(api, compression=None, gradient_predivide_factor=1.0,
-                           backward_passes_per_step=1):
+def _check_horovod_options(
+  api, compression=None, gradient_predivide_factor=1.0, backward_passes_per_step=1
+):
   """Horovod's options that would change the numbers must keep their defaults here."""
-  if compression is not None and getattr(compression, "__name__",
-                                         type(compression).__name__) != "NoneCompressor":
-    raise ValueError(f"{api}: 'compression' is not supported (gradients travel uncompressed); "
-                     f"got {compression!r}.")
+  if (
+    compression is not None
+    and getattr(compression, "__name__", type(compression).__name__) != "NoneCompressor"
+  ):
+    raise ValueError(
+      f"{api}: 'compression' is not supported (gradients travel uncompressed); got {compression!r}."
+    )
   if gradient_predivide_factor != 1.0:
-    raise ValueError(f"{api}: 'gradient_predivide_factor' must be 1.0; got "
-                     f"{gradient_predivide_factor!r}.")
+    raise ValueError(
+      f"{api}: 'gradient_predivide_factor' must be 1.0; got {gradient_predivide_factor!r}."
+    )
   if backward_passes_per_step != 1:
-    raise ValueError(f"{api}: 'backward_passes_per_step' must be 1 (gradients are not "
-                     f"accumulated locally); got {backward_passes_per_step!r}.")
+    raise ValueError(
+      f"{api}: 'backward_passes_per_step' must be 1 (gradients are not "
+      f"accumulated locally); got {backward_passes_per_step!r}."
+    )
 
 
 class DistributedGradientTape:
@@ -140,31 +153,55 @@ class DistributedGradientTape:
   `gradient_predivide_factor` must keep their defaults.
   """
 
-  def __init__(self, tape, communicator=None, *, device_dense="", device_sparse="",
-               compression=None, sparse_as_dense=False, gradient_predivide_factor=1.0):
+  def __init__(
+    self,
+    tape,
+    communicator=None,
+    *,
+    device_dense="",
+    device_sparse="",
+    compression=None,
+    sparse_as_dense=False,
+    gradient_predivide_factor=1.0,
+  ):
     del device_dense, device_sparse
     _check_horovod_options("DistributedGradientTape", compression, gradient_predivide_factor)
     self._tape = tape
     self._comm = _communicator(communicator, "DistributedGradientTape")
     self._sparse_as_dense = bool(sparse_as_dense)
 
-  def gradient(self, target, sources, output_gradients=None,
-               unconnected_gradients=tf.UnconnectedGradients.NONE):
-    grads = self._tape.gradient(target, sources, output_gradients=output_gradients,
-                                unconnected_gradients=unconnected_gradients)
-    reduced = reduce_gradients(tf.nest.flatten(grads), tf.nest.flatten(sources), self._comm,
-                               self._sparse_as_dense)
+  def gradient(
+    self, target, sources, output_gradients=None, unconnected_gradients=tf.UnconnectedGradients.NONE
+  ):
+    grads = self._tape.gradient(
+      target,
+      sources,
+      output_gradients=output_gradients,
+      unconnected_gradients=unconnected_gradients,
+    )
+    reduced = reduce_gradients(
+      tf.nest.flatten(grads), tf.nest.flatten(sources), self._comm, self._sparse_as_dense
+    )
     return tf.nest.pack_sequence_as(grads, reduced)
 
   def __getattr__(self, name):
     return getattr(self._tape, name)
 
 
-def DistributedOptimizer(optimizer, communicator=None, *, name=None, device_dense="",
-                         device_sparse="", compression=None, sparse_as_dense=False,
-                         gradient_predivide_factor=1.0, backward_passes_per_step=1,
-                         average_aggregated_gradients=False,
-                         lazy_sparse_updates=False):  # pylint: disable=invalid-name
+def DistributedOptimizer(
+  optimizer,
+  communicator=None,
+  *,
+  name=None,
+  device_dense="",
+  device_sparse="",
+  compression=None,
+  sparse_as_dense=False,
+  gradient_predivide_factor=1.0,
+  backward_passes_per_step=1,
+  average_aggregated_gradients=False,
+  lazy_sparse_updates=False,
+):  # pylint: disable=invalid-name
   """A new optimizer, built from `optimizer`'s config, that reduces gradients across workers
   before applying them (as DistributedGradientTape does), so `model.fit` trains on the global
   batch. As in the reference API, `optimizer` itself is left as it was; since its state would not
@@ -185,35 +222,43 @@ def DistributedOptimizer(optimizer, communicator=None, *, name=None, device_dens
   `gradient_predivide_factor` and `backward_passes_per_step` must keep their defaults.
   """
   del name, device_dense, device_sparse, average_aggregated_gradients
-  _check_horovod_options("DistributedOptimizer", compression, gradient_predivide_factor,
-                         backward_passes_per_step)
+  _check_horovod_options(
+    "DistributedOptimizer", compression, gradient_predivide_factor, backward_passes_per_step
+  )
   comm = _communicator(communicator, "DistributedOptimizer")
   if not isinstance(optimizer, keras.optimizers.Optimizer):
-    raise TypeError(f"DistributedOptimizer: 'optimizer' must be a Keras optimizer; got "
-                    f"{optimizer!r}.")
+    raise TypeError(
+      f"DistributedOptimizer: 'optimizer' must be a Keras optimizer; got {optimizer!r}."
+    )
   if optimizer.built:
-    raise ValueError("DistributedOptimizer: 'optimizer' has already been used (it has state); "
-                     "wrap it before training.")
+    raise ValueError(
+      "DistributedOptimizer: 'optimizer' has already been used (it has state); "
+      "wrap it before training."
+    )
   if not isinstance(lazy_sparse_updates, bool):
-    raise TypeError(f"DistributedOptimizer: 'lazy_sparse_updates' must be a bool; got "
-                    f"{lazy_sparse_updates!r}.")
+    raise TypeError(
+      f"DistributedOptimizer: 'lazy_sparse_updates' must be a bool; got {lazy_sparse_updates!r}."
+    )
   base = type(optimizer)
   sparse_update_step = sparse_updates.EQUIVALENT_STEPS.get(base)
   if lazy_sparse_updates:
     if base not in sparse_updates.LAZY_STEPS:
-      raise ValueError(f"DistributedOptimizer: 'lazy_sparse_updates' is supported for "
-                       f"{sorted(t.__name__ for t in sparse_updates.LAZY_STEPS)}; got "
-                       f"{base.__name__}.")
+      raise ValueError(
+        f"DistributedOptimizer: 'lazy_sparse_updates' is supported for "
+        f"{sorted(t.__name__ for t in sparse_updates.LAZY_STEPS)}; got "
+        f"{base.__name__}."
+      )
     sparse_update_step = sparse_updates.LAZY_STEPS[base]
   dense = bool(sparse_as_dense)
 
   class _DistributedOptimizer(base):
-
     def apply(self, grads, trainable_variables=None):  # pylint: disable=missing-function-docstring
-      variables = trainable_variables if trainable_variables is not None else \
-          self._trainable_variables
-      return super().apply(reduce_gradients(list(grads), list(variables), comm, dense),
-                           trainable_variables)
+      variables = (
+        trainable_variables if trainable_variables is not None else self._trainable_variables
+      )
+      return super().apply(
+        reduce_gradients(list(grads), list(variables), comm, dense), trainable_variables
+      )
 
     def update_step(self, gradient, variable, learning_rate):  # pylint: disable=missing-function-docstring
       if sparse_update_step is not None and isinstance(gradient, tf.IndexedSlices):
@@ -239,8 +284,9 @@ def broadcast_variables(variables, root_rank=0, communicator=None):
       v.assign(comm.broadcast(tf.convert_to_tensor(v), root_rank))
       continue
     target = sparse_updates.backing_variable(v)
-    comm.broadcast_variable(target, root_rank,
-                            embedding_value(target) if comm.rank == root_rank else None)
+    comm.broadcast_variable(
+      target, root_rank, embedding_value(target) if comm.rank == root_rank else None
+    )
   release_freed_memory()
 
 

@@ -20,8 +20,9 @@ def unique_rows(gradient, dtype):
   variable's, as Keras's dense gradient would be: float16 pieces under mixed precision would lose
   the small ones)."""
   indices, positions = tf.unique(gradient.indices)
-  values = tf.math.unsorted_segment_sum(tf.cast(gradient.values, dtype), positions,
-                                        tf.shape(indices)[0])
+  values = tf.math.unsorted_segment_sum(
+    tf.cast(gradient.values, dtype), positions, tf.shape(indices)[0]
+  )
   return indices, values
 
 
@@ -42,7 +43,8 @@ def adagrad_step(optimizer, gradient, variable, learning_rate):
   new_accumulator = tf.gather(accumulator, indices) + tf.square(values)
   accumulator.scatter_update(tf.IndexedSlices(new_accumulator, indices))
   variable.scatter_sub(
-      tf.IndexedSlices((lr * values) / tf.sqrt(new_accumulator + optimizer.epsilon), indices))
+    tf.IndexedSlices((lr * values) / tf.sqrt(new_accumulator + optimizer.epsilon), indices)
+  )
 
 
 def lazy_adam_step(optimizer, gradient, variable, learning_rate):
