@@ -150,7 +150,7 @@ void ForwardBags(const T* __restrict params, int64_t num_rows, int64_t width,
 }
 
 // The common widths get a loop of their own: the width is a compile-time constant and a bag's sums
-// live in vector registers instead of memory (about 2x on rows already in cache; BENCHMARKS.md).
+// live in vector registers instead of memory (BENCHMARKS.md has the gain).
 // Packet<T> is one 32-byte vector, the packet TensorFlow's reduction uses, so each lane still sees
 // its additions in the same order. Rows are summed a block of packets at a time, as many as fit in
 // registers next to the loads; the whole row is prefetched with the first block.

@@ -1,9 +1,8 @@
 // Transparent huge pages for large, randomly read tables.
 //
 // A lookup touches a random row per id, so with 4 KiB pages nearly every row costs a TLB miss and
-// a page walk on top of the cache miss: measured here, a 256 MB table looked up through 4 KiB
-// pages runs 1.5-1.9x slower than through 2 MiB pages. NumPy asks for huge pages on large arrays
-// (so torch tensors made from them get them); TensorFlow's CPU allocator does not.
+// a page walk on top of the cache miss (BENCHMARKS.md has the cost). NumPy asks for huge pages on
+// large arrays (so torch tensors made from them get them); TensorFlow's CPU allocator does not.
 #ifndef DISTRIBUTED_EMBEDDINGS_EMBEDDING_KERNELS_HUGE_PAGES_H_
 #define DISTRIBUTED_EMBEDDINGS_EMBEDDING_KERNELS_HUGE_PAGES_H_
 

@@ -50,9 +50,8 @@ _SET_WEIGHTS_CHUNK = 134217728
 # The most elements tables are stacked to in one shared variable (32 MiB of float32); a larger
 # table keeps a variable of its own. Keras 3 optimizers apply even a sparse gradient with some
 # whole-variable ops (Adagrad: sqrt(accumulator + epsilon)), so each step allocates temporaries the
-# size of the variable, and above glibc's 32 MiB mmap ceiling every one of them is fresh memory:
-# stacking 8 tables of 200k x 32 into one variable made an Adagrad step 3.5x slower (4.9M page
-# faults against 0.8M, BENCHMARKS.md). Lookups gain little from larger stacks.
+# size of the variable, and above glibc's 32 MiB mmap ceiling every one of them is fresh memory
+# that page-faults in (BENCHMARKS.md has the cost). Lookups gain little from larger stacks.
 _MAX_FUSED_ELEMENTS = 8 * 2**20
 
 # Fields of the check every worker sends before a forward pass (one int64 each).
