@@ -14,6 +14,11 @@ calls do not have. A "tf in-graph step floor" row gives what one chained step co
 in it: TF's executor overhead, which every TF path pays and torch does not. `--dispatch per-call`
 times one tf.function call per lookup instead.
 
+Forward+backward gives every system the same upstream gradient: one contiguous [batch, width]
+array per batch (random, from the same seed), `output_gradients` for TensorFlow and
+`y.backward(g)` for torch. A `.sum().backward()` would hand torch a stride-0 gradient, which
+sends `embedding_bag`'s sparse backward down a slow path (nearly 2x slower here).
+
 The machine is shared and noisy, so every repeat times every path once, in a rotating order, and
 the ratios reported are medians of the ratios within a repeat, not ratios of medians.
 
@@ -93,11 +98,12 @@ def paired_ratio(peer, ours):
   return statistics.median(p / o for p, o in zip(peer, ours))
 
 
-def tf_paths(table, combiner, fmt, dispatch, batches):
+def tf_paths(table, combiner, fmt, dispatch, batches, upstream):
   """name -> (forward sweep, forward+backward sweep) of TF-based paths for one input format.
 
   A sweep looks up every batch of `batches` once and returns the number of lookups. In graph it is
-  one tf.function call that captures the batches; per call it is one call per batch.
+  one tf.function call that captures the batches; per call it is one call per batch. The backward
+  of batch i starts from upstream[i] (module docstring).
   """
 
   def ours(ids):
@@ -132,15 +138,18 @@ def tf_paths(table, combiner, fmt, dispatch, batches):
     def fwd(ids, forward=forward):
       return forward(ids)[0, 0]
 
-    def fwd_bwd(ids, forward=forward):
+    def fwd_bwd(batch, forward=forward):
+      ids, up = batch
       with tf.GradientTape() as tape:
         out = forward(ids)
-        loss = tf.reduce_sum(out)
-      grad = tape.gradient(loss, table)
+      grad = tape.gradient(out, table, output_gradients=up)
       # Using the output too keeps TF from pruning the forward gather.
       return out[0, 0] + grad.values[0, 0] + tf.cast(grad.indices[0], out.dtype)
 
-    paths[name] = tuple(_sweep(step, batches, dispatch) for step in (fwd, fwd_bwd))
+    paths[name] = (
+      _sweep(fwd, batches, dispatch),
+      _sweep(fwd_bwd, list(zip(batches, upstream)), dispatch),
+    )
   return paths
 
 
@@ -184,10 +193,11 @@ def step_floor(batches):
   return statistics.median(time_interleaved({"floor": sweep}, 3, 5)["floor"])
 
 
-def torch_paths(table_np, combiner, batches):
+def torch_paths(table_np, combiner, batches, upstream):
   """name -> (forward sweep, forward+backward sweep) of torch's embedding_bag, as tf_paths."""
   weight = torch.nn.Parameter(torch.from_numpy(table_np))
   inputs = [(torch.from_numpy(b["values"]), torch.from_numpy(b["offsets"])) for b in batches]
+  grads = [torch.from_numpy(up) for up in upstream]  # contiguous, as TF's
 
   def forward(values, offsets):
     return torch.nn.functional.embedding_bag(values, weight, offsets, mode=combiner, sparse=True)
@@ -198,9 +208,9 @@ def torch_paths(table_np, combiner, batches):
     return len(inputs)
 
   def fwd_bwd():
-    for values, offsets in inputs:
+    for (values, offsets), grad in zip(inputs, grads):
       weight.grad = None
-      forward(values, offsets).sum().backward()
+      forward(values, offsets).backward(grad)
     return len(inputs)
 
   return {"torch embedding_bag": (fwd, fwd_bwd)}
@@ -222,6 +232,10 @@ def gather_ceiling(table_np, batches):
 def run_case(rng, table_np, table_var, batch, hotness, combiner, args):
   width = table_np.shape[1]
   batches = [make_inputs(rng, table_np.shape[0], batch, hotness) for _ in range(ROTATING_BATCHES)]
+  upstream = [
+    rng.standard_normal((batch, width)).astype(np.float32) for _ in range(ROTATING_BATCHES)
+  ]
+  upstream_tf = [tf.constant(up) for up in upstream]
   nnz = np.mean([b["nnz"] for b in batches])
   bytes_gathered = nnz * width * 4
   # Enough sweeps of the rotating batches per timed block for at least `iters` lookups.
@@ -229,9 +243,11 @@ def run_case(rng, table_np, table_var, batch, hotness, combiner, args):
   rows = []
   formats = (["dense"] if "dense" in batches[0] else []) + ["ragged", "sparse"]
   for fmt in formats:
-    paths = tf_paths(table_var, combiner, fmt, args.dispatch, [b[fmt] for b in batches])
+    paths = tf_paths(
+      table_var, combiner, fmt, args.dispatch, [b[fmt] for b in batches], upstream_tf
+    )
     if torch is not None:
-      paths.update(torch_paths(table_np, combiner, batches))
+      paths.update(torch_paths(table_np, combiner, batches, upstream))
     fwd = time_interleaved({name: p[0] for name, p in paths.items()}, passes, args.repeats)
     fwd_bwd = time_interleaved({name: p[1] for name, p in paths.items()}, passes, args.repeats)
     for name in paths:
