@@ -199,7 +199,11 @@ def variable(spec, dtype):
 def run(case):
   attrs = dict(case["attrs"])
   op = case["op"]
-  keep = []
+  keep = []  # the variable object: it owns the resource, so it must outlive the call
+
+  def resource():
+    return keep[0].handle if hasattr(keep[0], "handle") else keep[0]
+
   specs = {k: v for k, v in case.items() if k not in ("attrs", "variable") and
            isinstance(v, dict)}
   def call():
@@ -210,8 +214,7 @@ def run(case):
       return ops.de_pooled_embedding_lookup(inputs["params"], inputs["ids"],
                                             inputs["row_splits"], **attrs)
     if op == "DeResourcePooledEmbeddingLookup":
-      handle = keep[0].handle if hasattr(keep[0], "handle") else keep[0]
-      return ops.de_resource_pooled_embedding_lookup(handle, inputs["ids"],
+      return ops.de_resource_pooled_embedding_lookup(resource(), inputs["ids"],
                                                      inputs["row_splits"], **attrs)
     if op == "DePooledEmbeddingLookupGrad":
       return ops.de_pooled_embedding_lookup_grad(inputs["grad"], inputs["ids"],
@@ -221,14 +224,12 @@ def run(case):
       return ops.de_sparse_row_splits(inputs["indices"], inputs["dense_shape"],
                                       **attrs)
     if op == "DeReadVariableNoCopy":
-      handle = keep[0].handle if hasattr(keep[0], "handle") else keep[0]
-      return ops.de_read_variable_no_copy(handle, **attrs)
+      return ops.de_read_variable_no_copy(resource(), **attrs)
     if op == "DeInitialIntegerLookupState":
       return ops.de_initial_integer_lookup_state(**attrs)
     if op == "DeValidateIntegerLookupState":
       return ops.de_validate_integer_lookup_state(inputs["state"], **attrs)
-    handle = keep[0].handle if hasattr(keep[0], "handle") else keep[0]
-    return ops.de_integer_lookup(handle, inputs["keys"], **attrs)
+    return ops.de_integer_lookup(resource(), inputs["keys"], **attrs)
   try:  # inputs first: a failure to build them is the harness's, not the op's
     for spec in specs.values():
       tensor(spec)

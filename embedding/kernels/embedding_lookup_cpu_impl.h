@@ -390,9 +390,15 @@ bool CsrIsValid(const CsrIds<IdT, OffsetT>& csr, int64_t num_rows, bool check_id
 template <typename IdT>
 class UniqueIdMap {
  public:
-  explicit UniqueIdMap(int64_t max_unique) {
+  // Slots for `max_unique` ids: a power of two at least twice that, so probes stay short.
+  static int64_t Slots(int64_t max_unique) {
     int64_t capacity = 16;
     while (capacity < 2 * max_unique) capacity *= 2;
+    return capacity;
+  }
+
+  explicit UniqueIdMap(int64_t max_unique) {
+    const int64_t capacity = Slots(max_unique);
     mask_ = static_cast<uint64_t>(capacity - 1);
     slots_.assign(capacity, Slot{kEmpty, 0});
   }
@@ -442,9 +448,7 @@ class DenseIdMap {
 
   // Worth it when the table has at most as many rows as the map for `max_unique` has bytes / 8.
   static bool Preferred(int64_t num_rows, int64_t max_unique) {
-    int64_t capacity = 16;
-    while (capacity < 2 * max_unique) capacity *= 2;
-    return num_rows <= 2 * capacity;
+    return num_rows <= 2 * UniqueIdMap<IdT>::Slots(max_unique);
   }
 
   void Prefetch(IdT id) const {
