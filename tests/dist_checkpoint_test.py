@@ -19,6 +19,12 @@ comm_lib.configure_logical_devices(4)
 TABLES = [(40, 8), (30, 8), (64, 4), (12, 8), (90, 4)]
 GLOBAL_BATCH = 8
 MODE = dict(column_slice_threshold=150, row_slice_threshold=300, data_parallel_threshold=60)
+# Row-wise Adagrad keeps one accumulator per row of each column slice (the mean over the slice's
+# columns), so only a plan without column slices trains exactly as one worker does: a threshold
+# no table reaches keeps the planner from slicing columns.
+ROWWISE_MODE = dict(
+  column_slice_threshold=10**9, row_slice_threshold=300, data_parallel_threshold=60
+)
 
 
 def _batch(step):
@@ -31,17 +37,19 @@ def _batch(step):
   return ids, dense, rng.standard_normal((GLOBAL_BATCH, 1)).astype(np.float32)
 
 
-def _build(comm):
+def _build(comm, optimizer="adagrad", mode=None):
+  rowwise = optimizer == "rowwise_adagrad"
+  mode = mode or (ROWWISE_MODE if rowwise else MODE)
   layer = dmp.DistributedEmbedding(
-    [de.Embedding(r, w, combiner="mean") for r, w in TABLES], communicator=comm, **MODE
+    [de.Embedding(r, w, combiner="mean") for r, w in TABLES], communicator=comm, **mode
   )
   bottom = keras.layers.Dense(4, kernel_initializer=keras.initializers.Constant(0.1))
   top = keras.layers.Dense(1, kernel_initializer=keras.initializers.Constant(0.05))
   rng = np.random.default_rng(7)
   layer.build()
   layer.set_weights([rng.standard_normal(shape).astype(np.float32) for shape in TABLES])
-  optimizer = dmp.DistributedOptimizer(keras.optimizers.Adagrad(0.3), comm)
-  return layer, bottom, top, optimizer
+  base = de.RowwiseAdagrad(0.3) if rowwise else keras.optimizers.Adagrad(0.3)
+  return layer, bottom, top, dmp.DistributedOptimizer(base, comm)
 
 
 def _train(parts, comm, steps):
@@ -84,22 +92,29 @@ def _run(world_size, fn):
 
 
 class DistCheckpointTest(test_util.TestCase):
-  @parameterized.parameters((2, 4), (4, 1), (1, 2))
-  def test_written_by_n_workers_restored_on_m(self, writers, readers):
+  @parameterized.parameters(
+    (2, 4, "adagrad"),
+    (4, 1, "adagrad"),
+    (1, 2, "adagrad"),
+    (2, 4, "rowwise_adagrad"),
+    (4, 1, "rowwise_adagrad"),
+    (1, 2, "rowwise_adagrad"),
+  )
+  def test_written_by_n_workers_restored_on_m(self, writers, readers, optimizer):
     path = os.path.join(self.create_tempdir().full_path, "ckpt.npz")
 
     def reference(comm):
-      parts = _build(comm)
+      parts = _build(comm, optimizer)
       _train(parts, comm, range(4))
       return _state(parts, comm)
 
     def write(comm):
-      parts = _build(comm)
+      parts = _build(comm, optimizer)
       _train(parts, comm, range(2))
       dmp.save_checkpoint(path, _Model(parts), parts[3], comm, metadata={"step": 2})
 
     def resume(comm):
-      parts = _build(comm)
+      parts = _build(comm, optimizer)
       parts[1].build((None, 3))
       parts[2].build((None, sum(w for _, w in TABLES) + 4))
       # Fresh weights differ from the saved ones until the restore.
@@ -114,7 +129,61 @@ class DistCheckpointTest(test_util.TestCase):
       self.assertEqual(expected[3], iterations)
       for got, want in zip(tables + slots + dense, expected[0] + expected[1] + expected[2]):
         self.assertAllClose(want, got, rtol=1e-5, atol=1e-6)
-      self.assertLen(slots, len(TABLES))  # Adagrad: one accumulator per table
+      self.assertLen(slots, len(TABLES))  # one accumulator per table
+      if optimizer == "rowwise_adagrad":
+        self.assertEqual([(r, 1) for r, _ in TABLES], [s.shape for s in slots])
+
+  def test_rowwise_state_of_column_slices_is_their_width_weighted_mean(self):
+    path = os.path.join(self.create_tempdir().full_path, "ckpt.npz")
+
+    def write(comm):
+      parts = _build(comm, "rowwise_adagrad", MODE)
+      _train(parts, comm, range(2))
+      layer, optimizer = parts[0], parts[3]
+      # Each local slot holds the accumulators of this worker's shards, rows stacked.
+      by_var = layer.optimizer_slot_variables(optimizer)["accumulator"]
+      local = {}
+      for shard, (var, offset) in zip(layer.local_shards, layer._slots):  # pylint: disable=protected-access
+        value = by_var[id(var)].numpy()[offset : offset + shard.rows, 0]
+        local[(shard.table, shard.row_begin, shard.col_begin)] = (shard, value)
+      replicated = {
+        t: by_var[id(var)].numpy()[:, 0]
+        for t, var in layer._replicated_vars.items()  # pylint: disable=protected-access
+      }
+      dmp.save_checkpoint(path, _Model(parts), optimizer, comm)
+      return local, replicated, [s.kind for s in layer.local_shards]
+
+    results = _run(2, write)
+    self.assertIn("column_slice", {k for _, _, kinds in results for k in kinds})
+    expected = [np.zeros(r) for r, _ in TABLES]
+    covered = [np.zeros(r) for r, _ in TABLES]
+    replicated = set()
+    for local, on_every_worker, _ in results:
+      for t, value in on_every_worker.items():
+        replicated.add(t)
+        expected[t] = value
+      for (t, _, _), (shard, value) in local.items():
+        rows = slice(shard.row_begin, shard.row_begin + shard.rows)
+        expected[t][rows] += value * shard.width / TABLES[t][1]
+        covered[t][rows] += shard.width / TABLES[t][1]
+    with np.load(path) as saved:
+      for t in range(len(TABLES)):
+        if t not in replicated:
+          self.assertAllClose(np.ones(TABLES[t][0]), covered[t])
+        got = saved[f"embedding/0/slot/accumulator/table{t}"]
+        self.assertEqual((TABLES[t][0], 1), got.shape)
+        self.assertAllClose(expected[t], got[:, 0], rtol=1e-6)
+
+    # Restored on one worker, every row gets the saved value.
+    comm = comm_lib.Communicator(0, 1)
+    parts = _build(comm, "rowwise_adagrad", MODE)
+    parts[1].build((None, 3))
+    parts[2].build((None, sum(w for _, w in TABLES) + 4))
+    dmp.restore_checkpoint(path, _Model(parts), parts[3])
+    slots = parts[0].get_optimizer_slots(parts[3])["accumulator"]
+    with np.load(path) as saved:
+      for t in range(len(TABLES)):
+        self.assertAllEqual(saved[f"embedding/0/slot/accumulator/table{t}"], slots[t])
 
   def test_per_worker_tf_train_checkpoint_round_trips(self):
     root = self.create_tempdir().full_path

@@ -339,7 +339,7 @@ class ReadVarNoCopyTest(test_util.TestCase):
   def test_raw_op_rejects_a_dtype_the_variable_does_not_hold(self):
     table = tf.Variable(tf.zeros([3, 2]))
     with self.assertRaisesRegex(
-      tf.errors.InvalidArgumentError, "'resource' must hold double to match 'dtype'; got float"
+      tf.errors.InvalidArgumentError, "'resource' must hold double; got float"
     ):
       embedding_lookup_ops._ops.de_read_variable_no_copy(table.handle, dtype=tf.float64)  # pylint: disable=protected-access
 

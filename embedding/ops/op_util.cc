@@ -1,5 +1,7 @@
 #include "embedding/ops/op_util.h"
 
+#include <cstring>
+
 #include "tensorflow/core/util/work_sharder.h"
 
 namespace distributed_embeddings {
@@ -30,16 +32,30 @@ absl::Status MakeShape(const std::string& op, const std::string& what,
 }
 
 absl::Status CheckVariableValue(const std::string& op, tensorflow::Var* variable,
-                                tensorflow::DataType dtype) {
+                                tensorflow::DataType dtype, const std::string& input) {
   const tensorflow::Tensor& value = *variable->tensor();
   if (!variable->is_initialized || !value.IsInitialized()) {
-    return absl::FailedPreconditionError(op + ": the variable 'resource' is not initialized.");
+    return absl::FailedPreconditionError(op + ": the variable '" + input + "' is not initialized.");
   }
   if (value.dtype() != dtype) {
-    return absl::InvalidArgumentError(
-        op + ": 'resource' must hold " + tensorflow::DataTypeString(dtype) +
-        " to match 'dtype'; got " + tensorflow::DataTypeString(value.dtype()) + ".");
+    return absl::InvalidArgumentError(op + ": '" + input + "' must hold " +
+                                      tensorflow::DataTypeString(dtype) + "; got " +
+                                      tensorflow::DataTypeString(value.dtype()) + ".");
   }
+  return absl::OkStatus();
+}
+
+absl::Status PrepareForSparseUpdate(tensorflow::OpKernelContext* ctx, tensorflow::Var* variable) {
+  if (variable->copy_on_read_mode.load()) return absl::OkStatus();
+  tensorflow::Tensor* value = variable->tensor();
+  if (!value->RefCountIsOne()) {
+    tensorflow::Tensor copy;
+    TF_RETURN_IF_ERROR(ctx->allocate_temp(value->dtype(), value->shape(), &copy));
+    const auto source = value->tensor_data();
+    std::memcpy(const_cast<char*>(copy.tensor_data().data()), source.data(), source.size());
+    *value = copy;
+  }
+  variable->copy_on_read_mode.store(true);
   return absl::OkStatus();
 }
 

@@ -25,9 +25,15 @@ absl::Status MakeShape(const std::string& op, const std::string& what,
                        std::initializer_list<int64_t> dims, tensorflow::TensorShape* shape);
 
 // With `variable`'s lock held: whether it is initialized and holds `dtype`, as an op reading it
-// through its 'resource' input needs.
+// through its input named `input` needs.
 absl::Status CheckVariableValue(const std::string& op, tensorflow::Var* variable,
-                                tensorflow::DataType dtype);
+                                tensorflow::DataType dtype, const std::string& input = "resource");
+
+// With `variable`'s exclusive lock held, before a sparse update writes its buffer in place: what
+// TensorFlow's own sparse updates do. Unless the variable is in copy-on-read mode already (its
+// readers then copy), a buffer that somebody else still holds is copied first, so no earlier read
+// sees the update; then the variable enters copy-on-read mode.
+absl::Status PrepareForSparseUpdate(tensorflow::OpKernelContext* ctx, tensorflow::Var* variable);
 
 // Splits kernel-library work across the op's intra-op thread pool.
 ParallelFor CpuParallelFor(tensorflow::OpKernelContext* ctx);

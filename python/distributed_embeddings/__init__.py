@@ -11,6 +11,7 @@ from distributed_embeddings.dist_model_parallel import DistEmbeddingStrategy
 from distributed_embeddings.dist_model_parallel import DistributedEmbedding
 from distributed_embeddings.dist_model_parallel import DistributedGradientTape
 from distributed_embeddings.dist_model_parallel import DistributedOptimizer
+from distributed_embeddings.dist_model_parallel import RowwiseAdagrad
 
 __version__ = "0.1.0"
 
@@ -26,4 +27,5 @@ __all__ = [
   "DistributedEmbedding",
   "DistributedGradientTape",
   "DistributedOptimizer",
+  "RowwiseAdagrad",
 ]

@@ -13,6 +13,7 @@ from distributed_embeddings.python.layers.dist_model_parallel import Distributed
 from distributed_embeddings.python.layers.dist_model_parallel import DistributedGradientTape
 from distributed_embeddings.python.layers.dist_model_parallel import DistributedOptimizer
 from distributed_embeddings.python.layers.dist_model_parallel import is_model_parallel
+from distributed_embeddings.python.layers.dist_model_parallel import RowwiseAdagrad
 from distributed_embeddings.python.layers.planner import make_plan
 from distributed_embeddings.python.layers.planner import Plan
 from distributed_embeddings.python.layers.planner import TableSpec

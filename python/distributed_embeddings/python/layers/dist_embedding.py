@@ -316,6 +316,8 @@ class DistributedEmbedding(keras.layers.Layer):
         initializer=self._initializer(t),
         name=f"table{t}_replicated",
       )
+    for var in self.table_variables:
+      sparse_updates.mark_embedding_table(var)
     self.built = True
 
   def _initializer(self, table):
@@ -866,8 +868,8 @@ class DistributedEmbedding(keras.layers.Layer):
       global_ids = {f.index: self._global_layout(f, block) for f in sharded}
     bags = {i: self._bags(by_index[i], ids, valid) for i, ids in global_ids.items()}
 
-    self._row_slices(bags, shapes, outputs, block, local_batch)
-    self._exchange(bags, shapes, outputs, block, local_batch)
+    after = self._row_slices(bags, shapes, outputs, block, local_batch)
+    self._exchange(bags, shapes, outputs, block, local_batch, after)
     return outputs
 
   def _gather_ids(self, sharded, table, block):
@@ -956,11 +958,12 @@ class DistributedEmbedding(keras.layers.Layer):
         partials.append(tf.reshape(partial, [self.world_size * block, hotness * s.width]))
         parts.append((i, ids))
     if not partials:
-      return
+      return None
     partials_of_all = tf.concat(partials, axis=1)
     row, index, length = _padded_rows(partials_of_all, 1)
     summed = self.communicator.all_reduce(row[0], size_class=index, site=self._site("row_slices"))
     total = tf.reshape(summed[:length], tf.shape(partials_of_all))
+    after = tf.reduce_sum(total[:0])  # exactly 0; see _exchange
     start = tf.cast(self.rank, tf.int64) * block
     offset = 0
     for (i, ids), partial in zip(parts, partials):
@@ -972,9 +975,16 @@ class DistributedEmbedding(keras.layers.Layer):
         count = ids.row_lengths()[start : start + local_batch]
         mine = mine / tf.cast(tf.maximum(count, 1), mine.dtype)[:, tf.newaxis]
       outputs[i] = self._unflatten(i, [mine], shapes, local_batch)
+    return after
 
-  def _exchange(self, bags, shapes, outputs, block, local_batch):
-    """Whole tables and column slices: look up the global batch, one all-to-all back."""
+  def _exchange(self, bags, shapes, outputs, block, local_batch, after=None):
+    """Whole tables and column slices: look up the global batch, one all-to-all back.
+
+    `after` (a zero computed from the row slices' all-reduce) is added to what this worker sends,
+    so that on every worker the backward pass runs this all-to-all's gradient before the row
+    slices' all-reduce's. Without the dependency each worker's tape orders the two independent
+    collectives by its own op history, and two workers waiting in different ones hang.
+    """
     layout = self.exchange_layout({i: h for i, (h, _) in shapes.items()})
     if layout.max_width == 0:
       return
@@ -987,6 +997,8 @@ class DistributedEmbedding(keras.layers.Layer):
     dtype = self.variable_dtype
     send = tf.concat(sends, axis=1) if sends else tf.zeros([self.world_size * block, 0], dtype)
     send = tf.pad(send, [[0, 0], [0, layout.max_width - layout.block_widths[self.rank]]])
+    if after is not None:
+      send = send + tf.cast(after, send.dtype)
     rows, index, length = _padded_rows(send, self.world_size)
     received = self.communicator.all_to_all(rows, size_class=index, site=self._site("exchange"))
     received = tf.reshape(received[:, :length], [self.world_size, block, layout.max_width])
@@ -1095,7 +1107,8 @@ class DistributedEmbedding(keras.layers.Layer):
 
   def optimizer_slot_variables(self, optimizer):
     """{slot name: {id(table variable): optimizer variable}} of `optimizer`'s per-row state for
-    `table_variables` (a slot has its variable's shape); builds the optimizer if needed."""
+    `table_variables` (a slot has its variable's shape, or [rows, 1]: one value per row, as
+    RowwiseAdagrad's accumulator); builds the optimizer if needed."""
     if not self.built:
       self.build()
     if not optimizer.built:
@@ -1104,8 +1117,9 @@ class DistributedEmbedding(keras.layers.Layer):
     variables = self.table_variables
     for var in variables:
       prefix = var.path.replace("/", "_") + "_"
+      per_row = (var.shape[0], 1)  # RowwiseAdagrad's accumulator
       for slot in optimizer.variables:
-        if slot.name.startswith(prefix) and tuple(slot.shape) == tuple(var.shape):
+        if slot.name.startswith(prefix) and tuple(slot.shape) in (tuple(var.shape), per_row):
           slots.setdefault(slot.name[len(prefix) :], {})[id(var)] = slot
     missing = [name for name, by_var in slots.items() if len(by_var) != len(variables)]
     if missing:
@@ -1118,6 +1132,7 @@ class DistributedEmbedding(keras.layers.Layer):
     owner, one at a time, and kept where wanted (everywhere or on rank 0)."""
     keep = all_ranks or self.rank == 0
     dtype = np.dtype(self.variable_dtype)
+    per_row = self._per_row_state(by_var)
     # One read per variable (fused tables share one), without the whole-variable copy a read
     # makes in copy-on-read mode.
     values = {}
@@ -1133,7 +1148,11 @@ class DistributedEmbedding(keras.layers.Layer):
         if keep:
           tables.append(np.array(value_of(self._replicated_vars[t])))
         continue
-      full = np.empty((spec.input_dim, spec.output_dim), dtype) if keep else None
+      full = None
+      if keep and per_row:
+        full = np.zeros((spec.input_dim, 1), np.float64)
+      elif keep:
+        full = np.empty((spec.input_dim, spec.output_dim), dtype)
       for owner, shards in enumerate(self.plan.shards):
         for k, s in enumerate(shards):
           if s.table != t:
@@ -1143,32 +1162,48 @@ class DistributedEmbedding(keras.layers.Layer):
             var, offset = self._slots[k]
             piece = value_of(var)[offset : offset + s.rows]
 
-          def place(begin, rows, s=s):
-            if keep:
-              full[
-                s.row_begin + begin : s.row_begin + begin + rows.shape[0], s.col_begin : s.col_end
-              ] = rows.numpy()
+          def place(begin, rows, s=s, spec=spec):
+            if not keep:
+              return
+            target = slice(s.row_begin + begin, s.row_begin + begin + rows.shape[0])
+            if per_row:
+              # A row's state is the mean over its columns: a column slice's counts for its share.
+              full[target] += rows.numpy().astype(np.float64) * (s.width / spec.output_dim)
+            else:
+              full[target, s.col_begin : s.col_end] = rows.numpy()
 
           if self.world_size == 1:
             place(0, piece)
           else:
             # In pieces of at most 32 MiB: no worker holds a second whole copy of a shard.
             self.communicator.broadcast_rows(
-              piece, owner, shape=[s.rows, s.width], dtype=self.variable_dtype, consume=place
+              piece,
+              owner,
+              shape=[s.rows, 1 if per_row else s.width],
+              dtype=self.variable_dtype,
+              consume=place,
             )
       if keep:
-        tables.append(full)
+        tables.append(full.astype(dtype) if per_row else full)
     distributed_training.release_freed_memory()
     return tables
+
+  def _per_row_state(self, by_var):
+    """Whether `by_var` maps the tables to per-row state ([rows, 1], one value per row), not to
+    variables of their own shape. A width-1 table's state is both; either reading holds."""
+    return any(
+      tuple(by_var[id(v)].shape) != tuple(v.shape) and tuple(by_var[id(v)].shape)[1:] == (1,)
+      for v in self.table_variables
+    )
 
   def _set_global_tables(self, by_var, tables, what, chunk=_SET_WEIGHTS_CHUNK):
     if len(tables) != len(self.plan.tables):
       raise ValueError(f"{what}: expected {len(self.plan.tables)} tables; got {len(tables)}.")
+    per_row = self._per_row_state(by_var)
     for t, (table, spec) in enumerate(zip(tables, self.plan.tables)):
-      if tuple(np.shape(table)) != (spec.input_dim, spec.output_dim):
-        raise ValueError(
-          f"{what}: table {t} must be {(spec.input_dim, spec.output_dim)}; got {np.shape(table)}."
-        )
+      want = (spec.input_dim, 1 if per_row else spec.output_dim)
+      if tuple(np.shape(table)) != want:
+        raise ValueError(f"{what}: table {t} must be {want}; got {np.shape(table)}.")
 
     def assign_rows(var, first, source):
       """var[first:first + len(source)] = source, at most `chunk` elements at a time."""
@@ -1180,9 +1215,9 @@ class DistributedEmbedding(keras.layers.Layer):
 
     tables = [np.asarray(table) for table in tables]  # a memory map stays one, unread
     for s, (var, offset) in zip(self.local_shards, self._slots):
-      assign_rows(
-        by_var[id(var)], offset, tables[s.table][s.row_begin : s.row_end, s.col_begin : s.col_end]
-      )
+      # Per-row state is the same for every column slice of a row.
+      columns = slice(None) if per_row else slice(s.col_begin, s.col_end)
+      assign_rows(by_var[id(var)], offset, tables[s.table][s.row_begin : s.row_end, columns])
     for t, var in self._replicated_vars.items():
       assign_rows(by_var[id(var)], 0, tables[t])
     distributed_training.release_freed_memory()

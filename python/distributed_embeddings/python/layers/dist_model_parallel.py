@@ -3,7 +3,7 @@
 The implementation lives in its own modules: the layer in dist_embedding.py, its placement
 (`DistEmbeddingStrategy`) in planner.py, the training API (gradient tape, optimizer, broadcasts)
 in training/distributed_training.py and the rows-only optimizer updates in
-training/sparse_updates.py. Everything public is importable from here, as from
+training/sparse_updates.py (with `RowwiseAdagrad` in training/rowwise_adagrad.py). Everything public is importable from here, as from
 `distributed_embeddings.dist_model_parallel`.
 """
 
@@ -20,3 +20,4 @@ from distributed_embeddings.python.training.distributed_training import (
 from distributed_embeddings.python.training.distributed_training import DistributedGradientTape
 from distributed_embeddings.python.training.distributed_training import DistributedOptimizer
 from distributed_embeddings.python.training.distributed_training import is_model_parallel
+from distributed_embeddings.python.training.rowwise_adagrad import RowwiseAdagrad

@@ -11,6 +11,7 @@ import numpy as np
 import tensorflow as tf
 
 from distributed_embeddings.python.ops import embedding_lookup_ops
+from distributed_embeddings.python.training import sparse_updates
 
 _COMBINERS = (None, "sum", "mean")
 
@@ -136,6 +137,7 @@ class Embedding(keras.layers.Layer):
       constraint=self.embeddings_constraint,
       trainable=True,
     )
+    sparse_updates.mark_embedding_table(self.embeddings)
     self.built = True
 
   def set_weights(self, weights):
@@ -364,6 +366,7 @@ class ConcatOneHotEmbedding(keras.layers.Layer):
     self.params = self.add_weight(
       shape=(sum(self.feature_sizes), self.embedding_width), initializer="uniform", name="params"
     )
+    sparse_updates.mark_embedding_table(self.params)
 
   def call(self, inputs):
     ids = tf.convert_to_tensor(inputs)

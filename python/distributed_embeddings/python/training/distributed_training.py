@@ -207,14 +207,16 @@ def DistributedOptimizer(
   batch. As in the reference API, `optimizer` itself is left as it was; since its state would not
   carry over, wrapping one that has already been used is an error.
 
-  With Keras's `Adagrad`, a sparse gradient (an embedding table's `IndexedSlices`) updates only
-  the rows it touches; Keras's own update runs over the whole table every step and, for a
-  gradient with each id once, gives the same numbers (repeated ids are summed before squaring
-  here, as the Adagrad rule says; Keras 3 squares each piece). Other optimizers apply their own
-  rules unchanged, unless `lazy_sparse_updates=True`: then Keras's `Adam` also updates only the
-  rows a sparse gradient touches, and rows without gradient keep their moments (lazy Adam, as
-  TF1's LazyAdamOptimizer and FBGEMM do). That changes the results, hence opt-in; it is an error
-  for other optimizers.
+  With Keras's `SGD` (without momentum) and `Adagrad`, and with our `RowwiseAdagrad`, a sparse
+  gradient (an embedding table's `IndexedSlices`) updates only the rows it touches, in one fused
+  kernel per table on the CPU. Keras's own Adagrad update runs over the whole table every step;
+  for a gradient with each id once both give the same numbers, bit for bit (repeated ids are
+  summed before the rule sees them, as the Adagrad rule says; Keras 3 applies each piece). Other
+  optimizers apply their own rules unchanged, unless `lazy_sparse_updates=True`: then Keras's
+  `Adam` also updates only the rows a sparse gradient touches, and rows without gradient keep
+  their moments (lazy Adam, as TF1's LazyAdamOptimizer and FBGEMM do). That changes the results,
+  hence opt-in; it is an error for other optimizers. Dense variables always get Keras's update.
+  On one worker the wrapper does no communication and only changes how sparse gradients apply.
 
   The keyword arguments are the reference (Horovod) API's: `sparse_as_dense` all-reduces sparse
   gradients of replicated variables densely; `name`, `device_dense`, `device_sparse` and
@@ -240,7 +242,7 @@ def DistributedOptimizer(
       f"DistributedOptimizer: 'lazy_sparse_updates' must be a bool; got {lazy_sparse_updates!r}."
     )
   base = type(optimizer)
-  sparse_update_step = sparse_updates.EQUIVALENT_STEPS.get(base)
+  sparse_update_step = sparse_updates.equivalent_step(optimizer)
   if lazy_sparse_updates:
     if base not in sparse_updates.LAZY_STEPS:
       raise ValueError(

@@ -2,17 +2,51 @@
 
 Keras 3 applies even an `IndexedSlices` gradient with some whole-variable ops (Adagrad takes the
 square root of the whole accumulator every step), which for a large embedding table costs more
-than the rest of the step. `DistributedOptimizer` replaces those updates by the ones here.
+than the rest of the step. `DistributedOptimizer` replaces those updates by the ones here, and
+`RowwiseAdagrad` uses them for its tables.
+
+On the CPU each update is one op of our kernel library (`DeSparseApply*`): it sums the rows of
+repeated indices, then reads and writes every touched row of the table and its optimizer state
+once, on all threads, under the variables' exclusive locks. Elsewhere (a table on a GPU, a dtype
+the kernels do not take) the same rule runs as TensorFlow ops: gather, arithmetic, scatter.
 """
 
 import keras
 import tensorflow as tf
+
+from distributed_embeddings.python.ops import embedding_lookup_ops
+
+_ops = embedding_lookup_ops._ops  # pylint: disable=protected-access
+
+_KERNEL_DTYPES = (tf.float32, tf.float64)
 
 
 def backing_variable(variable):
   """The `tf.Variable` that holds a Keras variable's value (the variable itself otherwise)."""
   inner = getattr(variable, "_value", None)
   return inner if isinstance(inner, tf.Variable) else variable
+
+
+def mark_embedding_table(variable):
+  """Records that `variable` is an embedding table (rows looked up by id): `RowwiseAdagrad` keeps
+  one accumulator per row for it. Our layers mark their tables when they build them."""
+  variable._de_embedding_table = True  # pylint: disable=protected-access
+
+
+def is_embedding_table(variable):
+  return bool(getattr(variable, "_de_embedding_table", False))
+
+
+def fused_update_available(variable, *slots):
+  """Whether our update kernels take `variable` (a tf.Variable) and its optimizer `slots`: a 2-D
+  float32 or float64 table, all of them resource variables off the GPU (the kernels are CPU
+  kernels)."""
+  for v in (variable,) + slots:
+    if not isinstance(v, tf.Variable) or not hasattr(v, "handle"):
+      return False
+    if "GPU" in (v.device or "").upper():
+      return False
+  return variable.dtype in _KERNEL_DTYPES and variable.shape.rank == 2
 
 
 def unique_rows(gradient, dtype):
@@ -24,6 +58,21 @@ def unique_rows(gradient, dtype):
     tf.cast(gradient.values, dtype), positions, tf.shape(indices)[0]
   )
   return indices, values
+
+
+def sgd_step(optimizer, gradient, variable, learning_rate):
+  """Keras SGD's update (without momentum) on the rows a sparse gradient touches: w -= g * lr,
+  repeated indices' rows summed first (Keras subtracts each piece)."""
+  del optimizer
+  variable = backing_variable(variable)
+  lr = tf.cast(learning_rate, variable.dtype)
+  if fused_update_available(variable):
+    _ops.de_sparse_apply_sgd(
+      variable.handle, gradient.indices, tf.cast(gradient.values, variable.dtype), lr
+    )
+    return
+  indices, values = unique_rows(gradient, variable.dtype)
+  variable.scatter_sub(tf.IndexedSlices(values * lr, indices))
 
 
 def adagrad_step(optimizer, gradient, variable, learning_rate):
@@ -39,11 +88,50 @@ def adagrad_step(optimizer, gradient, variable, learning_rate):
   accumulator = backing_variable(accumulator)
   variable = backing_variable(variable)
   lr = tf.cast(learning_rate, variable.dtype)
+  epsilon = tf.cast(optimizer.epsilon, variable.dtype)
+  if fused_update_available(variable, accumulator):
+    _ops.de_sparse_apply_adagrad(
+      variable.handle,
+      accumulator.handle,
+      gradient.indices,
+      tf.cast(gradient.values, variable.dtype),
+      lr,
+      epsilon,
+    )
+    return
   indices, values = unique_rows(gradient, variable.dtype)
   new_accumulator = tf.gather(accumulator, indices) + tf.square(values)
   accumulator.scatter_update(tf.IndexedSlices(new_accumulator, indices))
   variable.scatter_sub(
-    tf.IndexedSlices((lr * values) / tf.sqrt(new_accumulator + optimizer.epsilon), indices)
+    tf.IndexedSlices((lr * values) / tf.sqrt(new_accumulator + epsilon), indices)
+  )
+
+
+def rowwise_adagrad_step(optimizer, gradient, variable, learning_rate):
+  """`RowwiseAdagrad`'s update of a table ([rows, 1] accumulator) from a sparse gradient."""
+  # pylint: disable=protected-access
+  accumulator = optimizer._accumulators[optimizer._get_variable_index(variable)]
+  accumulator = backing_variable(accumulator)
+  variable = backing_variable(variable)
+  lr = tf.cast(learning_rate, variable.dtype)
+  epsilon = tf.cast(optimizer.epsilon, variable.dtype)
+  if fused_update_available(variable, accumulator):
+    _ops.de_sparse_apply_rowwise_adagrad(
+      variable.handle,
+      accumulator.handle,
+      gradient.indices,
+      tf.cast(gradient.values, variable.dtype),
+      lr,
+      epsilon,
+    )
+    return
+  indices, values = unique_rows(gradient, variable.dtype)
+  new_accumulator = tf.gather(accumulator, indices) + tf.reduce_mean(
+    tf.square(values), axis=1, keepdims=True
+  )
+  accumulator.scatter_update(tf.IndexedSlices(new_accumulator, indices))
+  variable.scatter_sub(
+    tf.IndexedSlices((lr * values) / tf.sqrt(new_accumulator + epsilon), indices)
   )
 
 
@@ -67,6 +155,19 @@ def lazy_adam_step(optimizer, gradient, variable, learning_rate):
   beta_1_power = tf.pow(tf.cast(optimizer.beta_1, dtype), local_step)
   beta_2_power = tf.pow(tf.cast(optimizer.beta_2, dtype), local_step)
   alpha = lr * tf.sqrt(1 - beta_2_power) / (1 - beta_1_power)
+  if not optimizer.amsgrad and fused_update_available(variable, momentum, velocity):
+    _ops.de_sparse_apply_lazy_adam(
+      variable.handle,
+      momentum.handle,
+      velocity.handle,
+      gradient.indices,
+      tf.cast(gradient.values, dtype),
+      alpha,
+      tf.cast(1 - optimizer.beta_1, dtype),
+      tf.cast(1 - optimizer.beta_2, dtype),
+      tf.cast(optimizer.epsilon, dtype),
+    )
+    return
   indices, values = unique_rows(gradient, dtype)
   m = tf.gather(momentum, indices)
   m = m + (values - m) * (1 - optimizer.beta_1)
@@ -81,11 +182,18 @@ def lazy_adam_step(optimizer, gradient, variable, learning_rate):
   variable.scatter_sub(tf.IndexedSlices((m * alpha) / (tf.sqrt(v) + optimizer.epsilon), indices))
 
 
-# Optimizers whose update of a sparse gradient DistributedOptimizer replaces by one that touches
-# only the gradient's rows (same result for unique ids). Exact types: a subclass may change the
-# rule. Not here: Adam, RMSprop and SGD with momentum, whose Keras updates move every row each
-# step (decaying moments), so a rows-only update would change the numbers.
-EQUIVALENT_STEPS = {keras.optimizers.Adagrad: adagrad_step}
+def equivalent_step(optimizer):
+  """The rows-only update that gives Keras's numbers for `optimizer` (for distinct ids), or None.
+  Exact types: a subclass may change the rule. None for Adam, RMSprop and SGD with momentum,
+  whose Keras updates move every row each step (decaying moments), so a rows-only update would
+  change the numbers."""
+  kind = type(optimizer)
+  if kind is keras.optimizers.SGD and not optimizer.momentum:
+    return sgd_step
+  if kind is keras.optimizers.Adagrad:
+    return adagrad_step
+  return None
+
 
 # Rows-only updates that change the numbers, used only when asked for (`lazy_sparse_updates`).
 LAZY_STEPS = {keras.optimizers.Adam: lazy_adam_step}
