@@ -47,7 +47,18 @@ OPS = [
   "DeIntegerLookup",
   "DeInitialIntegerLookupState",
   "DeValidateIntegerLookupState",
+  "DeSparseApplySgd",
+  "DeSparseApplyAdagrad",
+  "DeSparseApplyRowwiseAdagrad",
+  "DeSparseApplyLazyAdam",
 ]
+# Variables and scalar inputs of each sparse update op.
+SPARSE_APPLY = {
+  "DeSparseApplySgd": (1, 1),
+  "DeSparseApplyAdagrad": (2, 2),
+  "DeSparseApplyRowwiseAdagrad": (2, 2),
+  "DeSparseApplyLazyAdam": (3, 4),
+}
 INT_DTYPES = ["int32", "int64"]
 ALL_DTYPES = ["float32", "float64", "int32", "int64", "float16"]
 
@@ -166,6 +177,43 @@ def cases(draw):
     else:
       case["state"] = draw(tensors(["int64", "int32"], max_rank=2))
     case["attrs"] = {"max_tokens": max_tokens}
+  elif op in SPARSE_APPLY:
+    num_vars, num_scalars = SPARSE_APPLY[op]
+    dtype = draw(st.sampled_from(["float32", "float64"]))
+    case["dtype"] = dtype
+    if structured:  # well-formed shapes, extreme indices, sometimes a wrong slot shape
+      rows, width, n = draw(st.integers(0, 5)), draw(st.integers(0, 4)), draw(st.integers(0, 6))
+      table = {"dtype": dtype, "shape": [rows, width], "values": [0.5] * (rows * width)}
+      slot_shape = [rows, 1] if op == "DeSparseApplyRowwiseAdagrad" else [rows, width]
+      if draw(st.integers(0, 3)) == 0:
+        slot_shape = [draw(st.integers(0, 6)), draw(st.integers(0, 4))]
+      slot = {
+        "dtype": dtype,
+        "shape": slot_shape,
+        "values": [0.1] * (slot_shape[0] * slot_shape[1]),
+      }
+      case["variables"] = [table] + [slot] * (num_vars - 1)
+      element = st.sampled_from(EXTREME_VALUES) | st.integers(-2, 6)
+      if draw(st.booleans()):  # every index in range: the update itself runs
+        element = st.integers(0, max(rows - 1, 0))
+      values = draw(st.lists(element, min_size=n, max_size=n))
+      index_dtype = draw(st.sampled_from(INT_DTYPES))
+      if index_dtype == "int32":
+        values = [max(min(v, 2**31 - 1), -(2**31)) for v in values]
+      case["indices"] = {"dtype": index_dtype, "shape": [n], "values": values}
+      case["grad"] = {"dtype": dtype, "shape": [n, width], "values": [1.0] * (n * width)}
+    else:
+      case["variables"] = [
+        draw(st.none() | tensors(["float32", "float64", "int64"])) for _ in range(num_vars)
+      ]
+      case["indices"] = draw(tensors(INT_DTYPES + ["float32"]))
+      case["grad"] = draw(tensors(["float32", "float64"]))
+    case["alias"] = num_vars > 1 and draw(st.integers(0, 3)) == 0
+    valid_scalar = {"dtype": dtype, "shape": [], "values": [0.1]}
+    for k in range(num_scalars):
+      case[f"scalar{k}"] = (
+        valid_scalar if structured else draw(st.just(valid_scalar) | tensors([dtype], max_rank=1))
+      )
   else:
     case["variable"] = draw(st.none() | tensors(["int64", "int32", "float32"], max_rank=2))
     case["keys"] = draw(tensors(INT_DTYPES + ["float32"]))
@@ -204,8 +252,9 @@ def run(case):
   def resource():
     return keep[0].handle if hasattr(keep[0], "handle") else keep[0]
 
-  specs = {k: v for k, v in case.items() if k not in ("attrs", "variable") and
+  specs = {k: v for k, v in case.items() if k not in ("attrs", "variable", "variables") and
            isinstance(v, dict)}
+  handles = []  # the sparse update ops' variables
   def call():
     # Built inside the call, so that under tf.function they are constants whose values the
     # shape functions see.
@@ -229,6 +278,13 @@ def run(case):
       return ops.de_initial_integer_lookup_state(**attrs)
     if op == "DeValidateIntegerLookupState":
       return ops.de_validate_integer_lookup_state(inputs["state"], **attrs)
+    if op.startswith("DeSparseApply"):
+      snake = "de_sparse_apply_" + {"Sgd": "sgd", "Adagrad": "adagrad",
+                                    "RowwiseAdagrad": "rowwise_adagrad",
+                                    "LazyAdam": "lazy_adam"}[op[len("DeSparseApply"):]]
+      scalars = [inputs[k] for k in sorted(k for k in inputs if k.startswith("scalar"))]
+      return getattr(ops, snake)(*[h.handle if hasattr(h, "handle") else h for h in handles],
+                                 inputs["indices"], inputs["grad"], *scalars)
     return ops.de_integer_lookup(resource(), inputs["keys"], **attrs)
   try:  # inputs first: a failure to build them is the harness's, not the op's
     for spec in specs.values():
@@ -238,6 +294,10 @@ def run(case):
   try:
     if "variable" in case:
       keep.append(variable(case["variable"], attrs.get("dtype", "int64")))
+    for spec in case.get("variables", []):
+      handles.append(variable(spec, case["dtype"]))
+    if case.get("alias"):
+      handles[1] = handles[0]
     fn = tf.function(call) if case["graph"] else call
     out = fn()
     if out is not None:

@@ -42,7 +42,7 @@ run cpu //...
 if [[ -x "${CUDA_PATH:-/usr/local/cuda}/bin/nvcc" ]]; then
   echo "=== bazel build --config=cuda //..." >&2
   bazel build --keep_going --config=cuda //... || status=1
-  run cuda "//embedding/kernels:embedding_lookup_cuda_test //embedding/kernels:integer_lookup_cuda_test //tests:embedding_lookup_test" --config=cuda
+  run cuda "//embedding/kernels:embedding_lookup_cuda_test //embedding/kernels:integer_lookup_cuda_test //embedding/kernels:sparse_update_cuda_test //tests:embedding_lookup_test" --config=cuda
 fi
 run asan //embedding/kernels/... --config=asan
 

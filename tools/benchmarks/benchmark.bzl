@@ -1,11 +1,12 @@
 """A benchmark program plus the smoke test that keeps it runnable."""
 
-def py_benchmark(name, smoke_test_size = "medium", deps = []):
+def py_benchmark(name, smoke_test_size = "medium", deps = [], data = []):
     """`name`: a py_binary from name.py, run with `bazel run`; `name_smoke_test`: the same program
     with --quick (one tiny case, no timing asserted) in `bazel test`."""
     native.py_binary(
         name = name,
         srcs = [name + ".py"],
+        data = data,
         python_version = "PY3",
         deps = ["//python:distributed_embeddings"] + deps,
     )
@@ -14,6 +15,7 @@ def py_benchmark(name, smoke_test_size = "medium", deps = []):
         size = smoke_test_size,
         srcs = [name + ".py"],
         args = ["--quick"],
+        data = data,
         main = name + ".py",
         python_version = "PY3",
         deps = ["//python:distributed_embeddings"] + deps,

@@ -29,7 +29,10 @@ torch rows appear when PyTorch is installed (pip install torch==2.13.0).
 """
 
 import argparse
+import datetime
 import json
+import os
+import platform
 import statistics
 import sys
 import time
@@ -329,7 +332,7 @@ def main(argv):
     default="in-graph",
     help="how TF paths are called (module docstring)",
   )
-  parser.add_argument("--json", help="also write the rows here")
+  parser.add_argument("--json", help="also write the report (JSON: run, machine, rows) here")
   parser.add_argument("--quick", action="store_true", help="one small case, for smoke tests")
   args = parser.parse_args(argv[1:])
   if args.quick:
@@ -345,6 +348,7 @@ def main(argv):
   tf.get_logger().setLevel("ERROR")
   rng = np.random.default_rng(0)
   rows = []
+  baselines = {}  # per width: the gather ceiling and the step floor, for the JSON report
   print(
     "| width | hotness | combiner | format | path | fwd ms | fwd+bwd ms | fwd GB/s |"
     " ours faster fwd | ours faster fwd+bwd |"
@@ -361,11 +365,13 @@ def main(argv):
       table_np, [make_inputs(rng, args.vocab, args.batch, 10) for _ in range(ROTATING_BATCHES)]
     )
     print(f"| {width} | - | - | - | numpy take (gather ceiling) | - | - | {ceiling:.1f} | - | - |")
+    baselines[str(width)] = {"gather_ceiling_gb_s": ceiling}
     if args.dispatch == "in-graph":
       floor = step_floor(
         [make_inputs(rng, args.vocab, args.batch, 1) for _ in range(ROTATING_BATCHES)]
       )
       print(f"| {width} | - | - | - | tf in-graph step floor | {floor * 1e3:.2f} | - | - | - | - |")
+      baselines[str(width)]["step_floor_ms"] = floor * 1e3
     for hotness in args.hotness.split(","):
       for combiner in args.combiners.split(","):
         for row in run_case(rng, table_np, table_var, args.batch, hotness, combiner, args):
@@ -381,9 +387,36 @@ def main(argv):
   print()
   print("\n".join(summarize(rows)))
   if args.json:
+    # The report tools/benchmarks/render_benchmarks.py turns into BENCHMARKS.md's kernel tables.
+    report = {
+      "benchmark": "kernel",
+      "command": "tools/benchmarks/kernel_benchmark.py " + " ".join(argv[1:]),
+      "date": datetime.date.today().isoformat(),
+      "machine": _machine(),
+      "versions": {
+        "tensorflow": tf.__version__,
+        "torch": torch.__version__ if torch is not None else None,
+      },
+      "baselines": baselines,
+      "rows": rows,
+    }
     with open(args.json, "w", encoding="utf-8") as f:
-      json.dump(rows, f, indent=1)
+      json.dump(report, f, indent=1)
   return 0
+
+
+def _machine():
+  """The CPU model (from /proc/cpuinfo where there is one) and the CPU count."""
+  model = platform.machine()
+  try:
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
+      for line in f:
+        if line.startswith("model name"):
+          model = line.split(":", 1)[1].strip()
+          break
+  except OSError:
+    pass
+  return f"{model}, {os.cpu_count()} CPUs"
 
 
 if __name__ == "__main__":

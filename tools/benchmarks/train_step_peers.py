@@ -39,7 +39,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import train_step_data as data  # noqa: E402
 
-WARMUP_STEPS = 2
+WARMUP_STEPS = 5
+WARMUP_SECONDS = 1.5
 # torch.optim.Adagrad builds sparse tensors without invariant checks and says so once; expected.
 warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
 
@@ -172,13 +173,18 @@ def versions(system):
 
 
 def time_config(peer, inputs, steps, repeats):
-  """Per repeat: WARMUP_STEPS untimed steps, then the mean ms of `steps` timed steps."""
+  """Per repeat: warm-up steps (at least WARMUP_STEPS and WARMUP_SECONDS: a fresh table's pages
+  are still being faulted in or collapsed into huge pages at first), then the mean ms of `steps`
+  timed steps."""
   samples = []
   counter = 0
   for _ in range(repeats):
-    for _ in range(WARMUP_STEPS):
+    start = time.perf_counter()
+    warm = 0
+    while warm < WARMUP_STEPS or time.perf_counter() - start < WARMUP_SECONDS:
       peer.step(*inputs[counter % len(inputs)])
       counter += 1
+      warm += 1
     start = time.perf_counter()
     for _ in range(steps):
       peer.step(*inputs[counter % len(inputs)])
@@ -337,6 +343,7 @@ def main():
       "steps": args.steps,
       "repeats": args.repeats,
       "warmup_steps": WARMUP_STEPS,
+      "warmup_seconds": WARMUP_SECONDS,
       "rotating_batches": data.ROTATING_BATCHES,
     },
     "results": results,

@@ -11,6 +11,8 @@ once, on all threads, under the variables' exclusive locks. Elsewhere (a table o
 the kernels do not take) the same rule runs as TensorFlow ops: gather, arithmetic, scatter.
 """
 
+import os
+
 import keras
 import tensorflow as tf
 
@@ -40,7 +42,10 @@ def is_embedding_table(variable):
 def fused_update_available(variable, *slots):
   """Whether our update kernels take `variable` (a tf.Variable) and its optimizer `slots`: a 2-D
   float32 or float64 table, all of them resource variables off the GPU (the kernels are CPU
-  kernels)."""
+  kernels). DE_FUSED_SPARSE_UPDATES=0 in the environment (read when a step is traced) turns the
+  kernels off, for comparing against the TensorFlow-op path."""
+  if os.environ.get("DE_FUSED_SPARSE_UPDATES", "1") == "0":
+    return False
   for v in (variable,) + slots:
     if not isinstance(v, tf.Variable) or not hasattr(v, "handle"):
       return False
