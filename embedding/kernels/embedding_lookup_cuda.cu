@@ -16,6 +16,7 @@
 #include <string>
 #include <type_traits>
 
+#include "embedding/kernels/cuda_util.h"
 #include "embedding/kernels/embedding_lookup_cuda.h"
 #include "embedding/kernels/input_errors.h"
 #include "embedding/kernels/lookup_rules.h"
@@ -23,9 +24,12 @@
 namespace distributed_embeddings {
 namespace {
 
+using cuda_internal::AlignUp;
+using cuda_internal::Blocks;
+using cuda_internal::Carver;
+
 constexpr int kWarp = 32;
 constexpr int kWarpsPerBlock = 4;
-constexpr size_t kAlign = 256;
 constexpr unsigned long long kNoError = ULLONG_MAX;
 
 // First offending positions found by the validation kernels, and the values the error messages
@@ -40,39 +44,6 @@ struct ValidationResult {
   int64_t split_next;            // row_splits[bad_split + 1]
   int64_t id_value;              // ids[bad_id]
 };
-
-size_t AlignUp(size_t bytes) { return (bytes + kAlign - 1) / kAlign * kAlign; }
-
-// Hands out aligned slices of the caller's workspace.
-class Carver {
- public:
-  explicit Carver(void* base) : base_(static_cast<char*>(base)) {}
-  template <typename U>
-  U* Take(size_t count) {
-    char* p = base_ + used_;
-    used_ += AlignUp(count * sizeof(U));
-    return reinterpret_cast<U*>(p);
-  }
-
- private:
-  char* base_;
-  size_t used_ = 0;
-};
-
-Status CudaError(cudaError_t error, const char* what) {
-  return Status::Internal(std::string(what) + " failed: " + cudaGetErrorString(error));
-}
-
-#define DE_RETURN_IF_CUDA_ERROR(expr, what)                      \
-  do {                                                           \
-    cudaError_t de_err_ = (expr);                                \
-    if (de_err_ != cudaSuccess) return CudaError(de_err_, what); \
-  } while (0)
-
-int Blocks(int64_t items, int threads) {
-  const int64_t blocks = (items + threads - 1) / threads;
-  return static_cast<int>(std::min<int64_t>(std::max<int64_t>(blocks, 1), 65535 * 32));
-}
 
 template <typename IdT, typename OffsetT>
 __global__ void ValidateCsrKernel(CsrIds<IdT, OffsetT> csr, int64_t num_rows, bool check_ids,

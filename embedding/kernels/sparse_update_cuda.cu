@@ -8,38 +8,24 @@
 #include <string>
 #include <type_traits>
 
+#include "embedding/kernels/cuda_util.h"
 #include "embedding/kernels/lookup_rules.h"
 #include "embedding/kernels/sparse_update_cuda.h"
 
 namespace distributed_embeddings {
 namespace {
 
+using cuda_internal::Blocks;
+using cuda_internal::Carver;
+
 constexpr int kWarp = 32;
 constexpr int kWarpsPerBlock = 4;
-constexpr size_t kAlign = 256;
 constexpr unsigned long long kNoError = ULLONG_MAX;
 
 struct IndexVerdict {
   unsigned long long bad;  // the first position with an index outside [0, num_rows)
   int64_t value;           // indices[bad]
 };
-
-size_t AlignUp(size_t bytes) { return (bytes + kAlign - 1) / kAlign * kAlign; }
-
-Status CudaError(cudaError_t error, const char* what) {
-  return Status::Internal(std::string(what) + " failed: " + cudaGetErrorString(error));
-}
-
-#define DE_RETURN_IF_CUDA_ERROR(expr, what)                      \
-  do {                                                           \
-    cudaError_t de_err_ = (expr);                                \
-    if (de_err_ != cudaSuccess) return CudaError(de_err_, what); \
-  } while (0)
-
-int Blocks(int64_t items, int per_block) {
-  const int64_t blocks = (items + per_block - 1) / per_block;
-  return static_cast<int>(std::min<int64_t>(std::max<int64_t>(blocks, 1), 65535 * 32));
-}
 
 template <typename IdT>
 using Key = typename std::make_unsigned<IdT>::type;
@@ -165,24 +151,18 @@ struct UpdateScratch {
     cub::DeviceScan::ExclusiveSum(nullptr, scan_bytes, static_cast<const int*>(nullptr),
                                   static_cast<int64_t*>(nullptr), count);
     cub_temp_bytes = std::max({sort_bytes, rle_bytes, scan_bytes, size_t{1}});
-    char* p = static_cast<char*>(base);
-    size_t used = 0;
-    const auto take = [&](size_t bytes) {
-      char* slice = p + used;
-      used += AlignUp(bytes);
-      return slice;
-    };
-    verdict = reinterpret_cast<IndexVerdict*>(take(sizeof(IndexVerdict)));
-    keys_in = reinterpret_cast<Key<IdT>*>(take(n * sizeof(Key<IdT>)));
-    keys_out = reinterpret_cast<Key<IdT>*>(take(n * sizeof(Key<IdT>)));
-    positions_in = reinterpret_cast<int64_t*>(take(n * sizeof(int64_t)));
-    positions_out = reinterpret_cast<int64_t*>(take(n * sizeof(int64_t)));
-    run_keys = reinterpret_cast<Key<IdT>*>(take(n * sizeof(Key<IdT>)));
-    run_lengths = reinterpret_cast<int*>(take(n * sizeof(int)));
-    num_runs = reinterpret_cast<int*>(take(sizeof(int)));
-    run_starts = reinterpret_cast<int64_t*>(take(n * sizeof(int64_t)));
-    cub_temp = take(cub_temp_bytes);
-    total_bytes = used;
+    Carver carver(base);
+    verdict = carver.Take<IndexVerdict>(1);
+    keys_in = carver.Take<Key<IdT>>(n);
+    keys_out = carver.Take<Key<IdT>>(n);
+    positions_in = carver.Take<int64_t>(n);
+    positions_out = carver.Take<int64_t>(n);
+    run_keys = carver.Take<Key<IdT>>(n);
+    run_lengths = carver.Take<int>(n);
+    num_runs = carver.Take<int>(1);
+    run_starts = carver.Take<int64_t>(n);
+    cub_temp = carver.Take<char>(cub_temp_bytes);
+    total_bytes = carver.used();
   }
 };
 

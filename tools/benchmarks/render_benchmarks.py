@@ -317,7 +317,7 @@ def render_train_step(reports):
   for system in systems:
     by_note = {}  # note: the optimizers it was given for
     for row in report["rows"]:
-      note = row.get("notes", {}).get(system)
+      note = row.get("notes", {}).get(system, "").rstrip(".")
       if note:
         by_note.setdefault(note, {})[row["optimizer"]] = None
     if len(by_note) == 1:

@@ -88,32 +88,16 @@ def adagrad_step(optimizer, gradient, variable, learning_rate):
   same order, gives the same variable and accumulator when each id appears once. Repeated ids are
   summed before squaring (the Adagrad rule, and legacy tf.keras's); Keras 3 squares each piece.
   """
-  # pylint: disable=protected-access
-  accumulator = optimizer._accumulators[optimizer._get_variable_index(variable)]
-  accumulator = backing_variable(accumulator)
-  variable = backing_variable(variable)
-  lr = tf.cast(learning_rate, variable.dtype)
-  epsilon = tf.cast(optimizer.epsilon, variable.dtype)
-  if fused_update_available(variable, accumulator):
-    _ops.de_sparse_apply_adagrad(
-      variable.handle,
-      accumulator.handle,
-      gradient.indices,
-      tf.cast(gradient.values, variable.dtype),
-      lr,
-      epsilon,
-    )
-    return
-  indices, values = unique_rows(gradient, variable.dtype)
-  new_accumulator = tf.gather(accumulator, indices) + tf.square(values)
-  accumulator.scatter_update(tf.IndexedSlices(new_accumulator, indices))
-  variable.scatter_sub(
-    tf.IndexedSlices((lr * values) / tf.sqrt(new_accumulator + epsilon), indices)
-  )
+  _adagrad_rows(optimizer, gradient, variable, learning_rate, rowwise=False)
 
 
 def rowwise_adagrad_step(optimizer, gradient, variable, learning_rate):
   """`RowwiseAdagrad`'s update of a table ([rows, 1] accumulator) from a sparse gradient."""
+  _adagrad_rows(optimizer, gradient, variable, learning_rate, rowwise=True)
+
+
+def _adagrad_rows(optimizer, gradient, variable, learning_rate, rowwise):
+  """Adagrad on the touched rows: per element, or with one accumulator per row (`rowwise`)."""
   # pylint: disable=protected-access
   accumulator = optimizer._accumulators[optimizer._get_variable_index(variable)]
   accumulator = backing_variable(accumulator)
@@ -121,7 +105,8 @@ def rowwise_adagrad_step(optimizer, gradient, variable, learning_rate):
   lr = tf.cast(learning_rate, variable.dtype)
   epsilon = tf.cast(optimizer.epsilon, variable.dtype)
   if fused_update_available(variable, accumulator):
-    _ops.de_sparse_apply_rowwise_adagrad(
+    op = _ops.de_sparse_apply_rowwise_adagrad if rowwise else _ops.de_sparse_apply_adagrad
+    op(
       variable.handle,
       accumulator.handle,
       gradient.indices,
@@ -131,9 +116,10 @@ def rowwise_adagrad_step(optimizer, gradient, variable, learning_rate):
     )
     return
   indices, values = unique_rows(gradient, variable.dtype)
-  new_accumulator = tf.gather(accumulator, indices) + tf.reduce_mean(
-    tf.square(values), axis=1, keepdims=True
-  )
+  squares = tf.square(values)
+  if rowwise:
+    squares = tf.reduce_mean(squares, axis=1, keepdims=True)
+  new_accumulator = tf.gather(accumulator, indices) + squares
   accumulator.scatter_update(tf.IndexedSlices(new_accumulator, indices))
   variable.scatter_sub(
     tf.IndexedSlices((lr * values) / tf.sqrt(new_accumulator + epsilon), indices)
