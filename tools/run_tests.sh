@@ -7,6 +7,7 @@
 #         without a GPU and fail on one with a GPU that CUDA cannot use) and the lookup tests
 #         against the CUDA-built op library. The rest of the Python suite would repeat the cpu
 #         pass case for case (only when nvcc is installed);
+#   gpu_suite  tools/gpu/run_gpu_suite.sh, the lent-GPU command, builds and runs (its cases skip);
 #   asan  --config=asan: the C++ kernel tests under AddressSanitizer + UBSan;
 #   consumer  a workspace that vendors this one (tools/ci/consumer_workspace_test.sh);
 #   format  clang-format and ruff report nothing to change (tools/ci/check_format.py);
@@ -43,6 +44,18 @@ if [[ -x "${CUDA_PATH:-/usr/local/cuda}/bin/nvcc" ]]; then
   echo "=== bazel build --config=cuda //..." >&2
   bazel build --keep_going --config=cuda //... || status=1
   run cuda "//embedding/kernels:embedding_lookup_cuda_test //embedding/kernels:integer_lookup_cuda_test //embedding/kernels:sparse_update_cuda_test //tests:embedding_lookup_test" --config=cuda
+
+  # The lent-GPU command builds without Bazel; here its cases skip (no GPU), so it checks that it
+  # still builds and runs.
+  echo "=== tools/gpu/run_gpu_suite.sh --no-benchmark" >&2
+  failure=""
+  DE_REQUIRE_GPU=0 OUT="${events}/gpu-suite" bash tools/gpu/run_gpu_suite.sh --no-benchmark >&2 ||
+    failure='<failure message="tools/gpu/run_gpu_suite.sh failed"/>'
+  [[ -z "${failure}" ]] || status=1
+  printf '%s\n' '<testsuites><testsuite name="gpu_suite" tests="1">' \
+    "<testcase classname=\"gpu_suite\" name=\"builds_without_bazel\">${failure}</testcase>" \
+    '</testsuite></testsuites>' > "${events}/gpu_suite.xml"
+  runs+=("gpu_suite=xml:${events}/gpu_suite.xml")
 fi
 run asan //embedding/kernels/... --config=asan
 
