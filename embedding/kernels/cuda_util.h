@@ -1,11 +1,13 @@
-// What the CUDA sources of the kernel library share: CUDA errors as Status, grid sizes and
-// aligned carving of a caller's workspace. Internal to the kernel library; host code only.
+// What the CUDA sources of the kernel library share: CUDA errors as Status, launch shapes, sort
+// widths and aligned carving of a caller's workspace. Internal to the kernel library; host code
+// only.
 #ifndef DISTRIBUTED_EMBEDDINGS_EMBEDDING_KERNELS_CUDA_UTIL_H_
 #define DISTRIBUTED_EMBEDDINGS_EMBEDDING_KERNELS_CUDA_UTIL_H_
 
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
+#include <climits>
 #include <cstddef>
 #include <cstdint>
 #include <string>
@@ -16,6 +18,10 @@ namespace distributed_embeddings {
 namespace cuda_internal {
 
 constexpr size_t kAlign = 256;
+constexpr int kWarp = 32;
+constexpr int kWarpsPerBlock = 4;
+// "No offending position found" in the validation kernels' atomicMin verdicts.
+constexpr unsigned long long kNoError = ULLONG_MAX;
 
 inline size_t AlignUp(size_t bytes) { return (bytes + kAlign - 1) / kAlign * kAlign; }
 
@@ -28,6 +34,13 @@ inline Status CudaError(cudaError_t error, const char* what) {
 inline int Blocks(int64_t items, int per_block) {
   const int64_t blocks = (items + per_block - 1) / per_block;
   return static_cast<int>(std::min<int64_t>(std::max<int64_t>(blocks, 1), 65535 * 32));
+}
+
+// Bits a radix sort must look at for keys up to max_key.
+inline int EndBit(int64_t max_key) {
+  int bits = 1;
+  while (bits < 63 && (int64_t{1} << bits) <= max_key) ++bits;
+  return bits;
 }
 
 // Hands out aligned slices of a caller's workspace; with a null base it only measures.

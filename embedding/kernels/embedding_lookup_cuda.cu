@@ -27,10 +27,10 @@ namespace {
 using cuda_internal::AlignUp;
 using cuda_internal::Blocks;
 using cuda_internal::Carver;
-
-constexpr int kWarp = 32;
-constexpr int kWarpsPerBlock = 4;
-constexpr unsigned long long kNoError = ULLONG_MAX;
+using cuda_internal::EndBit;
+using cuda_internal::kNoError;
+using cuda_internal::kWarp;
+using cuda_internal::kWarpsPerBlock;
 
 // First offending positions found by the validation kernels, and the values the error messages
 // show, gathered on the device so that the host reads the whole verdict with one copy.
@@ -138,13 +138,6 @@ __global__ void ForwardKernel(const T* __restrict__ params, int64_t num_rows, in
       output[b * width + w] = sum;
     }
   }
-}
-
-// Bits needed for keys up to max_key.
-int EndBit(int64_t max_key) {
-  int bits = 1;
-  while (bits < 63 && (int64_t{1} << bits) <= max_key) ++bits;
-  return bits;
 }
 
 // Ids are sorted as unsigned keys of their width (valid ids are non-negative, so the order is

@@ -17,10 +17,10 @@ namespace {
 
 using cuda_internal::Blocks;
 using cuda_internal::Carver;
-
-constexpr int kWarp = 32;
-constexpr int kWarpsPerBlock = 4;
-constexpr unsigned long long kNoError = ULLONG_MAX;
+using cuda_internal::EndBit;
+using cuda_internal::kNoError;
+using cuda_internal::kWarp;
+using cuda_internal::kWarpsPerBlock;
 
 struct IndexVerdict {
   unsigned long long bad;  // the first position with an index outside [0, num_rows)
@@ -166,13 +166,6 @@ struct UpdateScratch {
   }
 };
 
-// The bits the sort must look at: enough for num_rows - 1.
-int EndBitFor(int64_t num_rows, int key_bits) {
-  int bits = 1;
-  while (bits < key_bits && (int64_t{1} << bits) < num_rows) ++bits;
-  return bits;
-}
-
 template <SparseRule kRule, typename T, typename IdT>
 Status Launch(const SparseHyper<T>& hyper, const SparseTable<T>& table, const T* grad,
               const UpdateScratch<T, IdT>& s, int64_t n, cudaStream_t stream) {
@@ -235,7 +228,8 @@ Status SparseUpdateCuda(SparseRule rule, const SparseHyper<T>& hyper, const Spar
   }
   if (table.width == 0) return Status::Ok();
 
-  const int end_bit = EndBitFor(table.num_rows, static_cast<int>(8 * sizeof(IdT)));
+  // Every key is a valid index, at most num_rows - 1, and never wider than the key type.
+  const int end_bit = std::min(EndBit(table.num_rows - 1), static_cast<int>(8 * sizeof(IdT)));
   size_t temp = s.cub_temp_bytes;
   DE_RETURN_IF_CUDA_ERROR(
       cub::DeviceRadixSort::SortPairs(s.cub_temp, temp, s.keys_in, s.keys_out, s.positions_in,

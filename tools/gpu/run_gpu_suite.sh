@@ -63,15 +63,16 @@ host_sources=(embedding_lookup_cpu embedding_lookup_cpu_double huge_pages input_
 for src in "${host_sources[@]}"; do
   spawn g++ "${cxx_flags[@]}" -O3 -c "embedding/kernels/$src.cc" -o "$build/$src.o"
 done
-for src in embedding_lookup_cuda integer_lookup_cuda sparse_update_cuda; do
+cuda_sources=(embedding_lookup_cuda integer_lookup_cuda sparse_update_cuda)
+for src in "${cuda_sources[@]}"; do
   spawn "$nvcc" -std=c++17 -O3 -I. "${arch_flags[@]}" -c "embedding/kernels/$src.cu" \
     -o "$build/$src.o"
 done
 join
-objects=("$build"/embedding_lookup_cpu.o "$build"/embedding_lookup_cpu_double.o
-  "$build"/huge_pages.o "$build"/input_errors.o "$build"/sparse_update_cpu.o
-  "$build"/integer_lookup_cpu.o "$build"/embedding_lookup_cuda.o "$build"/integer_lookup_cuda.o
-  "$build"/sparse_update_cuda.o "$build"/gtest-all.o "$build"/gmock-all.o "$build"/gtest_main.o)
+objects=()
+for src in "${host_sources[@]}" "${cuda_sources[@]}" gtest-all gmock-all gtest_main; do
+  objects+=("$build/$src.o")
+done
 suites=(embedding_lookup_cuda_test integer_lookup_cuda_test sparse_update_cuda_test)
 for suite in "${suites[@]}"; do
   spawn g++ "${cxx_flags[@]}" "${gtest_includes[@]}" "embedding/kernels/$suite.cc" "${objects[@]}" \
