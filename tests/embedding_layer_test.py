@@ -37,7 +37,9 @@ class ConstructionTest(test_util.TestCase):
       de.Embedding(input_dim, output_dim)
 
   def test_rejects_unknown_combiner(self):
-    with self.assertRaisesRegex(ValueError, "'combiner' must be None, 'sum' or 'mean'; got 'max'"):
+    with self.assertRaisesRegex(
+      ValueError, "'combiner' must be None, 'sum', 'mean' or 'sqrtn'; got 'max'"
+    ):
       de.Embedding(10, 4, combiner="max")
 
   def test_reference_import_path(self):

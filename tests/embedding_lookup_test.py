@@ -422,7 +422,9 @@ class BadInputTest(test_util.TestCase):
       de.embedding_lookup(table, tf.ragged.constant([[[0]]], ragged_rank=2))
 
   def test_unknown_combiner_and_bounds_check(self):
-    with self.assertRaisesRegex(ValueError, "'combiner' must be None, 'sum' or 'mean'; got 'max'"):
+    with self.assertRaisesRegex(
+      ValueError, "'combiner' must be None, 'sum', 'mean' or 'sqrtn'; got 'max'"
+    ):
       de.embedding_lookup(tf.ones((5, 2)), tf.constant([[0]]), combiner="max")
     with self.assertRaisesRegex(ValueError, "'bounds_check' must be 'error' or 'skip'"):
       de.embedding_lookup(tf.ones((5, 2)), tf.constant([[0]]), bounds_check="clamp")

@@ -42,6 +42,9 @@ OPS = [
   "DePooledEmbeddingLookup",
   "DeResourcePooledEmbeddingLookup",
   "DePooledEmbeddingLookupGrad",
+  "DeWeightedPooledEmbeddingLookup",
+  "DeResourceWeightedPooledEmbeddingLookup",
+  "DeWeightedPooledEmbeddingLookupGrad",
   "DeSparseRowSplits",
   "DeReadVariableNoCopy",
   "DeIntegerLookup",
@@ -111,14 +114,18 @@ def cases(draw):
   op = draw(st.sampled_from(OPS))
   case = {"op": op, "graph": draw(st.booleans()), "attrs": {}}
   lookup_attrs = {
-    "combiner": draw(st.sampled_from(["sum", "mean"])),
+    "combiner": draw(st.sampled_from(["sum", "mean", "sqrtn"])),
     "bounds_check": draw(st.sampled_from(["error", "skip"])),
   }
   structured = draw(st.booleans())
+  weighted = "Weighted" in op
   if op in (
     "DePooledEmbeddingLookup",
     "DeResourcePooledEmbeddingLookup",
     "DePooledEmbeddingLookupGrad",
+    "DeWeightedPooledEmbeddingLookup",
+    "DeResourceWeightedPooledEmbeddingLookup",
+    "DeWeightedPooledEmbeddingLookupGrad",
   ):
     case["attrs"] = lookup_attrs
     if structured:
@@ -144,14 +151,33 @@ def cases(draw):
       ids = draw(tensors(INT_DTYPES + ["float32"]))
       splits = draw(tensors(INT_DTYPES + ["float32"]))
     case["ids"], case["row_splits"] = ids, splits
-    if op == "DePooledEmbeddingLookupGrad":
+    if weighted:
+      # One weight per id (NaN and infinities included) or any tensor at all.
+      if structured and draw(st.booleans()):
+        case["weights"] = {
+          "dtype": draw(st.sampled_from(["float32", "float64"])),
+          "shape": [len(ids["values"])],
+          "values": draw(
+            st.lists(
+              st.sampled_from([0.0, -1.0, 1e30, float("nan"), float("inf")]) | st.floats(-2, 2),
+              min_size=len(ids["values"]),
+              max_size=len(ids["values"]),
+            )
+          ),
+        }
+      else:
+        case["weights"] = draw(tensors(["float32", "float64", "int32"]))
+    if op in ("DePooledEmbeddingLookupGrad", "DeWeightedPooledEmbeddingLookupGrad"):
       case["grad"] = draw(tensors(["float32", "float64", "int32"]))
       case["num_rows"] = draw(st.sampled_from(EXTREME_VALUES) | st.integers(-2, 9))
-    elif op == "DePooledEmbeddingLookup":
+    elif op in ("DePooledEmbeddingLookup", "DeWeightedPooledEmbeddingLookup"):
       case["params"] = draw(tensors(["float32", "float64", "int32"]))
     else:
       case["variable"] = draw(st.none() | tensors(["float32", "float64", "int64"]))
-      case["attrs"]["dtype"] = draw(st.sampled_from(["float32", "float64"]))
+      if weighted:  # the op's dtype is the weights'
+        case["variable_dtype"] = draw(st.sampled_from(["float32", "float64"]))
+      else:
+        case["attrs"]["dtype"] = draw(st.sampled_from(["float32", "float64"]))
   elif op == "DeSparseRowSplits":
     case["indices"] = draw(tensors(["int64", "int32"]))
     case["dense_shape"] = draw(tensors(["int64", "int32"], max_rank=1))
@@ -269,6 +295,17 @@ def run(case):
       return ops.de_pooled_embedding_lookup_grad(inputs["grad"], inputs["ids"],
                                                  inputs["row_splits"],
                                                  tf.constant(case["num_rows"], tf.int64), **attrs)
+    if op == "DeWeightedPooledEmbeddingLookup":
+      return ops.de_weighted_pooled_embedding_lookup(inputs["params"], inputs["ids"],
+                                                     inputs["row_splits"], inputs["weights"],
+                                                     **attrs)
+    if op == "DeResourceWeightedPooledEmbeddingLookup":
+      return ops.de_resource_weighted_pooled_embedding_lookup(
+          resource(), inputs["ids"], inputs["row_splits"], inputs["weights"], **attrs)
+    if op == "DeWeightedPooledEmbeddingLookupGrad":
+      return ops.de_weighted_pooled_embedding_lookup_grad(
+          inputs["grad"], inputs["ids"], inputs["row_splits"],
+          tf.constant(case["num_rows"], tf.int64), inputs["weights"], **attrs)
     if op == "DeSparseRowSplits":
       return ops.de_sparse_row_splits(inputs["indices"], inputs["dense_shape"],
                                       **attrs)
@@ -293,7 +330,8 @@ def run(case):
     return "harness: " + repr(e)[:300]
   try:
     if "variable" in case:
-      keep.append(variable(case["variable"], attrs.get("dtype", "int64")))
+      keep.append(variable(case["variable"],
+                           attrs.get("dtype", case.get("variable_dtype", "int64"))))
     for spec in case.get("variables", []):
       handles.append(variable(spec, case["dtype"]))
     if case.get("alias"):

@@ -6,7 +6,8 @@
 // gradient of the table: the distinct ids that occur, each with its summed gradient row.
 //
 // Semantics beyond TensorFlow's reference ops:
-//   * an empty bag yields a row of zeros for both combiners (never NaN);
+//   * an empty bag yields a row of zeros for every combiner (never NaN), and so does a weighted bag
+//     whose weights sum to zero (mean) or are all zero (sqrtn);
 //   * every id and every row_splits entry is checked before any table or output memory is touched:
 //     with BoundsCheck::kError a bad id is an InvalidArgument error; with BoundsCheck::kSkip a bad
 //     id contributes nothing and a mean divides by the number of valid ids. Malformed row_splits
@@ -24,7 +25,9 @@
 
 namespace distributed_embeddings {
 
-enum class Combiner { kSum, kMean };
+// kSqrtn divides a bag's sum by the square root of its number of ids (TensorFlow's 'sqrtn'); with
+// weights, by the square root of the sum of the squared weights.
+enum class Combiner { kSum, kMean, kSqrtn };
 
 // What a kernel does with an id outside [0, num_rows).
 enum class BoundsCheck { kError, kSkip };
@@ -64,6 +67,28 @@ Status PooledLookupBackwardCpu(const T* grad_output, int64_t num_rows, int64_t w
                                BoundsCheck bounds_check, IdT* unique_ids, T* unique_grad,
                                int64_t* num_unique,
                                const ParallelFor& parallel_for = ParallelFor());
+
+// Weighted bags: `weights` has one value per id (csr.nnz of them, aligned with csr.ids). Bag b's
+// output is sum_j w_j * params[id_j, :] divided, for kMean, by sum_j w_j and, for kSqrtn, by
+// sqrt(sum_j w_j^2), over its valid ids (TensorFlow's embedding_lookup_sparse with sp_weights). A
+// bag whose divisor is zero gives zeros. Weights are data, never checked: NaN or infinity in a
+// weight reaches that bag's output.
+template <typename T, typename IdT, typename OffsetT>
+Status WeightedPooledLookupForwardCpu(const T* params, int64_t num_rows, int64_t width,
+                                      const CsrIds<IdT, OffsetT>& csr, const T* weights,
+                                      Combiner combiner, BoundsCheck bounds_check, T* output,
+                                      const ParallelFor& parallel_for = ParallelFor());
+
+// The table's sparse gradient of WeightedPooledLookupForwardCpu, laid out as
+// PooledLookupBackwardCpu's: occurrence j of unique_ids[u] in bag b adds
+// w_j * (grad_output[b, :] / divisor_b) to unique_grad[u], in occurrence order. (The gradient with
+// respect to the weights needs the table rows; the framework layer computes it.)
+template <typename T, typename IdT, typename OffsetT>
+Status WeightedPooledLookupBackwardCpu(const T* grad_output, int64_t num_rows, int64_t width,
+                                       const CsrIds<IdT, OffsetT>& csr, const T* weights,
+                                       Combiner combiner, BoundsCheck bounds_check, IdT* unique_ids,
+                                       T* unique_grad, int64_t* num_unique,
+                                       const ParallelFor& parallel_for = ParallelFor());
 
 // CooToRowSplitsCpu turns the [nnz, 2] row-major `indices` of a 2-D sparse tensor with dense shape
 // [num_rows_dense, num_cols_dense] into `row_splits` (num_rows_dense + 1 entries). Indices must be

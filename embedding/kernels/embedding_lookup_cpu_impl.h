@@ -94,7 +94,7 @@ constexpr int64_t kEigenPacketBytes = 32;
 
 // Sums (or averages) the rows of bags [bag_begin, bag_end), for any width, keeping the running sums
 // in `output`. Division, not multiplication by a reciprocal, keeps the mean identical to
-// tf.reduce_mean.
+// tf.reduce_mean (and sqrtn to TensorFlow's sum / sqrt(count)).
 template <typename T, typename IdT, typename OffsetT>
 void ForwardBags(const T* __restrict params, int64_t num_rows, int64_t width,
                  const CsrIds<IdT, OffsetT>& csr, Combiner combiner, int64_t bag_begin,
@@ -142,9 +142,9 @@ void ForwardBags(const T* __restrict params, int64_t num_rows, int64_t width,
       AddRow(params + static_cast<int64_t>(id) * width, width, out);
       ++valid;
     }
-    if (combiner == Combiner::kMean && MeanDivides(valid)) {
-      const T count = static_cast<T>(valid);
-      for (int64_t w = 0; w < width; ++w) out[w] /= count;
+    if (combiner != Combiner::kSum && MeanDivides(valid)) {
+      const T divisor = BagDivisor<T>(valid, combiner == Combiner::kSqrtn);
+      for (int64_t w = 0; w < width; ++w) out[w] /= divisor;
     }
   }
 }
@@ -221,8 +221,8 @@ __attribute__((always_inline)) inline void ForwardBagsFixedWidthImpl(
       num_valid = 0;
       for (int64_t j = begin; j < end; ++j) num_valid += valid(j);
     }
-    const bool divide = combiner == Combiner::kMean && MeanDivides(num_valid);
-    const T count = static_cast<T>(num_valid);
+    const bool divide = combiner != Combiner::kSum && MeanDivides(num_valid);
+    const T count = BagDivisor<T>(num_valid, combiner == Combiner::kSqrtn);
     T* __restrict out = output + b * kWidth;
 
     // The interleaved prefix, id k of each group of four into partial sum k, combined in
@@ -482,15 +482,29 @@ void IndexUniqueIds(Map& map, const IdT* ids, int64_t nnz, int64_t num_rows, int
   }
 }
 
-// Row u of `unique_grad` = the sum, in occurrence order, of the `source` rows listed in
-// bags[starts[u]] .. bags[starts[u + 1] - 1], for u in [u_begin, u_end); a compile-time width, sums
-// in registers and the rows prefetched, as in the forward pass.
-template <int64_t kWidth, typename T>
-__attribute__((always_inline)) inline void SumGradRowsFixedWidth(const T* __restrict source,
-                                                                 const int64_t* __restrict starts,
-                                                                 const int64_t* __restrict bags,
-                                                                 int64_t u_begin, int64_t u_end,
-                                                                 T* __restrict unique_grad) {
+// IndexUniqueIds over every id of `csr`, with whichever map is smaller: a hash map (16 bytes a
+// slot, 2-4 slots per possible unique id) or a per-row array (8 bytes a row).
+template <typename IdT, typename OffsetT>
+void IndexUniqueIdsOfCsr(const CsrIds<IdT, OffsetT>& csr, int64_t num_rows, int64_t* unique_of,
+                         IdT* unique_ids, int64_t* num_unique) {
+  const int64_t max_unique = MaxUniqueIds(csr.nnz, num_rows);
+  if (DenseIdMap<IdT>::Preferred(num_rows, max_unique)) {
+    DenseIdMap<IdT> map(num_rows);
+    IndexUniqueIds(map, csr.ids, csr.nnz, num_rows, unique_of, unique_ids, num_unique);
+  } else {
+    UniqueIdMap<IdT> map(max_unique);
+    IndexUniqueIds(map, csr.ids, csr.nnz, num_rows, unique_of, unique_ids, num_unique);
+  }
+}
+
+// Row u of `unique_grad` = the sum, in occurrence order, over the occurrences k in
+// [starts[u], starts[u + 1]) of row `row_of(k)` of `source`, each multiplied by `weight_of(k)`
+// when kWeighted (the product, then the sum: no FMA), for u in [u_begin, u_end); a compile-time
+// width, sums in registers and the rows prefetched, as in the forward pass.
+template <int64_t kWidth, bool kWeighted, typename T, typename RowOf, typename WeightOf>
+__attribute__((always_inline)) inline void SumOccurrenceRowsFixedWidth(
+    const T* __restrict source, const int64_t* __restrict starts, const RowOf& row_of,
+    const WeightOf& weight_of, int64_t u_begin, int64_t u_end, T* __restrict unique_grad) {
   constexpr int64_t kLanes = kEigenPacketBytes / sizeof(T);
   constexpr int64_t kPackets = kWidth / kLanes;
   constexpr int64_t kBlock = kPackets < 8 ? kPackets : 8;
@@ -502,11 +516,17 @@ __attribute__((always_inline)) inline void SumGradRowsFixedWidth(const T* __rest
       for (int64_t p = 0; p < kBlock; ++p) sum[p] = Packet<T>{};
       for (int64_t k = starts[u]; k < starts[u + 1]; ++k) {
         if (first == 0 && k + kPrefetchDistance < range_end) {
-          PrefetchRow(source + bags[k + kPrefetchDistance] * kWidth, kWidth * sizeof(T));
+          PrefetchRow(source + row_of(k + kPrefetchDistance) * kWidth, kWidth * sizeof(T));
         }
-        const T* row = source + bags[k] * kWidth + first;
-        DE_UNROLL
-        for (int64_t p = 0; p < kBlock; ++p) sum[p] += LoadPacket(row + p * kLanes);
+        const T* row = source + row_of(k) * kWidth + first;
+        if constexpr (kWeighted) {
+          const T weight = weight_of(k);
+          DE_UNROLL
+          for (int64_t p = 0; p < kBlock; ++p) sum[p] += LoadPacket(row + p * kLanes) * weight;
+        } else {
+          DE_UNROLL
+          for (int64_t p = 0; p < kBlock; ++p) sum[p] += LoadPacket(row + p * kLanes);
+        }
       }
       DE_UNROLL
       for (int64_t p = 0; p < kBlock; ++p) {
@@ -516,29 +536,51 @@ __attribute__((always_inline)) inline void SumGradRowsFixedWidth(const T* __rest
   }
 }
 
+// SumOccurrenceRowsFixedWidth for the common widths, and a plain loop for the others.
+template <bool kWeighted, typename T, typename RowOf, typename WeightOf>
+__attribute__((always_inline)) inline void SumOccurrenceRowsAnyWidth(
+    const T* __restrict source, int64_t width, const int64_t* __restrict starts,
+    const RowOf& row_of, const WeightOf& weight_of, int64_t u_begin, int64_t u_end,
+    T* __restrict unique_grad) {
+  switch (width) {
+#define DE_FIXED_WIDTH_CASE(kWidth)                                                          \
+  case kWidth:                                                                               \
+    return SumOccurrenceRowsFixedWidth<kWidth, kWeighted>(source, starts, row_of, weight_of, \
+                                                          u_begin, u_end, unique_grad);
+    DE_FIXED_WIDTH_CASE(16)
+    DE_FIXED_WIDTH_CASE(32)
+    DE_FIXED_WIDTH_CASE(64)
+    DE_FIXED_WIDTH_CASE(128)
+    DE_FIXED_WIDTH_CASE(256)
+#undef DE_FIXED_WIDTH_CASE
+    default:
+      break;
+  }
+  for (int64_t u = u_begin; u < u_end; ++u) {
+    T* __restrict out = unique_grad + u * width;
+    std::fill(out, out + width, T(0));
+    for (int64_t k = starts[u]; k < starts[u + 1]; ++k) {
+      const T* __restrict row = source + row_of(k) * width;
+      if constexpr (kWeighted) {
+        const T weight = weight_of(k);
+        for (int64_t w = 0; w < width; ++w) out[w] += row[w] * weight;
+      } else {
+        AddRow(row, width, out);
+      }
+    }
+  }
+}
+
+// Row u of `unique_grad` = the sum, in occurrence order, of the `source` rows listed in
+// bags[starts[u]] .. bags[starts[u + 1] - 1].
 template <typename T>
 __attribute__((always_inline)) inline void SumGradRowsAnyWidth(const T* source, int64_t width,
                                                                const int64_t* starts,
                                                                const int64_t* bags, int64_t u_begin,
                                                                int64_t u_end, T* unique_grad) {
-  switch (width) {
-    case 16:
-      return SumGradRowsFixedWidth<16>(source, starts, bags, u_begin, u_end, unique_grad);
-    case 32:
-      return SumGradRowsFixedWidth<32>(source, starts, bags, u_begin, u_end, unique_grad);
-    case 64:
-      return SumGradRowsFixedWidth<64>(source, starts, bags, u_begin, u_end, unique_grad);
-    case 128:
-      return SumGradRowsFixedWidth<128>(source, starts, bags, u_begin, u_end, unique_grad);
-    case 256:
-      return SumGradRowsFixedWidth<256>(source, starts, bags, u_begin, u_end, unique_grad);
-  }
-  for (int64_t u = u_begin; u < u_end; ++u) {
-    T* __restrict out = unique_grad + u * width;
-    std::fill(out, out + width, T(0));
-    for (int64_t k = starts[u]; k < starts[u + 1]; ++k)
-      AddRow(source + bags[k] * width, width, out);
-  }
+  SumOccurrenceRowsAnyWidth<false>(
+      source, width, starts, [bags](int64_t k) { return bags[k]; }, [](int64_t) { return T(1); },
+      u_begin, u_end, unique_grad);
 }
 
 template <typename T>
@@ -612,26 +654,18 @@ void BackwardValidated(const T* grad_output, int64_t num_rows, int64_t width,
   *num_unique = 0;
   if (csr.nnz == 0) return;
 
-  // 1. Unique ids in first-occurrence order; -1 marks a skipped invalid id. The map is whichever
-  //    of a hash map (16 bytes a slot, 2-4 slots per possible unique id) and a per-row array
-  //    (8 bytes a row) is smaller.
+  // 1. Unique ids in first-occurrence order; -1 marks a skipped invalid id.
   std::vector<int64_t> unique_of(csr.nnz);
-  const int64_t max_unique = MaxUniqueIds(csr.nnz, num_rows);
-  if (DenseIdMap<IdT>::Preferred(num_rows, max_unique)) {
-    DenseIdMap<IdT> map(num_rows);
-    IndexUniqueIds(map, csr.ids, csr.nnz, num_rows, unique_of.data(), unique_ids, num_unique);
-  } else {
-    UniqueIdMap<IdT> map(max_unique);
-    IndexUniqueIds(map, csr.ids, csr.nnz, num_rows, unique_of.data(), unique_ids, num_unique);
-  }
+  IndexUniqueIdsOfCsr(csr, num_rows, unique_of.data(), unique_ids, num_unique);
   const int64_t n_unique = *num_unique;
   if (n_unique == 0) return;  // Every id skipped (BoundsCheck::kSkip).
 
   // 2. The gradient each occurrence contributes: its bag's output gradient, divided by the bag's
-  //    valid length for mean (once per bag, as tf.reduce_mean's gradient does).
+  //    valid length for mean, its square root for sqrtn (once per bag, as tf.reduce_mean's
+  //    gradient does).
   const T* source = grad_output;
   std::vector<T> scaled;
-  if (combiner == Combiner::kMean) {
+  if (combiner != Combiner::kSum) {
     scaled.resize(csr.batch * width);
     for (int64_t b = 0; b < csr.batch; ++b) {
       int64_t valid = 0;
@@ -639,7 +673,7 @@ void BackwardValidated(const T* grad_output, int64_t num_rows, int64_t width,
         valid += unique_of[j] >= 0;
       }
       const bool divide = MeanDivides(valid);
-      const T count = static_cast<T>(divide ? valid : 1);
+      const T count = divide ? BagDivisor<T>(valid, combiner == Combiner::kSqrtn) : T(1);
       for (int64_t w = 0; w < width; ++w) {
         scaled[b * width + w] =
             divide ? grad_output[b * width + w] / count : grad_output[b * width + w];

@@ -116,26 +116,50 @@ Status ValidateCsrOnDevice(const CsrIds<IdT, OffsetT>& csr, int64_t num_rows,
   return Status::Ok();
 }
 
-// A warp per bag; lane w accumulates columns w, w + 32, ... in id order.
+// What bag b's sum is divided by (embedding_lookup.h): 1 when it is not divided; for weighted bags
+// 0 when the bag gives zeros. Unweighted, a mean or sqrtn of 0 or 1 valid ids is not divided.
+template <typename T, typename IdT, typename OffsetT>
+__device__ T BagDivisorOnDevice(const CsrIds<IdT, OffsetT>& csr, int64_t num_rows, const T* weights,
+                                Combiner combiner, int64_t b) {
+  if (combiner == Combiner::kSum) return T(1);
+  const bool sqrtn = combiner == Combiner::kSqrtn;
+  const int64_t begin = csr.row_splits[b];
+  const int64_t end = csr.row_splits[b + 1];
+  if (weights == nullptr) {
+    int64_t valid = 0;
+    for (int64_t j = begin; j < end; ++j) valid += InRange(csr.ids[j], num_rows);
+    return MeanDivides(valid) ? BagDivisor<T>(valid, sqrtn) : T(1);
+  }
+  T total = T(0);
+  for (int64_t j = begin; j < end; ++j) {
+    if (InRange(csr.ids[j], num_rows)) total += sqrtn ? weights[j] * weights[j] : weights[j];
+  }
+  if (sqrtn) total = sqrt(total);
+  return WeightedDivides(total) ? total : T(0);
+}
+
+// A warp per bag; lane w accumulates columns w, w + 32, ... in id order. `weights` (one per id) is
+// null for unweighted bags.
 template <typename T, typename IdT, typename OffsetT>
 __global__ void ForwardKernel(const T* __restrict__ params, int64_t num_rows, int64_t width,
-                              CsrIds<IdT, OffsetT> csr, bool mean, T* __restrict__ output) {
+                              CsrIds<IdT, OffsetT> csr, const T* __restrict__ weights,
+                              Combiner combiner, T* __restrict__ output) {
   const int lane = threadIdx.x;
   const int64_t warps = static_cast<int64_t>(gridDim.x) * blockDim.y;
   for (int64_t b = blockIdx.x * static_cast<int64_t>(blockDim.y) + threadIdx.y; b < csr.batch;
        b += warps) {
     const int64_t begin = csr.row_splits[b];
     const int64_t end = csr.row_splits[b + 1];
-    int64_t valid = 0;
-    for (int64_t j = begin; j < end; ++j) valid += InRange(csr.ids[j], num_rows);
+    const T divisor = BagDivisorOnDevice(csr, num_rows, weights, combiner, b);
     for (int64_t w = lane; w < width; w += kWarp) {
       T sum = T(0);
-      for (int64_t j = begin; j < end; ++j) {
+      for (int64_t j = begin; divisor != T(0) && j < end; ++j) {
         const IdT id = csr.ids[j];
-        if (InRange(id, num_rows)) sum += params[static_cast<int64_t>(id) * width + w];
+        if (!InRange(id, num_rows)) continue;
+        const T value = params[static_cast<int64_t>(id) * width + w];
+        sum += weights == nullptr ? value : weights[j] * value;
       }
-      if (mean && MeanDivides(valid)) sum /= static_cast<T>(valid);
-      output[b * width + w] = sum;
+      output[b * width + w] = combiner == Combiner::kSum || divisor == T(0) ? sum : sum / divisor;
     }
   }
 }
@@ -173,29 +197,31 @@ __global__ void PrepareSortKernel(const IdT* ids, int64_t nnz, int64_t num_rows,
   }
 }
 
-// Writes each position's bag and each bag's number of valid ids.
-template <typename IdT, typename OffsetT>
-__global__ void BagsKernel(CsrIds<IdT, OffsetT> csr, int64_t num_rows, int64_t* bag_of,
-                           int64_t* valid_count) {
+// Writes each position's bag and each bag's divisor (BagDivisorOnDevice).
+template <typename T, typename IdT, typename OffsetT>
+__global__ void BagsKernel(CsrIds<IdT, OffsetT> csr, int64_t num_rows, const T* weights,
+                           Combiner combiner, int64_t* bag_of, T* divisor) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t b = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; b < csr.batch;
        b += stride) {
-    int64_t valid = 0;
     for (int64_t j = csr.row_splits[b]; j < static_cast<int64_t>(csr.row_splits[b + 1]); ++j) {
       bag_of[j] = b;
-      valid += InRange(csr.ids[j], num_rows);
     }
-    valid_count[b] = valid;
+    divisor[b] = BagDivisorOnDevice(csr, num_rows, weights, combiner, b);
   }
 }
 
-// A warp per unique id: sums grad_output rows of the bags its occurrences belong to.
+// A warp per unique id: sums grad_output rows of the bags its occurrences belong to, each divided
+// by its bag's divisor (the CPU kernel's order: divide, then weigh).
 template <typename T, typename IdT>
-__global__ void AccumulateKernel(
-    const T* __restrict__ grad_output, int64_t width, const int64_t* __restrict__ sorted_positions,
-    const int64_t* __restrict__ run_starts, const int* __restrict__ run_lengths,
-    const int64_t* __restrict__ num_unique, const int64_t* __restrict__ bag_of,
-    const int64_t* __restrict__ valid_count, bool mean, T* __restrict__ unique_grad) {
+__global__ void AccumulateKernel(const T* __restrict__ grad_output, int64_t width,
+                                 const int64_t* __restrict__ sorted_positions,
+                                 const int64_t* __restrict__ run_starts,
+                                 const int* __restrict__ run_lengths,
+                                 const int64_t* __restrict__ num_unique,
+                                 const int64_t* __restrict__ bag_of, const T* __restrict__ divisor,
+                                 const T* __restrict__ weights, bool divide,
+                                 T* __restrict__ unique_grad) {
   const int lane = threadIdx.x;
   const int64_t warps = static_cast<int64_t>(gridDim.x) * blockDim.y;
   for (int64_t u = blockIdx.x * static_cast<int64_t>(blockDim.y) + threadIdx.y; u < *num_unique;
@@ -205,9 +231,11 @@ __global__ void AccumulateKernel(
     for (int64_t w = lane; w < width; w += kWarp) {
       T sum = T(0);
       for (int64_t k = begin; k < end; ++k) {
-        const int64_t b = bag_of[sorted_positions[k]];
-        const T g = grad_output[b * width + w];
-        sum += (mean && MeanDivides(valid_count[b])) ? g / static_cast<T>(valid_count[b]) : g;
+        const int64_t j = sorted_positions[k];
+        const int64_t b = bag_of[j];
+        T g = grad_output[b * width + w];
+        if (divide) g = divisor[b] == T(0) ? T(0) : g / divisor[b];
+        sum += weights == nullptr ? g : weights[j] * g;
       }
       unique_grad[u * width + w] = sum;
     }
@@ -270,7 +298,7 @@ struct BackwardScratch {
   int64_t* run_starts;
   int64_t* num_unique;
   int64_t* bag_of;
-  int64_t* valid_count;
+  T* divisor;
   void* cub_temp;
   size_t cub_temp_bytes;
   size_t total_bytes;
@@ -299,7 +327,7 @@ struct BackwardScratch {
     run_starts = carver.Take<int64_t>(nnz);
     num_unique = carver.Take<int64_t>(1);
     bag_of = carver.Take<int64_t>(nnz);
-    valid_count = carver.Take<int64_t>(batch);
+    divisor = carver.Take<T>(batch);
     cub_temp = carver.Take<char>(cub_temp_bytes);
     total_bytes = reinterpret_cast<char*>(carver.Take<char>(0)) - static_cast<char*>(base);
   }
@@ -319,11 +347,14 @@ size_t PooledLookupBackwardCudaWorkspaceBytes(int64_t nnz, int64_t batch) {
   return BackwardScratch<T, IdT>(nullptr, 0, nnz, batch).total_bytes;
 }
 
+namespace {
+
+// The forward and backward passes; `weights` is null for unweighted bags.
 template <typename T, typename IdT, typename OffsetT>
-Status PooledLookupForwardCuda(const T* params, int64_t num_rows, int64_t width,
-                               const CsrIds<IdT, OffsetT>& csr, Combiner combiner,
-                               BoundsCheck bounds_check, T* output, void* workspace,
-                               size_t workspace_bytes, cudaStream_t stream) {
+Status ForwardCuda(const T* params, int64_t num_rows, int64_t width,
+                   const CsrIds<IdT, OffsetT>& csr, const T* weights, Combiner combiner,
+                   BoundsCheck bounds_check, T* output, void* workspace, size_t workspace_bytes,
+                   cudaStream_t stream) {
   if (workspace_bytes < ValidationWorkspaceBytes()) {
     return Status::Internal("PooledLookupForwardCuda: workspace too small");
   }
@@ -332,17 +363,16 @@ Status PooledLookupForwardCuda(const T* params, int64_t num_rows, int64_t width,
   if (csr.batch == 0 || width == 0) return Status::Ok();
   const dim3 block(kWarp, kWarpsPerBlock);
   ForwardKernel<<<Blocks(csr.batch, kWarpsPerBlock), block, 0, stream>>>(
-      params, num_rows, width, csr, combiner == Combiner::kMean, output);
+      params, num_rows, width, csr, weights, combiner, output);
   DE_RETURN_IF_CUDA_ERROR(cudaGetLastError(), "ForwardKernel launch");
   return Status::Ok();
 }
 
 template <typename T, typename IdT, typename OffsetT>
-Status PooledLookupBackwardCuda(const T* grad_output, int64_t num_rows, int64_t width,
-                                const CsrIds<IdT, OffsetT>& csr, Combiner combiner,
-                                BoundsCheck bounds_check, IdT* unique_ids, T* unique_grad,
-                                int64_t* num_unique, void* workspace, size_t workspace_bytes,
-                                cudaStream_t stream) {
+Status BackwardCuda(const T* grad_output, int64_t num_rows, int64_t width,
+                    const CsrIds<IdT, OffsetT>& csr, const T* weights, Combiner combiner,
+                    BoundsCheck bounds_check, IdT* unique_ids, T* unique_grad, int64_t* num_unique,
+                    void* workspace, size_t workspace_bytes, cudaStream_t stream) {
   if (csr.nnz > INT_MAX) {
     return NnzTooLargeError(csr.nnz, INT_MAX);
   }
@@ -377,8 +407,8 @@ Status PooledLookupBackwardCuda(const T* grad_output, int64_t num_rows, int64_t 
   CountUniqueKernel<<<1, 1, 0, stream>>>(s.run_keys, s.num_runs, plan.sentinel, s.num_unique);
   DE_RETURN_IF_CUDA_ERROR(cudaGetLastError(), "CountUniqueKernel launch");
   if (csr.batch > 0) {
-    BagsKernel<<<Blocks(csr.batch, threads), threads, 0, stream>>>(csr, num_rows, s.bag_of,
-                                                                   s.valid_count);
+    BagsKernel<<<Blocks(csr.batch, threads), threads, 0, stream>>>(csr, num_rows, weights, combiner,
+                                                                   s.bag_of, s.divisor);
     DE_RETURN_IF_CUDA_ERROR(cudaGetLastError(), "BagsKernel launch");
   }
   DE_RETURN_IF_ERROR(CopyScalarToHost(s.num_unique, num_unique, stream));
@@ -390,10 +420,52 @@ Status PooledLookupBackwardCuda(const T* grad_output, int64_t num_rows, int64_t 
     const dim3 block(kWarp, kWarpsPerBlock);
     AccumulateKernel<T, IdT><<<Blocks(*num_unique, kWarpsPerBlock), block, 0, stream>>>(
         grad_output, width, s.positions_out, s.run_starts, s.run_lengths, s.num_unique, s.bag_of,
-        s.valid_count, combiner == Combiner::kMean, unique_grad);
+        s.divisor, weights, combiner != Combiner::kSum, unique_grad);
     DE_RETURN_IF_CUDA_ERROR(cudaGetLastError(), "AccumulateKernel launch");
   }
   return Status::Ok();
+}
+
+}  // namespace
+
+template <typename T, typename IdT, typename OffsetT>
+Status PooledLookupForwardCuda(const T* params, int64_t num_rows, int64_t width,
+                               const CsrIds<IdT, OffsetT>& csr, Combiner combiner,
+                               BoundsCheck bounds_check, T* output, void* workspace,
+                               size_t workspace_bytes, cudaStream_t stream) {
+  return ForwardCuda<T>(params, num_rows, width, csr, nullptr, combiner, bounds_check, output,
+                        workspace, workspace_bytes, stream);
+}
+
+template <typename T, typename IdT, typename OffsetT>
+Status WeightedPooledLookupForwardCuda(const T* params, int64_t num_rows, int64_t width,
+                                       const CsrIds<IdT, OffsetT>& csr, const T* weights,
+                                       Combiner combiner, BoundsCheck bounds_check, T* output,
+                                       void* workspace, size_t workspace_bytes,
+                                       cudaStream_t stream) {
+  return ForwardCuda(params, num_rows, width, csr, weights, combiner, bounds_check, output,
+                     workspace, workspace_bytes, stream);
+}
+
+template <typename T, typename IdT, typename OffsetT>
+Status PooledLookupBackwardCuda(const T* grad_output, int64_t num_rows, int64_t width,
+                                const CsrIds<IdT, OffsetT>& csr, Combiner combiner,
+                                BoundsCheck bounds_check, IdT* unique_ids, T* unique_grad,
+                                int64_t* num_unique, void* workspace, size_t workspace_bytes,
+                                cudaStream_t stream) {
+  return BackwardCuda<T>(grad_output, num_rows, width, csr, nullptr, combiner, bounds_check,
+                         unique_ids, unique_grad, num_unique, workspace, workspace_bytes, stream);
+}
+
+template <typename T, typename IdT, typename OffsetT>
+Status WeightedPooledLookupBackwardCuda(const T* grad_output, int64_t num_rows, int64_t width,
+                                        const CsrIds<IdT, OffsetT>& csr, const T* weights,
+                                        Combiner combiner, BoundsCheck bounds_check,
+                                        IdT* unique_ids, T* unique_grad, int64_t* num_unique,
+                                        void* workspace, size_t workspace_bytes,
+                                        cudaStream_t stream) {
+  return BackwardCuda(grad_output, num_rows, width, csr, weights, combiner, bounds_check,
+                      unique_ids, unique_grad, num_unique, workspace, workspace_bytes, stream);
 }
 
 template <typename OffsetT>
@@ -445,7 +517,13 @@ Status CooToRowSplitsCuda(const int64_t* indices, int64_t nnz, int64_t num_rows_
                                           Combiner, BoundsCheck, T*, void*, size_t, cudaStream_t); \
   template Status PooledLookupBackwardCuda(const T*, int64_t, int64_t,                             \
                                            const CsrIds<IdT, OffsetT>&, Combiner, BoundsCheck,     \
-                                           IdT*, T*, int64_t*, void*, size_t, cudaStream_t);
+                                           IdT*, T*, int64_t*, void*, size_t, cudaStream_t);       \
+  template Status WeightedPooledLookupForwardCuda(const T*, int64_t, int64_t,                      \
+                                                  const CsrIds<IdT, OffsetT>&, const T*, Combiner, \
+                                                  BoundsCheck, T*, void*, size_t, cudaStream_t);   \
+  template Status WeightedPooledLookupBackwardCuda(                                                \
+      const T*, int64_t, int64_t, const CsrIds<IdT, OffsetT>&, const T*, Combiner, BoundsCheck,    \
+      IdT*, T*, int64_t*, void*, size_t, cudaStream_t);
 
 DE_INSTANTIATE_CUDA_LOOKUP(float, int32_t, int32_t)
 DE_INSTANTIATE_CUDA_LOOKUP(float, int32_t, int64_t)

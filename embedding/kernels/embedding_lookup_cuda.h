@@ -42,6 +42,23 @@ Status PooledLookupBackwardCuda(const T* grad_output, int64_t num_rows, int64_t 
                                 int64_t* num_unique, void* workspace, size_t workspace_bytes,
                                 cudaStream_t stream);
 
+// Weighted bags (embedding_lookup.h): `weights` is a device array of csr.nnz values. The backward
+// needs the same workspace as PooledLookupBackwardCuda.
+template <typename T, typename IdT, typename OffsetT>
+Status WeightedPooledLookupForwardCuda(const T* params, int64_t num_rows, int64_t width,
+                                       const CsrIds<IdT, OffsetT>& csr, const T* weights,
+                                       Combiner combiner, BoundsCheck bounds_check, T* output,
+                                       void* workspace, size_t workspace_bytes,
+                                       cudaStream_t stream);
+
+template <typename T, typename IdT, typename OffsetT>
+Status WeightedPooledLookupBackwardCuda(const T* grad_output, int64_t num_rows, int64_t width,
+                                        const CsrIds<IdT, OffsetT>& csr, const T* weights,
+                                        Combiner combiner, BoundsCheck bounds_check,
+                                        IdT* unique_ids, T* unique_grad, int64_t* num_unique,
+                                        void* workspace, size_t workspace_bytes,
+                                        cudaStream_t stream);
+
 template <typename OffsetT>
 Status CooToRowSplitsCuda(const int64_t* indices, int64_t nnz, int64_t num_rows_dense,
                           int64_t num_cols_dense, OffsetT* row_splits, void* workspace,

@@ -86,7 +86,8 @@ struct CudaGradient {
 template <typename T, typename IdT, typename OffsetT>
 CudaGradient<T, IdT, OffsetT> CudaBackward(const T* grad_output, int64_t num_rows, int64_t width,
                                            const CsrIds<IdT, OffsetT>& csr, Combiner combiner,
-                                           BoundsCheck mode, cudaStream_t stream) {
+                                           BoundsCheck mode, cudaStream_t stream,
+                                           const T* weights = nullptr) {
   const int64_t capacity = MaxUniqueIds(csr.nnz, num_rows);
   DeviceBuffer<IdT> unique_ids(capacity);
   DeviceBuffer<T> unique_grad(capacity * width);
@@ -95,8 +96,13 @@ CudaGradient<T, IdT, OffsetT> CudaBackward(const T* grad_output, int64_t num_row
   int64_t num_unique = 0;
   CudaGradient<T, IdT, OffsetT> result;
   result.status =
-      PooledLookupBackwardCuda(grad_output, num_rows, width, csr, combiner, mode, unique_ids.get(),
-                               unique_grad.get(), &num_unique, workspace.get(), bytes, stream);
+      weights != nullptr
+          ? WeightedPooledLookupBackwardCuda(grad_output, num_rows, width, csr, weights, combiner,
+                                             mode, unique_ids.get(), unique_grad.get(), &num_unique,
+                                             workspace.get(), bytes, stream)
+          : PooledLookupBackwardCuda(grad_output, num_rows, width, csr, combiner, mode,
+                                     unique_ids.get(), unique_grad.get(), &num_unique,
+                                     workspace.get(), bytes, stream);
   EXPECT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
   if (result.status.ok()) {
     result.ids = unique_ids.ToHost(num_unique);
@@ -112,29 +118,38 @@ void CheckForwardAndBackward(double invalid_fraction, BoundsCheck mode) {
   using OffsetT = typename P::OffsetT;
   for (const CaseSpec& spec : StandardSpecs(invalid_fraction)) {
     const auto c = MakeCase<T, IdT, OffsetT>(spec);
-    DeviceBuffer<T> params(c.params), grad_output(c.grad_output);
+    DeviceBuffer<T> params(c.params), grad_output(c.grad_output), weights(c.weights);
     DeviceBuffer<IdT> ids(c.ids);
     DeviceBuffer<OffsetT> splits(c.row_splits);
     const CsrIds<IdT, OffsetT> csr{ids.get(), static_cast<int64_t>(c.ids.size()), splits.get(),
                                    c.batch()};
-    for (Combiner combiner : {Combiner::kSum, Combiner::kMean}) {
-      SCOPED_TRACE(::testing::Message()
-                   << "seed " << spec.seed << " combiner " << static_cast<int>(combiner));
-      DeviceBuffer<T> output(c.batch() * c.width);
-      DeviceBuffer<char> validation(ValidationWorkspaceBytes());
-      ASSERT_TRUE(PooledLookupForwardCuda(params.get(), c.num_rows, c.width, csr, combiner, mode,
-                                          output.get(), validation.get(),
-                                          ValidationWorkspaceBytes(), nullptr)
-                      .ok());
-      ExpectNear(ReferenceForward(c, combiner), output.ToHost(), spec.max_hotness);
+    for (Combiner combiner : {Combiner::kSum, Combiner::kMean, Combiner::kSqrtn}) {
+      for (bool weighted : {false, true}) {
+        SCOPED_TRACE(::testing::Message()
+                     << "seed " << spec.seed << " combiner " << static_cast<int>(combiner)
+                     << " weighted " << weighted);
+        const T* w = weighted ? weights.get() : nullptr;
+        DeviceBuffer<T> output(c.batch() * c.width);
+        DeviceBuffer<char> validation(ValidationWorkspaceBytes());
+        const Status forward =
+            weighted ? WeightedPooledLookupForwardCuda(
+                           params.get(), c.num_rows, c.width, csr, w, combiner, mode, output.get(),
+                           validation.get(), ValidationWorkspaceBytes(), nullptr)
+                     : PooledLookupForwardCuda(params.get(), c.num_rows, c.width, csr, combiner,
+                                               mode, output.get(), validation.get(),
+                                               ValidationWorkspaceBytes(), nullptr);
+        ASSERT_TRUE(forward.ok());
+        ExpectNear(ReferenceForward(c, combiner, weighted), output.ToHost(), spec.max_hotness);
 
-      const auto gradient =
-          CudaBackward(grad_output.get(), c.num_rows, c.width, csr, combiner, mode, nullptr);
-      ASSERT_TRUE(gradient.status.ok()) << gradient.status.message();
-      const int64_t num_unique = static_cast<int64_t>(gradient.ids.size());
-      EXPECT_TRUE(std::is_sorted(gradient.ids.begin(), gradient.ids.end()))
-          << "the CUDA backward documents ascending unique ids";
-      ExpectSparseGradient(c, combiner, gradient.ids, gradient.rows, num_unique, spec.max_hotness);
+        const auto gradient =
+            CudaBackward(grad_output.get(), c.num_rows, c.width, csr, combiner, mode, nullptr, w);
+        ASSERT_TRUE(gradient.status.ok()) << gradient.status.message();
+        const int64_t num_unique = static_cast<int64_t>(gradient.ids.size());
+        EXPECT_TRUE(std::is_sorted(gradient.ids.begin(), gradient.ids.end()))
+            << "the CUDA backward documents ascending unique ids";
+        ExpectSparseGradient(c, combiner, gradient.ids, gradient.rows, num_unique, spec.max_hotness,
+                             weighted);
+      }
     }
   }
 }

@@ -5,6 +5,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <functional>
@@ -54,27 +55,39 @@ void CheckForwardAndBackward(double invalid_fraction, BoundsCheck mode) {
   using OffsetT = typename P::OffsetT;
   for (const CaseSpec& spec : StandardSpecs(invalid_fraction)) {
     const auto c = MakeCase<T, IdT, OffsetT>(spec);
-    for (Combiner combiner : {Combiner::kSum, Combiner::kMean}) {
-      for (int threads : {1, 3}) {
-        SCOPED_TRACE(::testing::Message() << "seed " << spec.seed << " combiner "
-                                          << static_cast<int>(combiner) << " threads " << threads);
-        const ParallelFor pf = threads > 1 ? ThreadedParallelFor(threads) : ParallelFor();
-        std::vector<T> output(c.batch() * c.width, T(-7));
-        ASSERT_TRUE(PooledLookupForwardCpu(c.params.data(), c.num_rows, c.width, c.Csr(), combiner,
-                                           mode, output.data(), pf)
-                        .ok());
-        ExpectNear(ReferenceForward(c, combiner), output, spec.max_hotness);
+    for (Combiner combiner : {Combiner::kSum, Combiner::kMean, Combiner::kSqrtn}) {
+      for (bool weighted : {false, true}) {
+        for (int threads : {1, 3}) {
+          SCOPED_TRACE(::testing::Message()
+                       << "seed " << spec.seed << " combiner " << static_cast<int>(combiner)
+                       << " weighted " << weighted << " threads " << threads);
+          const ParallelFor pf = threads > 1 ? ThreadedParallelFor(threads) : ParallelFor();
+          std::vector<T> output(c.batch() * c.width, T(-7));
+          const Status forward =
+              weighted ? WeightedPooledLookupForwardCpu(c.params.data(), c.num_rows, c.width,
+                                                        c.Csr(), c.weights.data(), combiner, mode,
+                                                        output.data(), pf)
+                       : PooledLookupForwardCpu(c.params.data(), c.num_rows, c.width, c.Csr(),
+                                                combiner, mode, output.data(), pf);
+          ASSERT_TRUE(forward.ok());
+          ExpectNear(ReferenceForward(c, combiner, weighted), output, spec.max_hotness);
 
-        const int64_t capacity = MaxUniqueIds(static_cast<int64_t>(c.ids.size()), c.num_rows);
-        std::vector<IdT> unique_ids(capacity);
-        std::vector<T> unique_grad(capacity * c.width);
-        int64_t num_unique = -1;
-        ASSERT_TRUE(PooledLookupBackwardCpu(c.grad_output.data(), c.num_rows, c.width, c.Csr(),
-                                            combiner, mode, unique_ids.data(), unique_grad.data(),
-                                            &num_unique, pf)
-                        .ok());
-        unique_grad.resize(num_unique * c.width);
-        ExpectSparseGradient(c, combiner, unique_ids, unique_grad, num_unique, spec.max_hotness);
+          const int64_t capacity = MaxUniqueIds(static_cast<int64_t>(c.ids.size()), c.num_rows);
+          std::vector<IdT> unique_ids(capacity);
+          std::vector<T> unique_grad(capacity * c.width);
+          int64_t num_unique = -1;
+          const Status backward =
+              weighted ? WeightedPooledLookupBackwardCpu(
+                             c.grad_output.data(), c.num_rows, c.width, c.Csr(), c.weights.data(),
+                             combiner, mode, unique_ids.data(), unique_grad.data(), &num_unique, pf)
+                       : PooledLookupBackwardCpu(c.grad_output.data(), c.num_rows, c.width, c.Csr(),
+                                                 combiner, mode, unique_ids.data(),
+                                                 unique_grad.data(), &num_unique, pf);
+          ASSERT_TRUE(backward.ok());
+          unique_grad.resize(num_unique * c.width);
+          ExpectSparseGradient(c, combiner, unique_ids, unique_grad, num_unique, spec.max_hotness,
+                               weighted);
+        }
       }
     }
   }
@@ -155,12 +168,52 @@ TYPED_TEST(LookupCpuTest, EmptyBagsGiveZerosForBothCombiners) {
   const std::vector<IdT> ids = {1};
   const std::vector<OffsetT> splits = {0, 0, 1, 1};
   const CsrIds<IdT, OffsetT> csr{ids.data(), 1, splits.data(), 3};
-  for (Combiner combiner : {Combiner::kSum, Combiner::kMean}) {
+  for (Combiner combiner : {Combiner::kSum, Combiner::kMean, Combiner::kSqrtn}) {
     std::vector<T> output(6, T(-1));
     ASSERT_TRUE(PooledLookupForwardCpu(params.data(), 2, 2, csr, combiner, BoundsCheck::kError,
                                        output.data())
                     .ok());
     EXPECT_EQ(output, (std::vector<T>{0, 0, 3, 4, 0, 0}));
+  }
+}
+
+TYPED_TEST(LookupCpuTest, ZeroWeightBagsGiveZerosAndNoGradient) {
+  using T = typename TypeParam::T;
+  using IdT = typename TypeParam::IdT;
+  using OffsetT = typename TypeParam::OffsetT;
+  const std::vector<T> params = {1, 2, 3, 4};
+  // Bag 0: weights summing to zero (mean's divisor); bag 1: all zero; bag 2: empty; bag 3: 2 x
+  // row 1.
+  const std::vector<IdT> ids = {0, 1, 0, 1};
+  const std::vector<T> weights = {1, -1, 0, 2};
+  const std::vector<OffsetT> splits = {0, 2, 3, 3, 4};
+  const CsrIds<IdT, OffsetT> csr{ids.data(), 4, splits.data(), 4};
+  const std::vector<T> grad = {1, 1, 1, 1, 1, 1, 1, 1};
+  for (Combiner combiner : {Combiner::kMean, Combiner::kSqrtn}) {
+    SCOPED_TRACE(static_cast<int>(combiner));
+    std::vector<T> output(8, T(-1));
+    ASSERT_TRUE(WeightedPooledLookupForwardCpu(params.data(), 2, 2, csr, weights.data(), combiner,
+                                               BoundsCheck::kError, output.data())
+                    .ok());
+    // sqrtn divides bag 0's (1*row0 - row1) = (-2, -2) by sqrt(2); mean's divisor there is zero.
+    const T bag0 = combiner == Combiner::kMean ? T(0) : T(-2) / std::sqrt(T(2));
+    // Bag 3: 2 * row 1 divided by 2 (mean: sum of weights; sqrtn: sqrt(4)).
+    EXPECT_EQ(output, (std::vector<T>{bag0, bag0, 0, 0, 0, 0, 3, 4}));
+    std::vector<IdT> unique_ids(2);
+    std::vector<T> unique_grad(4, T(-1));
+    int64_t num_unique = 0;
+    ASSERT_TRUE(WeightedPooledLookupBackwardCpu(grad.data(), 2, 2, csr, weights.data(), combiner,
+                                                BoundsCheck::kError, unique_ids.data(),
+                                                unique_grad.data(), &num_unique)
+                    .ok());
+    ASSERT_EQ(num_unique, 2);
+    EXPECT_EQ(unique_ids, (std::vector<IdT>{0, 1}));
+    const T g0 = combiner == Combiner::kMean ? T(0) : T(1) / std::sqrt(T(2));
+    const T g1 = combiner == Combiner::kMean ? T(1) : T(-1) / std::sqrt(T(2)) + T(1);
+    for (int k = 0; k < 2; ++k) {
+      EXPECT_NEAR(unique_grad[k], g0, 1e-6);
+      EXPECT_NEAR(unique_grad[2 + k], g1, 1e-6);
+    }
   }
 }
 

@@ -36,6 +36,7 @@ struct LookupCase {
   std::vector<IdT> ids;
   std::vector<OffsetT> row_splits;
   std::vector<T> grad_output;
+  std::vector<T> weights;  // one per id: mostly in [0.25, 1.25), a tenth exactly zero
 
   CsrIds<IdT, OffsetT> Csr() const {
     return CsrIds<IdT, OffsetT>{ids.data(), static_cast<int64_t>(ids.size()), row_splits.data(),
@@ -73,25 +74,46 @@ LookupCase<T, IdT, OffsetT> MakeCase(const CaseSpec& spec) {
   }
   c.grad_output.resize(spec.batch * spec.width);
   for (auto& g : c.grad_output) g = static_cast<T>(unit(rng) * 2.0 - 1.0);
+  // Positive weights keep a weighted mean well conditioned; zeros make some bags all-zero.
+  c.weights.resize(c.ids.size());
+  for (auto& w : c.weights) w = unit(rng) < 0.1 ? T(0) : static_cast<T>(0.25 + unit(rng));
   return c;
+}
+
+// Bag b's divisor in double, for the combiner and (with `weighted`) the case's weights; 0 when the
+// bag gives zeros, 1 when it is not divided.
+template <typename T, typename IdT, typename OffsetT>
+double ReferenceDivisor(const LookupCase<T, IdT, OffsetT>& c, Combiner combiner, bool weighted,
+                        int64_t b) {
+  if (combiner == Combiner::kSum) return 1.0;
+  double total = 0.0;
+  for (int64_t j = c.row_splits[b]; j < static_cast<int64_t>(c.row_splits[b + 1]); ++j) {
+    if (!(c.ids[j] >= 0 && static_cast<int64_t>(c.ids[j]) < c.num_rows)) continue;
+    const double w = weighted ? static_cast<double>(c.weights[j]) : 1.0;
+    total += combiner == Combiner::kMean ? w : w * w;
+  }
+  if (combiner == Combiner::kSqrtn) total = std::sqrt(total);
+  if (!weighted && total == 0.0) return 1.0;  // an empty bag: zeros either way
+  return total;
 }
 
 inline bool Valid(int64_t id, int64_t num_rows) { return id >= 0 && id < num_rows; }
 
 // output[b, w] in double; invalid ids are skipped (callers only pass them in kSkip cases).
 template <typename T, typename IdT, typename OffsetT>
-std::vector<double> ReferenceForward(const LookupCase<T, IdT, OffsetT>& c, Combiner combiner) {
+std::vector<double> ReferenceForward(const LookupCase<T, IdT, OffsetT>& c, Combiner combiner,
+                                     bool weighted = false) {
   std::vector<double> out(c.batch() * c.width, 0.0);
   for (int64_t b = 0; b < c.batch(); ++b) {
-    int64_t valid = 0;
+    const double divisor = ReferenceDivisor(c, combiner, weighted, b);
+    if (divisor == 0.0) continue;
     for (int64_t j = c.row_splits[b]; j < static_cast<int64_t>(c.row_splits[b + 1]); ++j) {
       const int64_t id = static_cast<int64_t>(c.ids[j]);
       if (!Valid(id, c.num_rows)) continue;
-      ++valid;
-      for (int64_t w = 0; w < c.width; ++w) out[b * c.width + w] += c.params[id * c.width + w];
-    }
-    if (combiner == Combiner::kMean && valid > 0) {
-      for (int64_t w = 0; w < c.width; ++w) out[b * c.width + w] /= static_cast<double>(valid);
+      const double w = weighted ? static_cast<double>(c.weights[j]) : 1.0;
+      for (int64_t k = 0; k < c.width; ++k) {
+        out[b * c.width + k] += w * c.params[id * c.width + k] / divisor;
+      }
     }
   }
   return out;
@@ -99,19 +121,18 @@ std::vector<double> ReferenceForward(const LookupCase<T, IdT, OffsetT>& c, Combi
 
 // The dense [num_rows, width] table gradient, in double.
 template <typename T, typename IdT, typename OffsetT>
-std::vector<double> ReferenceBackward(const LookupCase<T, IdT, OffsetT>& c, Combiner combiner) {
+std::vector<double> ReferenceBackward(const LookupCase<T, IdT, OffsetT>& c, Combiner combiner,
+                                      bool weighted = false) {
   std::vector<double> grad(c.num_rows * c.width, 0.0);
   for (int64_t b = 0; b < c.batch(); ++b) {
-    int64_t valid = 0;
-    for (int64_t j = c.row_splits[b]; j < static_cast<int64_t>(c.row_splits[b + 1]); ++j) {
-      valid += Valid(static_cast<int64_t>(c.ids[j]), c.num_rows);
-    }
-    const double scale = (combiner == Combiner::kMean && valid > 0) ? 1.0 / valid : 1.0;
+    const double divisor = ReferenceDivisor(c, combiner, weighted, b);
+    if (divisor == 0.0) continue;
     for (int64_t j = c.row_splits[b]; j < static_cast<int64_t>(c.row_splits[b + 1]); ++j) {
       const int64_t id = static_cast<int64_t>(c.ids[j]);
       if (!Valid(id, c.num_rows)) continue;
-      for (int64_t w = 0; w < c.width; ++w) {
-        grad[id * c.width + w] += c.grad_output[b * c.width + w] * scale;
+      const double w = weighted ? static_cast<double>(c.weights[j]) : 1.0;
+      for (int64_t k = 0; k < c.width; ++k) {
+        grad[id * c.width + k] += c.grad_output[b * c.width + k] * w / divisor;
       }
     }
   }
@@ -139,7 +160,7 @@ void ExpectNear(const std::vector<double>& expected, const std::vector<T>& actua
 template <typename T, typename IdT, typename OffsetT>
 void ExpectSparseGradient(const LookupCase<T, IdT, OffsetT>& c, Combiner combiner,
                           const std::vector<IdT>& unique_ids, const std::vector<T>& unique_grad,
-                          int64_t num_unique, int64_t max_hotness) {
+                          int64_t num_unique, int64_t max_hotness, bool weighted = false) {
   std::set<int64_t> expected_ids;
   std::map<int64_t, int64_t> occurrences;
   int64_t max_occurrences = 1;
@@ -158,7 +179,7 @@ void ExpectSparseGradient(const LookupCase<T, IdT, OffsetT>& c, Combiner combine
     for (int64_t w = 0; w < c.width; ++w) dense[id * c.width + w] = unique_grad[u * c.width + w];
   }
   // Each row sums one term per occurrence of its id: the error grows with the most frequent id.
-  ExpectNear(ReferenceBackward(c, combiner), dense, max_occurrences);
+  ExpectNear(ReferenceBackward(c, combiner, weighted), dense, max_occurrences);
 }
 
 // A ParallelFor over std::threads, so tests exercise the multi-threaded split.

@@ -70,13 +70,24 @@ absl::Status CheckSparseInputs(const std::string& op, const Tensor& indices,
   return absl::OkStatus();
 }
 
+absl::Status CheckWeights(const std::string& op, const Tensor& weights, const Tensor& ids) {
+  if (!TensorShapeUtils::IsVector(weights.shape()) || weights.NumElements() != ids.NumElements()) {
+    return absl::InvalidArgumentError(op + ": 'weights' must be 1-D with one weight per id (" +
+                                      std::to_string(ids.NumElements()) + "); got shape " +
+                                      weights.shape().DebugString() + ".");
+  }
+  return absl::OkStatus();
+}
+
 absl::Status ReadLookupAttrs(tensorflow::OpKernelConstruction* ctx, Combiner* combiner,
                              BoundsCheck* bounds_check) {
   std::string combiner_attr, bounds_check_attr;
   TF_RETURN_IF_ERROR(ctx->GetAttr("combiner", &combiner_attr));
   TF_RETURN_IF_ERROR(ctx->GetAttr("bounds_check", &bounds_check_attr));
   // The op definitions restrict both attrs to these values.
-  *combiner = combiner_attr == "mean" ? Combiner::kMean : Combiner::kSum;
+  *combiner = combiner_attr == "mean"    ? Combiner::kMean
+              : combiner_attr == "sqrtn" ? Combiner::kSqrtn
+                                         : Combiner::kSum;
   *bounds_check = bounds_check_attr == "skip" ? BoundsCheck::kSkip : BoundsCheck::kError;
   return absl::OkStatus();
 }
@@ -84,18 +95,22 @@ absl::Status ReadLookupAttrs(tensorflow::OpKernelConstruction* ctx, Combiner* co
 template <typename T, typename IdT, typename OffsetT>
 struct LookupFunctor<CPUDevice, T, IdT, OffsetT> {
   static Status Forward(OpKernelContext* ctx, const T* params, int64_t num_rows, int64_t width,
-                        const CsrIds<IdT, OffsetT>& csr, Combiner combiner,
+                        const CsrIds<IdT, OffsetT>& csr, const T* weights, Combiner combiner,
                         BoundsCheck bounds_check, T* output) {
     // TensorFlow's CPU allocator hands out 4 KiB pages; random row reads want huge ones, and so
     // does the first write of a large output.
     PromoteToHugePages(params, static_cast<size_t>(num_rows * width) * sizeof(T));
     const FirstWriteAdvice advice(output, static_cast<size_t>(csr.batch * width) * sizeof(T));
+    if (weights != nullptr) {
+      return WeightedPooledLookupForwardCpu(params, num_rows, width, csr, weights, combiner,
+                                            bounds_check, output, CpuParallelFor(ctx));
+    }
     return PooledLookupForwardCpu(params, num_rows, width, csr, combiner, bounds_check, output,
                                   CpuParallelFor(ctx));
   }
 
   static Status Backward(OpKernelContext* ctx, const Tensor& grad, int64_t num_rows,
-                         const CsrIds<IdT, OffsetT>& csr, Combiner combiner,
+                         const CsrIds<IdT, OffsetT>& csr, const T* weights, Combiner combiner,
                          BoundsCheck bounds_check) {
     const int64_t width = grad.dim_size(1);
     const int64_t capacity = MaxUniqueIds(csr.nnz, num_rows);
@@ -104,10 +119,17 @@ struct LookupFunctor<CPUDevice, T, IdT, OffsetT> {
     const FirstWriteAdvice advice(unique.grad.flat<T>().data(),
                                   static_cast<size_t>(capacity * width) * sizeof(T));
     int64_t num_unique = 0;
-    DE_RETURN_IF_ERROR(
-        PooledLookupBackwardCpu(grad.flat<T>().data(), num_rows, width, csr, combiner, bounds_check,
-                                unique.ids.flat<IdT>().data(), unique.grad.flat<T>().data(),
-                                &num_unique, CpuParallelFor(ctx)));
+    if (weights != nullptr) {
+      DE_RETURN_IF_ERROR(WeightedPooledLookupBackwardCpu(
+          grad.flat<T>().data(), num_rows, width, csr, weights, combiner, bounds_check,
+          unique.ids.flat<IdT>().data(), unique.grad.flat<T>().data(), &num_unique,
+          CpuParallelFor(ctx)));
+    } else {
+      DE_RETURN_IF_ERROR(
+          PooledLookupBackwardCpu(grad.flat<T>().data(), num_rows, width, csr, combiner,
+                                  bounds_check, unique.ids.flat<IdT>().data(),
+                                  unique.grad.flat<T>().data(), &num_unique, CpuParallelFor(ctx)));
+    }
     unique.SetOutputs(ctx, num_unique);
     return Status::Ok();
   }

@@ -28,24 +28,37 @@ absl::Status CheckGradInputs(const std::string& op, const tensorflow::Tensor& gr
                              const tensorflow::Tensor& num_rows);
 absl::Status CheckSparseInputs(const std::string& op, const tensorflow::Tensor& indices,
                                const tensorflow::Tensor& dense_shape);
+// 'weights' holds one value per id: 1-D with as many elements as 'ids'.
+absl::Status CheckWeights(const std::string& op, const tensorflow::Tensor& weights,
+                          const tensorflow::Tensor& ids);
 
 // Reads the 'combiner' and 'bounds_check' attrs every lookup op has.
 absl::Status ReadLookupAttrs(tensorflow::OpKernelConstruction* ctx, Combiner* combiner,
                              BoundsCheck* bounds_check);
 
 // The device-specific halves; specialized in embedding_lookup_kernels.cc (CPU) and
-// embedding_lookup_kernels_gpu.cc (GPU).
+// embedding_lookup_kernels_gpu.cc (GPU). `weights` (one per id) is null for unweighted bags.
 template <typename Device, typename T, typename IdT, typename OffsetT>
 struct LookupFunctor {
   static Status Forward(tensorflow::OpKernelContext* ctx, const T* params, int64_t num_rows,
-                        int64_t width, const CsrIds<IdT, OffsetT>& csr, Combiner combiner,
-                        BoundsCheck bounds_check, T* output);
+                        int64_t width, const CsrIds<IdT, OffsetT>& csr, const T* weights,
+                        Combiner combiner, BoundsCheck bounds_check, T* output);
   // Computes the sparse gradient into temporaries of capacity MaxUniqueIds rows and sets
   // outputs 0 (unique ids) and 1 (their gradient rows) to the filled prefix.
   static Status Backward(tensorflow::OpKernelContext* ctx, const tensorflow::Tensor& grad,
-                         int64_t num_rows, const CsrIds<IdT, OffsetT>& csr, Combiner combiner,
-                         BoundsCheck bounds_check);
+                         int64_t num_rows, const CsrIds<IdT, OffsetT>& csr, const T* weights,
+                         Combiner combiner, BoundsCheck bounds_check);
 };
+
+// The weights input of a weighted op (null for an unweighted one), once CheckWeights passed.
+template <typename T, bool kWeighted>
+const T* WeightsOf(tensorflow::OpKernelContext* ctx, int index) {
+  if constexpr (kWeighted) {
+    return ctx->input(index).flat<T>().data();
+  } else {
+    return nullptr;
+  }
+}
 
 template <typename Device, typename OffsetT>
 struct SparseRowSplitsFunctor {
@@ -87,8 +100,10 @@ struct UniqueGradOutputs {
   }
 };
 
-// DePooledEmbeddingLookup (kResource = false) and DeResourcePooledEmbeddingLookup (true).
-template <typename Device, typename T, typename IdT, typename OffsetT, bool kResource>
+// DePooledEmbeddingLookup (kResource = false) and DeResourcePooledEmbeddingLookup (true); with
+// kWeighted, their weighted forms, whose input 3 is 'weights'.
+template <typename Device, typename T, typename IdT, typename OffsetT, bool kResource,
+          bool kWeighted = false>
 class PooledLookupOp : public tensorflow::OpKernel {
  public:
   explicit PooledLookupOp(tensorflow::OpKernelConstruction* ctx) : OpKernel(ctx) {
@@ -99,6 +114,7 @@ class PooledLookupOp : public tensorflow::OpKernel {
     const tensorflow::Tensor& ids = ctx->input(1);
     const tensorflow::Tensor& row_splits = ctx->input(2);
     OP_REQUIRES_OK(ctx, CheckCsrInputs(type_string(), ids, row_splits));
+    if constexpr (kWeighted) OP_REQUIRES_OK(ctx, CheckWeights(type_string(), ctx->input(3), ids));
     if constexpr (kResource) {
       tensorflow::core::RefCountPtr<tensorflow::Var> variable;
       OP_REQUIRES_OK(
@@ -127,8 +143,9 @@ class PooledLookupOp : public tensorflow::OpKernel {
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, output_shape, &output));
     OP_REQUIRES_OK(ctx, ToTfStatus(LookupFunctor<Device, T, IdT, OffsetT>::Forward(
                                        ctx, params.flat<T>().data(), params.dim_size(0), width,
-                                       CsrFromTensors<IdT, OffsetT>(ids, row_splits), combiner_,
-                                       bounds_check_, output->flat<T>().data()),
+                                       CsrFromTensors<IdT, OffsetT>(ids, row_splits),
+                                       WeightsOf<T, kWeighted>(ctx, 3), combiner_, bounds_check_,
+                                       output->flat<T>().data()),
                                    type_string()));
   }
 
@@ -136,7 +153,9 @@ class PooledLookupOp : public tensorflow::OpKernel {
   BoundsCheck bounds_check_;
 };
 
-template <typename Device, typename T, typename IdT, typename OffsetT>
+// DePooledEmbeddingLookupGrad; with kWeighted, DeWeightedPooledEmbeddingLookupGrad, whose input 4
+// is 'weights'.
+template <typename Device, typename T, typename IdT, typename OffsetT, bool kWeighted = false>
 class PooledLookupGradOp : public tensorflow::OpKernel {
  public:
   explicit PooledLookupGradOp(tensorflow::OpKernelConstruction* ctx) : OpKernel(ctx) {
@@ -150,6 +169,7 @@ class PooledLookupGradOp : public tensorflow::OpKernel {
     const tensorflow::Tensor& num_rows = ctx->input(3);
     OP_REQUIRES_OK(ctx, CheckCsrInputs(type_string(), ids, row_splits));
     OP_REQUIRES_OK(ctx, CheckGradInputs(type_string(), grad, row_splits, num_rows));
+    if constexpr (kWeighted) OP_REQUIRES_OK(ctx, CheckWeights(type_string(), ctx->input(4), ids));
     // The outputs have room for one row per distinct id: at most min(nnz, num_rows).
     tensorflow::TensorShape unique_grad_shape;
     OP_REQUIRES_OK(ctx, MakeShape(type_string(), "'unique_grad' [min(len(ids), num_rows), width]",
@@ -158,8 +178,8 @@ class PooledLookupGradOp : public tensorflow::OpKernel {
                                   &unique_grad_shape));
     OP_REQUIRES_OK(ctx, ToTfStatus(LookupFunctor<Device, T, IdT, OffsetT>::Backward(
                                        ctx, grad, num_rows.scalar<int64_t>()(),
-                                       CsrFromTensors<IdT, OffsetT>(ids, row_splits), combiner_,
-                                       bounds_check_),
+                                       CsrFromTensors<IdT, OffsetT>(ids, row_splits),
+                                       WeightsOf<T, kWeighted>(ctx, 4), combiner_, bounds_check_),
                                    type_string()));
   }
 
@@ -194,27 +214,47 @@ class SparseRowSplitsOp : public tensorflow::OpKernel {
 // Registers every lookup kernel for one device (DEVICE_CPU with Eigen::ThreadPoolDevice, or
 // DEVICE_GPU with Eigen::GpuDevice). Scalars the kernels read on the host are HostMemory, which
 // is a no-op on the CPU.
-#define DE_REGISTER_LOOKUP_KERNELS(DEVICE, EigenDevice, T, IdT, OffsetT)        \
-  REGISTER_KERNEL_BUILDER(Name("DePooledEmbeddingLookup")                       \
-                              .Device(tensorflow::DEVICE)                       \
-                              .TypeConstraint<T>("T")                           \
-                              .TypeConstraint<IdT>("Tindices")                  \
-                              .TypeConstraint<OffsetT>("Tsplits"),              \
-                          PooledLookupOp<EigenDevice, T, IdT, OffsetT, false>); \
-  REGISTER_KERNEL_BUILDER(Name("DeResourcePooledEmbeddingLookup")               \
-                              .Device(tensorflow::DEVICE)                       \
-                              .HostMemory("resource")                           \
-                              .TypeConstraint<T>("dtype")                       \
-                              .TypeConstraint<IdT>("Tindices")                  \
-                              .TypeConstraint<OffsetT>("Tsplits"),              \
-                          PooledLookupOp<EigenDevice, T, IdT, OffsetT, true>);  \
-  REGISTER_KERNEL_BUILDER(Name("DePooledEmbeddingLookupGrad")                   \
-                              .Device(tensorflow::DEVICE)                       \
-                              .HostMemory("num_rows")                           \
-                              .TypeConstraint<T>("T")                           \
-                              .TypeConstraint<IdT>("Tindices")                  \
-                              .TypeConstraint<OffsetT>("Tsplits"),              \
-                          PooledLookupGradOp<EigenDevice, T, IdT, OffsetT>);
+#define DE_REGISTER_LOOKUP_KERNELS(DEVICE, EigenDevice, T, IdT, OffsetT)              \
+  REGISTER_KERNEL_BUILDER(Name("DePooledEmbeddingLookup")                             \
+                              .Device(tensorflow::DEVICE)                             \
+                              .TypeConstraint<T>("T")                                 \
+                              .TypeConstraint<IdT>("Tindices")                        \
+                              .TypeConstraint<OffsetT>("Tsplits"),                    \
+                          PooledLookupOp<EigenDevice, T, IdT, OffsetT, false>);       \
+  REGISTER_KERNEL_BUILDER(Name("DeResourcePooledEmbeddingLookup")                     \
+                              .Device(tensorflow::DEVICE)                             \
+                              .HostMemory("resource")                                 \
+                              .TypeConstraint<T>("dtype")                             \
+                              .TypeConstraint<IdT>("Tindices")                        \
+                              .TypeConstraint<OffsetT>("Tsplits"),                    \
+                          PooledLookupOp<EigenDevice, T, IdT, OffsetT, true>);        \
+  REGISTER_KERNEL_BUILDER(Name("DePooledEmbeddingLookupGrad")                         \
+                              .Device(tensorflow::DEVICE)                             \
+                              .HostMemory("num_rows")                                 \
+                              .TypeConstraint<T>("T")                                 \
+                              .TypeConstraint<IdT>("Tindices")                        \
+                              .TypeConstraint<OffsetT>("Tsplits"),                    \
+                          PooledLookupGradOp<EigenDevice, T, IdT, OffsetT>);          \
+  REGISTER_KERNEL_BUILDER(Name("DeWeightedPooledEmbeddingLookup")                     \
+                              .Device(tensorflow::DEVICE)                             \
+                              .TypeConstraint<T>("T")                                 \
+                              .TypeConstraint<IdT>("Tindices")                        \
+                              .TypeConstraint<OffsetT>("Tsplits"),                    \
+                          PooledLookupOp<EigenDevice, T, IdT, OffsetT, false, true>); \
+  REGISTER_KERNEL_BUILDER(Name("DeResourceWeightedPooledEmbeddingLookup")             \
+                              .Device(tensorflow::DEVICE)                             \
+                              .HostMemory("resource")                                 \
+                              .TypeConstraint<T>("dtype")                             \
+                              .TypeConstraint<IdT>("Tindices")                        \
+                              .TypeConstraint<OffsetT>("Tsplits"),                    \
+                          PooledLookupOp<EigenDevice, T, IdT, OffsetT, true, true>);  \
+  REGISTER_KERNEL_BUILDER(Name("DeWeightedPooledEmbeddingLookupGrad")                 \
+                              .Device(tensorflow::DEVICE)                             \
+                              .HostMemory("num_rows")                                 \
+                              .TypeConstraint<T>("T")                                 \
+                              .TypeConstraint<IdT>("Tindices")                        \
+                              .TypeConstraint<OffsetT>("Tsplits"),                    \
+                          PooledLookupGradOp<EigenDevice, T, IdT, OffsetT, true>);
 
 #define DE_REGISTER_ALL_LOOKUP_KERNELS(DEVICE, EigenDevice)                 \
   DE_REGISTER_LOOKUP_KERNELS(DEVICE, EigenDevice, float, int32_t, int32_t)  \

@@ -32,17 +32,22 @@ Status AllocateBytes(OpKernelContext* ctx, size_t bytes, Tensor* tensor) {
 template <typename T, typename IdT, typename OffsetT>
 struct LookupFunctor<GPUDevice, T, IdT, OffsetT> {
   static Status Forward(OpKernelContext* ctx, const T* params, int64_t num_rows, int64_t width,
-                        const CsrIds<IdT, OffsetT>& csr, Combiner combiner,
+                        const CsrIds<IdT, OffsetT>& csr, const T* weights, Combiner combiner,
                         BoundsCheck bounds_check, T* output) {
     Tensor workspace;
     DE_RETURN_IF_ERROR(AllocateBytes(ctx, ValidationWorkspaceBytes(), &workspace));
+    if (weights != nullptr) {
+      return WeightedPooledLookupForwardCuda(params, num_rows, width, csr, weights, combiner,
+                                             bounds_check, output, workspace.flat<int8_t>().data(),
+                                             ValidationWorkspaceBytes(), StreamOf(ctx));
+    }
     return PooledLookupForwardCuda(params, num_rows, width, csr, combiner, bounds_check, output,
                                    workspace.flat<int8_t>().data(), ValidationWorkspaceBytes(),
                                    StreamOf(ctx));
   }
 
   static Status Backward(OpKernelContext* ctx, const Tensor& grad, int64_t num_rows,
-                         const CsrIds<IdT, OffsetT>& csr, Combiner combiner,
+                         const CsrIds<IdT, OffsetT>& csr, const T* weights, Combiner combiner,
                          BoundsCheck bounds_check) {
     const int64_t width = grad.dim_size(1);
     const int64_t capacity = MaxUniqueIds(csr.nnz, num_rows);
@@ -53,10 +58,17 @@ struct LookupFunctor<GPUDevice, T, IdT, OffsetT> {
     UniqueGradOutputs unique;
     DE_RETURN_IF_ERROR((unique.Allocate<T, IdT>(ctx, capacity, width)));
     int64_t num_unique = 0;
-    DE_RETURN_IF_ERROR(PooledLookupBackwardCuda(
-        grad.flat<T>().data(), num_rows, width, csr, combiner, bounds_check,
-        unique.ids.flat<IdT>().data(), unique.grad.flat<T>().data(), &num_unique,
-        workspace.flat<int8_t>().data(), bytes, StreamOf(ctx)));
+    if (weights != nullptr) {
+      DE_RETURN_IF_ERROR(WeightedPooledLookupBackwardCuda(
+          grad.flat<T>().data(), num_rows, width, csr, weights, combiner, bounds_check,
+          unique.ids.flat<IdT>().data(), unique.grad.flat<T>().data(), &num_unique,
+          workspace.flat<int8_t>().data(), bytes, StreamOf(ctx)));
+    } else {
+      DE_RETURN_IF_ERROR(PooledLookupBackwardCuda(
+          grad.flat<T>().data(), num_rows, width, csr, combiner, bounds_check,
+          unique.ids.flat<IdT>().data(), unique.grad.flat<T>().data(), &num_unique,
+          workspace.flat<int8_t>().data(), bytes, StreamOf(ctx)));
+    }
     unique.SetOutputs(ctx, num_unique);
     return Status::Ok();
   }

@@ -68,7 +68,7 @@ REGISTER_OP("DePooledEmbeddingLookup")
     .Attr("T: {float, double}")
     .Attr("Tindices: {int32, int64}")
     .Attr("Tsplits: {int32, int64}")
-    .Attr("combiner: {'sum', 'mean'}")
+    .Attr("combiner: {'sum', 'mean', 'sqrtn'}")
     .Attr("bounds_check: {'error', 'skip'} = 'error'")
     .SetShapeFn(LookupShape)
     .Doc(R"doc(
@@ -78,7 +78,7 @@ params: [num_rows, width] table.
 ids: the ids of all bags, concatenated.
 row_splits: [batch + 1]; bag b holds ids[row_splits[b]:row_splits[b + 1]].
 output: [batch, width]; an empty bag gives zeros.
-combiner: 'sum' or 'mean'.
+combiner: 'sum', 'mean' or 'sqrtn' (the sum over the square root of the bag's length).
 bounds_check: 'error' rejects ids outside [0, num_rows); 'skip' ignores them.
 )doc");
 
@@ -90,7 +90,7 @@ REGISTER_OP("DeResourcePooledEmbeddingLookup")
     .Attr("dtype: {float, double}")
     .Attr("Tindices: {int32, int64}")
     .Attr("Tsplits: {int32, int64}")
-    .Attr("combiner: {'sum', 'mean'}")
+    .Attr("combiner: {'sum', 'mean', 'sqrtn'}")
     .Attr("bounds_check: {'error', 'skip'} = 'error'")
     .SetShapeFn(ResourceLookupShape)
     .Doc(R"doc(
@@ -107,7 +107,7 @@ REGISTER_OP("DePooledEmbeddingLookupGrad")
     .Attr("T: {float, double}")
     .Attr("Tindices: {int32, int64}")
     .Attr("Tsplits: {int32, int64}")
-    .Attr("combiner: {'sum', 'mean'}")
+    .Attr("combiner: {'sum', 'mean', 'sqrtn'}")
     .Attr("bounds_check: {'error', 'skip'} = 'error'")
     .SetShapeFn(LookupGradShape)
     .Doc(R"doc(
@@ -117,6 +117,60 @@ grad: [batch, width], the gradient of the lookup's output.
 num_rows: the number of rows of the table, for the bounds check.
 unique_ids: the distinct ids, each once.
 unique_grad: [num_unique, width].
+)doc");
+
+REGISTER_OP("DeWeightedPooledEmbeddingLookup")
+    .Input("params: T")
+    .Input("ids: Tindices")
+    .Input("row_splits: Tsplits")
+    .Input("weights: T")
+    .Output("output: T")
+    .Attr("T: {float, double}")
+    .Attr("Tindices: {int32, int64}")
+    .Attr("Tsplits: {int32, int64}")
+    .Attr("combiner: {'sum', 'mean', 'sqrtn'}")
+    .Attr("bounds_check: {'error', 'skip'} = 'error'")
+    .SetShapeFn(LookupShape)
+    .Doc(R"doc(
+DePooledEmbeddingLookup of weighted bags: sum(w * row), divided by sum(w) for 'mean' and by
+sqrt(sum(w * w)) for 'sqrtn'; a bag whose divisor is zero gives zeros.
+
+weights: one weight per id, aligned with ids.
+)doc");
+
+REGISTER_OP("DeResourceWeightedPooledEmbeddingLookup")
+    .Input("resource: resource")
+    .Input("ids: Tindices")
+    .Input("row_splits: Tsplits")
+    .Input("weights: dtype")
+    .Output("output: dtype")
+    .Attr("dtype: {float, double}")
+    .Attr("Tindices: {int32, int64}")
+    .Attr("Tsplits: {int32, int64}")
+    .Attr("combiner: {'sum', 'mean', 'sqrtn'}")
+    .Attr("bounds_check: {'error', 'skip'} = 'error'")
+    .SetShapeFn(ResourceLookupShape)
+    .Doc(R"doc(
+DeWeightedPooledEmbeddingLookup on a resource variable, read in place without copying the table.
+)doc");
+
+REGISTER_OP("DeWeightedPooledEmbeddingLookupGrad")
+    .Input("grad: T")
+    .Input("ids: Tindices")
+    .Input("row_splits: Tsplits")
+    .Input("num_rows: int64")
+    .Input("weights: T")
+    .Output("unique_ids: Tindices")
+    .Output("unique_grad: T")
+    .Attr("T: {float, double}")
+    .Attr("Tindices: {int32, int64}")
+    .Attr("Tsplits: {int32, int64}")
+    .Attr("combiner: {'sum', 'mean', 'sqrtn'}")
+    .Attr("bounds_check: {'error', 'skip'} = 'error'")
+    .SetShapeFn(LookupGradShape)
+    .Doc(R"doc(
+The table's sparse gradient of DeWeightedPooledEmbeddingLookup: each distinct id with the sum of
+w * grad / divisor over its occurrences.
 )doc");
 
 REGISTER_OP("DeSparseRowSplits")

@@ -12,6 +12,7 @@ from distributed_embeddings.python.layers.dist_model_parallel import DistEmbeddi
 from distributed_embeddings.python.layers.dist_model_parallel import DistributedEmbedding
 from distributed_embeddings.python.layers.dist_model_parallel import DistributedGradientTape
 from distributed_embeddings.python.layers.dist_model_parallel import DistributedOptimizer
+from distributed_embeddings.python.layers.dist_model_parallel import export_for_serving
 from distributed_embeddings.python.layers.dist_model_parallel import is_model_parallel
 from distributed_embeddings.python.layers.dist_model_parallel import RowwiseAdagrad
 from distributed_embeddings.python.layers.planner import make_plan

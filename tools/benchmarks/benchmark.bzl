@@ -8,7 +8,7 @@ def py_benchmark(name, smoke_test_size = "medium", deps = [], data = []):
         srcs = [name + ".py"],
         data = data,
         python_version = "PY3",
-        deps = ["//python:distributed_embeddings"] + deps,
+        deps = ["//python:distributed_embeddings", ":bench_report"] + deps,
     )
     native.py_test(
         name = name + "_smoke_test",
@@ -18,5 +18,5 @@ def py_benchmark(name, smoke_test_size = "medium", deps = [], data = []):
         data = data,
         main = name + ".py",
         python_version = "PY3",
-        deps = ["//python:distributed_embeddings"] + deps,
+        deps = ["//python:distributed_embeddings", ":bench_report"] + deps,
     )

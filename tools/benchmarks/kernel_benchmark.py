@@ -31,8 +31,6 @@ torch rows appear when PyTorch is installed (pip install torch==2.13.0).
 import argparse
 import datetime
 import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -41,6 +39,8 @@ import numpy as np
 import tensorflow as tf
 
 import distributed_embeddings as de
+
+import bench_report
 
 try:
   import torch  # pylint: disable=import-error
@@ -392,7 +392,7 @@ def main(argv):
       "benchmark": "kernel",
       "command": "tools/benchmarks/kernel_benchmark.py " + " ".join(argv[1:]),
       "date": datetime.date.today().isoformat(),
-      "machine": _machine(),
+      "machine": bench_report.machine(),
       "versions": {
         "tensorflow": tf.__version__,
         "torch": torch.__version__ if torch is not None else None,
@@ -403,20 +403,6 @@ def main(argv):
     with open(args.json, "w", encoding="utf-8") as f:
       json.dump(report, f, indent=1)
   return 0
-
-
-def _machine():
-  """The CPU model (from /proc/cpuinfo where there is one) and the CPU count."""
-  model = platform.machine()
-  try:
-    with open("/proc/cpuinfo", encoding="utf-8") as f:
-      for line in f:
-        if line.startswith("model name"):
-          model = line.split(":", 1)[1].strip()
-          break
-  except OSError:
-    pass
-  return f"{model}, {os.cpu_count()} CPUs"
 
 
 if __name__ == "__main__":

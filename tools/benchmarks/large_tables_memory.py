@@ -13,8 +13,10 @@ Two measurements, each in fresh processes, peak resident memory sampled every mi
          buffer may appear: replicated sparse gradients are gathered sparse), and the peak during
          `get_weights(all_ranks=True)`, which must add only the tables it returns.
 
-  .venv/bin/python tools/benchmarks/large_tables_memory.py --workers 2
+  .venv/bin/python tools/benchmarks/large_tables_memory.py --workers 2 4
   .venv/bin/python tools/benchmarks/large_tables_memory.py --quick     # smoke test, tables / 1000
+
+The report goes to runs/bench/large_tables_memory.json (`--json`; with --quick, none outside a test).
 """
 
 import argparse
@@ -24,6 +26,9 @@ import subprocess
 import sys
 import threading
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_report  # noqa: E402  pylint: disable=wrong-import-position
 
 # The reference's `large_testcase_sizes`: [rows, width] of its 41 tables.
 REFERENCE_TABLES = [
@@ -222,11 +227,14 @@ def _run(args, workers, scale, steps):
 
 def main(argv):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--workers", type=int, default=2)
+  parser.add_argument("--workers", type=int, nargs="+", default=[2], help="worker counts to run")
   parser.add_argument("--scale", type=int, default=1, help="divide every table's rows by this")
   parser.add_argument("--steps", type=int, default=3)
   parser.add_argument("--role", choices=["floor", "ours"], help=argparse.SUPPRESS)
   parser.add_argument("--quick", action="store_true", help="tables / 1000, for smoke tests")
+  parser.add_argument(
+    "--json", help="the report's path (default runs/bench/large_tables_memory.json)"
+  )
   args = parser.parse_args(argv)
   if args.role == "floor":
     print("RESULT " + json.dumps(floor_worker(args.scale)), flush=True)
@@ -235,25 +243,36 @@ def main(argv):
     print("RESULT " + json.dumps(ours_worker(args.scale, args.steps)), flush=True)
     return
   if args.quick:
-    args.scale, args.workers, args.steps = 1000, 1, 2
+    args.scale, args.workers, args.steps = 1000, [1], 2
+  if args.json is None:
+    args.json = bench_report.default_path("large_tables_memory", args.quick)
   with open("/proc/meminfo") as meminfo:
     host = int(meminfo.readline().split()[1]) * 1024 / GIB
   floor = _run(args, 0, args.scale, args.steps)[0]
-  ours = sorted(_run(args, args.workers, args.scale, args.steps), key=lambda r: r["rank"])
   print(f"host memory {host:.1f} GiB; tables {floor['tables_gib']:.2f} GiB (rows / {args.scale})")
-  print(
-    f"reference test's floor, one worker, library holding nothing: {floor['peak_gib']:.2f} GiB;"
-    f" x{args.workers} workers = {floor['peak_gib'] * args.workers:.1f} GiB"
-  )
-  print(
-    "rank | shards GiB | RSS after build | peak in training | above build | "
-    "get_weights returned | get_weights overhead"
-  )
-  for r in ours:
+  print(f"reference test's floor, one worker, library holding nothing: {floor['peak_gib']:.2f} GiB")
+  rows = []
+  for workers in args.workers:
+    ours = sorted(_run(args, workers, args.scale, args.steps), key=lambda r: r["rank"])
     print(
-      f"{r['rank']} | {r['shards_gib']:.2f} | {r['rss_after_build_gib']:.2f} | "
-      f"{r['peak_train_gib']:.2f} | {r['train_above_build_gib']:+.2f} | "
-      f"{r['weights_returned_gib']:.2f} | {r['get_weights_above_returned_gib']:+.2f}"
+      f"{workers} workers: rank | shards GiB | RSS after build | peak in training | above build |"
+      " get_weights returned | get_weights overhead"
+    )
+    for r in ours:
+      print(
+        f"{r['rank']} | {r['shards_gib']:.2f} | {r['rss_after_build_gib']:.2f} | "
+        f"{r['peak_train_gib']:.2f} | {r['train_above_build_gib']:+.2f} | "
+        f"{r['weights_returned_gib']:.2f} | {r['get_weights_above_returned_gib']:+.2f}"
+      )
+    rows.append({"workers": workers, "ranks": ours})
+  if args.json:
+    bench_report.write(
+      args.json,
+      "large_tables_memory",
+      bench_report.command(__file__, argv),
+      rows,
+      setup={"scale": args.scale, "steps": args.steps, "host_gib": host},
+      floor=floor,
     )
 
 

@@ -9,10 +9,13 @@ the optimizer, not the lookup, is most of a stock step.
 
   .venv/bin/python tools/benchmarks/optimizer_step_benchmark.py
   .venv/bin/python tools/benchmarks/optimizer_step_benchmark.py --quick    # smoke test
+
+The report goes to runs/bench/optimizer_step.json (`--json`; with --quick, none outside a test).
 """
 
 import argparse
 import statistics
+import sys
 import time
 
 import keras
@@ -20,6 +23,8 @@ import numpy as np
 
 import distributed_embeddings as de
 from distributed_embeddings import dist_model_parallel as dmp
+
+import bench_report
 
 
 def build(kind, optimizer_name, tables, rows, width, lazy):
@@ -49,11 +54,14 @@ def step_ms(model, x, y, batch, steps, repeats):
   return statistics.median(times)
 
 
-def main():
+def main(argv):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true", help="tiny sizes, for smoke tests")
   parser.add_argument("--repeats", type=int, default=5)
-  args = parser.parse_args()
+  parser.add_argument("--json", help="the report's path (default runs/bench/optimizer_step.json)")
+  args = parser.parse_args(argv)
+  if args.json is None:
+    args.json = bench_report.default_path("optimizer_step", args.quick)
   tables, rows, width, batch, steps = (
     (2, 1000, 8, 64, 2) if args.quick else (8, 200_000, 32, 2048, 20)
   )
@@ -65,12 +73,32 @@ def main():
   print(f"{tables} tables of {rows} x {width}, batch {batch}, median of {repeats} x {steps} steps")
   print("| optimizer | stock Keras ms/step | ours ms/step | ours faster |")
   print("|---|---|---|---|")
+  results = []
   for name, lazy in configs:
     stock = step_ms(build("stock", name, tables, rows, width, False), x, y, batch, steps, repeats)
     ours = step_ms(build("ours", name, tables, rows, width, lazy), x, y, batch, steps, repeats)
     label = name + (" (lazy_sparse_updates)" if lazy else "")
     print(f"| {label} | {stock:.1f} | {ours:.1f} | {stock / ours:.2f}x |", flush=True)
+    results.append(
+      {
+        "optimizer": name,
+        "lazy_sparse_updates": lazy,
+        "stock_ms": stock,
+        "ours_ms": ours,
+        "stock_over_ours": stock / ours,
+      }
+    )
+  if args.json:
+    setup = {"tables": tables, "rows": rows, "width": width, "batch": batch, "steps": steps}
+    setup["repeats"] = repeats
+    bench_report.write(
+      args.json,
+      "optimizer_step",
+      bench_report.command(__file__, argv),
+      results,
+      setup=setup,
+    )
 
 
 if __name__ == "__main__":
-  main()
+  main(sys.argv[1:])

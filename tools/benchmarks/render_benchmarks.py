@@ -12,9 +12,12 @@ Reports, one JSON object per file, told apart by their "benchmark" field:
     baselines (per width: gather ceiling, step floor) and rows (one per case and path); the rows
     of several reports (one per set of widths) are merged;
   * "train_step" (tools/benchmarks/train_step_benchmark.py): command, date, machine, setup,
-    systems, versions and rows (one per optimizer, width and hotness). Without this report its
-    blocks read "(not yet measured)".
-Other reports are ignored. Python standard library only, so any python3 can run it:
+    systems, versions and rows (one per optimizer, width and hotness);
+  * one each (bench_report.py's format) from copy_on_read_benchmark.py, optimizer_step_benchmark.py,
+    placement_report.py, main_job_benchmark.py (--suite workers, --suite updates),
+    large_tables_memory.py and weighted_lookup_benchmark.py: SMALL_REPORTS below renders each
+    into the block of its name.
+A block whose report is missing reads "(not yet measured)". Other reports are ignored. Python standard library only, so any python3 can run it:
 
   python3 tools/benchmarks/render_benchmarks.py          # rewrite BENCHMARKS.md in place
   python3 tools/benchmarks/render_benchmarks.py --check  # exit 1 if BENCHMARKS.md is stale
@@ -160,68 +163,17 @@ def render_kernel_summary(reports):
     label = ("all" if width is None else str(width), "all" if hotness is None else hotness)
     cells = [*label, str(len(fwd)), spread(fwd), faster(fwd), spread(fwd_bwd), faster(fwd_bwd)]
     lines.append("| " + " | ".join(cells) + " |")
-  return lines
-
-
-def short_tf_name(name):
-  return name.removeprefix("tf ").replace("embedding_lookup_sparse", "lookup_sparse")
-
-
-def render_kernel_table(reports, width):
-  cases = {k: v for k, v in kernel_cases(reports).items() if k[0] == width}
-  if not cases:
-    return [NOT_MEASURED]
-  lines = [
-    "| hotness | combiner | format | ours ms fwd / fwd+bwd | ours fwd GB/s | best TF path |"
-    " TF ms fwd / fwd+bwd | TF / ours | torch ms fwd / fwd+bwd | torch / ours |",
-    "|---|---|---|---|---|---|---|---|---|---|",
+  ceilings = [
+    f"width {w}: {base['gather_ceiling_gb_s']:.1f} GB/s"
+    for r in reports
+    for w, base in sorted(r.get("baselines", {}).items(), key=lambda item: int(item[0]))
+    if "gather_ceiling_gb_s" in base
   ]
-  for key, paths in cases.items():  # in the benchmark's order: hotness, combiner, format
-    ours = paths["ours"]
-    fwd_name, fwd_row = best_tf(paths, KEYS[0][0])
-    bwd_name, bwd_row = best_tf(paths, KEYS[1][0])
-    if fwd_name is None:
-      tf_cells = ["-", "-", "-"]
-    else:
-      names = short_tf_name(fwd_name)
-      if bwd_name != fwd_name:
-        names += f" (fwd), {short_tf_name(bwd_name)} (fwd+bwd)"
-      tf_cells = [
-        names,
-        f"{ms(fwd_row['fwd_ms'])} / {ms(bwd_row['fwd_bwd_ms'])}",
-        f"{ratio(fwd_row['ours_speedup_fwd'])} / {ratio(bwd_row['ours_speedup_fwd_bwd'])}",
-      ]
-    torch = paths.get(TORCH)
-    torch_cells = (
-      ["-", "-"]
-      if torch is None
-      else [
-        f"{ms(torch['fwd_ms'])} / {ms(torch['fwd_bwd_ms'])}",
-        f"{ratio(torch['ours_speedup_fwd'])} / {ratio(torch['ours_speedup_fwd_bwd'])}",
-      ]
-    )
-    cells = [
-      key[1],
-      key[2],
-      key[3],
-      f"{ms(ours['fwd_ms'])} / {ms(ours['fwd_bwd_ms'])}",
-      f"{ours['fwd_gb_s']:.1f}",
-      *tf_cells,
-      *torch_cells,
+  if ceilings:
+    lines += [
+      "",
+      "NumPy `take` of the same random rows (the gather ceiling): " + ", ".join(ceilings) + ".",
     ]
-    lines.append("| " + " | ".join(cells) + " |")
-  for report in reports:
-    base = report.get("baselines", {}).get(str(width), {})
-    parts = []
-    if "gather_ceiling_gb_s" in base:
-      parts.append(
-        f"NumPy `take` of the same random rows (the gather ceiling)"
-        f" {base['gather_ceiling_gb_s']:.1f} GB/s"
-      )
-    if "step_floor_ms" in base:
-      parts.append(f"TF's step floor {base['step_floor_ms']:.2f} ms")
-    if parts:
-      lines += ["", "Same run: " + "; ".join(parts) + "."]
   return lines
 
 
@@ -286,19 +238,50 @@ def render_train_step(reports):
   setup = ", ".join(
     f"{k} {v:,}" if isinstance(v, int) else f"{k} {v}" for k, v in report.get("setup", {}).items()
   )
-  lines = [provenance(report) + (f" Setup: {setup}." if setup else ""), ""]
-  header = ["optimizer", "width", "hotness", *(f"{system_label(s)} ms" for s in systems)]
-  header += ["best peer / ours", "ours GB/s"]
-  lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-  for row in report["rows"]:
-    best = row.get("best_peer_over_ours")
-    gbs = row.get("ours_gb_per_s")
-    cells = [row["optimizer"], str(row["width"]), str(row["hotness"])]
-    cells += [ms(row["ms"].get(s)) for s in systems]
-    cells.append("-" if best is None else f"{best:.2f}x ({row['best_peer']})")
-    cells.append("-" if gbs is None else f"{gbs:.1f}")
-    lines.append("| " + " | ".join(cells) + " |")
+  lines = [
+    provenance(report) + (f" Setup: {setup}." if setup else ""),
+    "Each cell: our ms per step, the best peer's ms and name, and best peer / ours; every"
+    f" system's ms ({', '.join(system_label(s) for s in systems)}) is in the report.",
+    "",
+  ]
+  hotness = list(dict.fromkeys(str(r["hotness"]) for r in report["rows"]))
+  header = ["optimizer", "width", *(f"hotness {h}" for h in hotness), "ours GB/s (each hotness)"]
+  table_rows = []
+  for (optimizer, width), found in _by_setting(report["rows"], "optimizer", "width").items():
+    by_hotness = {str(r["hotness"]): r for r in found}
+    cells = [optimizer, str(width)]
+    for h in hotness:
+      row = by_hotness.get(h)
+      best = None if row is None else row.get("best_peer_over_ours")
+      if best is None:
+        cells.append("-" if row is None else f"{ms(row['ms'].get('ours'))}, no peer")
+      else:
+        peer_ms = row["ms"][row["best_peer"]]
+        cells.append(
+          f"{ms(row['ms'].get('ours'))} vs {ms(peer_ms)} {system_label(row['best_peer'])}:"
+          f" {best:.2f}x"
+        )
+    cells.append(
+      " / ".join(
+        "-"
+        if by_hotness.get(h, {}).get("ours_gb_per_s") is None
+        else f"{by_hotness[h]['ours_gb_per_s']:.1f}"
+        for h in hotness
+      )
+    )
+    table_rows.append(cells)
+  lines += table(header, table_rows)
   lines.append("")
+  keras = [
+    r["ms"]["tf"] / r["ms"]["ours"]
+    for r in report["rows"]
+    if r["ms"].get("tf") and r["ms"].get("ours") and "tf" in systems
+  ]
+  if keras:
+    lines.append(
+      f"- against TF's native lookup with Keras's own optimizer: tf / ours {spread(keras)}"
+      f" over {len(keras)} cases."
+    )
   for optimizer in dict.fromkeys(row["optimizer"] for row in report["rows"]):
     values = [
       r["best_peer_over_ours"]
@@ -378,19 +361,279 @@ def render_train_step_targets(train_reports, kernel_reports):
   return lines
 
 
+# The smaller benchmarks: one report each.
+
+
+def single_report(reports, name):
+  found = reports.get(name, [])
+  if len(found) > 1:
+    raise RenderError(f"more than one {name} report: " + ", ".join(r["_path"] for r in found))
+  return found[0] if found else None
+
+
+def table(header, rows):
+  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  return lines + ["| " + " | ".join(cells) + " |" for cells in rows]
+
+
+def render_copy_on_read(report):
+  setup = report["setup"]
+  lines = [
+    provenance(report),
+    f"V = {setup['vocab']:,}, width {setup['width']} ({setup['table_mib']:.0f} MiB),"
+    f" {setup['batch']:,} x {setup['hotness']} ids, sum; median of {setup['repeats']} x"
+    f" {setup['iters']} calls in a `tf.function`.",
+    "",
+  ]
+  lines += table(
+    ["path", "before ms", "after ms", "after / before"],
+    [
+      [r["description"], ms(r["before_ms"]), ms(r["after_ms"]), f"{r['after_over_before']:.2f}"]
+      for r in report["rows"]
+    ],
+  )
+  ours = next(r for r in report["rows"] if r["path"] == "ours")
+  # The target allows this machine's run-to-run noise (Method: 15-30%).
+  verdict = "met" if ours["after_over_before"] <= 1.15 else "missed"
+  lines += [
+    "",
+    f"Target, no copy-on-read penalty for our lookups: after / before"
+    f" {ours['after_over_before']:.2f}, {verdict} (within 15%, this machine's noise).",
+  ]
+  return lines
+
+
+def render_optimizer_step(report):
+  setup = report["setup"]
+  lines = [
+    provenance(report),
+    f"{setup['tables']} tables of {setup['rows']:,} x {setup['width']}, one-hot ids,"
+    f" batch {setup['batch']:,}, a Dense head, `model.fit`; median over {setup['repeats']}"
+    f" epochs of {setup['steps']} steps.",
+    "",
+  ]
+  labels = {
+    "SGD": "SGD",
+    "Adagrad": "Adagrad (rows only, same results)",
+    "Adam": "Adam (Keras's whole-table update)",
+  }
+  rows = []
+  for r in report["rows"]:
+    label = (
+      "Adam, `lazy_sparse_updates=True`"
+      if r["lazy_sparse_updates"]
+      else labels.get(r["optimizer"], r["optimizer"])
+    )
+    rows.append([label, f"{r['stock_ms']:.1f}", f"{r['ours_ms']:.1f}", ratio(r["stock_over_ours"])])
+  return lines + table(["optimizer", "stock Keras ms/step", "ours ms/step", "stock / ours"], rows)
+
+
+def render_placement(report):
+  by_key = {}
+  for r in report["rows"]:
+    # The two strategies the text compares; the report keeps every strategy.
+    if r["strategy"] in ("memory_optimized", "balanced"):
+      by_key.setdefault((r["preset"], r["strategy"]), {})[r["workers"]] = r
+  workers = sorted({r["workers"] for r in report["rows"]})
+  counts = " / ".join(str(w) for w in workers)
+  rows = []
+  for (preset, strategy), cells in by_key.items():
+    memory = " / ".join(f"{cells[w]['peak_memory_over_average']:.3f}" for w in workers)
+    wire = " / ".join(f"{cells[w]['all_to_all_over_minimum']:.2f}" for w in workers)
+    rows.append([preset, f"`{strategy}`", memory, wire])
+  header = [
+    "preset",
+    "strategy",
+    f"peak memory / average, {counts} workers",
+    "all-to-all bytes / minimum",
+  ]
+  return [provenance(report), ""] + table(header, rows)
+
+
+def _by_setting(rows, *keys):
+  """{setting: [row, ...]} in first-seen order."""
+  grouped = {}
+  for r in rows:
+    grouped.setdefault(tuple(r[k] for k in keys), []).append(r)
+  return grouped
+
+
+def samples(rows):
+  return " / ".join(f"{r['samples_per_second']:,.0f}" for r in rows)
+
+
+def aucs(rows):
+  values = sorted({f"{r['eval_auc']:.4f}" for r in rows})
+  return " / ".join(values)
+
+
+def render_main_job_workers(report):
+  lines = [provenance(report), ""]
+  rows = []
+  for (workers,), runs in _by_setting(report["rows"], "workers").items():
+    runs = sorted(runs, key=lambda r: r["round"])
+    rows.append(
+      [
+        str(workers),
+        samples(runs),
+        aucs(runs),
+        f"{runs[0]['all_to_all_bytes']:,}",
+        f"{runs[0]['all_to_all_minimum']:,}",
+      ]
+    )
+  header = ["workers", "samples/s (per round)", "eval AUC", "all-to-all bytes / step", "minimum"]
+  return lines + table(header, rows)
+
+
+def render_main_job_updates(report):
+  lines = [provenance(report), ""]
+  rows = []
+  for (preset, steps), runs in _by_setting(report["rows"], "preset", "steps").items():
+    by_update = {
+      update: sorted((r for r in runs if r["update"] == update), key=lambda r: r["round"])
+      for update in ("fused", "tf_ops", "stock")
+    }
+    first = runs[0]
+    label = (
+      f"{preset}: {first['tables']} tables of up to {first['max_table_rows']:,} rows,"
+      f" width {first['width']}, batch {first['global_batch']:,}, {first['steps']} steps"
+    )
+    median = {
+      update: statistics.median(r["samples_per_second"] for r in group)
+      for update, group in by_update.items()
+      if group
+    }
+    cells = [label] + [samples(group) if group else "-" for group in by_update.values()]
+    cells.append(f"{median['fused'] / median['tf_ops']:.2f}")
+    cells.append(f"{median['fused'] / median['stock']:.2f}" if "stock" in median else "-")
+    cells.append(aucs(by_update["fused"] + by_update["tf_ops"]))
+    rows.append(cells)
+  header = [
+    "preset",
+    "fused kernels samples/s",
+    "TF-op rows-only update",
+    "stock Keras",
+    "fused / TF ops",
+    "fused / stock",
+    "eval AUC (ours)",
+  ]
+  return lines + table(header, rows)
+
+
+def render_large_tables_memory(report):
+  floor = report["floor"]
+  setup = report["setup"]
+  lines = [
+    provenance(report),
+    f"Host {setup['host_gib']:.1f} GiB, tables {floor['tables_gib']:.2f} GiB, {setup['steps']}"
+    " SGD steps; GiB per worker, the largest over ranks.",
+    "",
+  ]
+  rows = []
+  for r in report["rows"]:
+    ranks = r["ranks"]
+
+    def most(key, ranks=ranks):
+      return max(rank[key] for rank in ranks)
+
+    rows.append(
+      [
+        str(r["workers"]),
+        f"{most('shards_gib'):.2f}",
+        f"{most('rss_after_build_gib'):.2f}",
+        f"{most('train_above_build_gib'):+.2f}",
+        f"{most('weights_returned_gib'):.2f}",
+        f"{most('get_weights_above_returned_gib'):+.2f}",
+      ]
+    )
+  header = [
+    "workers",
+    "shards",
+    "after build",
+    "training peak above build",
+    "`get_weights(True)` returns",
+    "its peak above that",
+  ]
+  lines += table(header, rows)
+  lines += [
+    "",
+    f"The test's own floor with a library holding nothing: {floor['peak_gib']:.1f} GiB per"
+    " worker (Keras model, two weight lists, `assertAllClose` temporaries).",
+  ]
+  return lines
+
+
+def render_weighted_lookup(report):
+  setup = report["setup"]
+  lines = [
+    provenance(report),
+    f"V = {setup['vocab']:,} float32 rows, batch {setup['batch']:,}, bags of 1..19 ids with a"
+    f" random weight each, {setup['rotating_batches']} rotating batches, in graph; median of"
+    f" {setup['repeats']} interleaved repeats, `OMP_WAIT_POLICY={setup.get('omp_wait_policy')}`."
+    " Ratios: peer time / ours in the same repeat (above 1: ours faster).",
+    "",
+  ]
+  by_case = _by_setting(report["rows"], "width", "combiner")
+  peers = list(dict.fromkeys(r["path"] for r in report["rows"] if r["path"] != "ours"))
+  rows = []
+  for (width, combiner), found in by_case.items():
+    paths = {r["path"]: r for r in found}
+    cells = [str(width), combiner, ms(paths["ours"]["fwd_ms"]), ms(paths["ours"]["fwd_bwd_ms"])]
+    for peer in peers:
+      r = paths.get(peer)
+      cells.append(
+        "-" if r is None else f"{ratio(r['ours_speedup_fwd'])} / {ratio(r['ours_speedup_fwd_bwd'])}"
+      )
+    rows.append(cells)
+  header = ["width", "combiner", "ours fwd ms", "ours fwd+bwd ms"]
+  header += [f"{peer}: peer / ours, fwd / fwd+bwd" for peer in peers]
+  lines += table(header, rows)
+  lines.append("")
+  for peer in dict.fromkeys(r["path"] for r in report["rows"] if r["path"] != "ours"):
+    mine = [r for r in report["rows"] if r["path"] == peer]
+    fwd = [r["ours_speedup_fwd"] for r in mine]
+    both = [r["ours_speedup_fwd_bwd"] for r in mine]
+    lines.append(
+      f"- against {peer}: forward {spread(fwd)}, ours faster in {faster(fwd)};"
+      f" forward+backward {spread(both)}, ours faster in {faster(both)}."
+    )
+  return lines
+
+
+SMALL_REPORTS = {
+  "copy_on_read": render_copy_on_read,
+  "optimizer_step": render_optimizer_step,
+  "placement": render_placement,
+  "main_job_workers": render_main_job_workers,
+  "main_job_updates": render_main_job_updates,
+  "large_tables_memory": render_large_tables_memory,
+  "weighted_lookup": render_weighted_lookup,
+}
+
+
+def render_report(report):
+  """The block of one small report (bench_report.write calls it on what it wrote)."""
+  if report["benchmark"] not in SMALL_REPORTS:
+    raise RenderError(f"no renderer for a {report['benchmark']!r} report")
+  return SMALL_REPORTS[report["benchmark"]](report)
+
+
 # The document.
 
 
 def render_blocks(reports):
   kernel = reports.get("kernel", [])
   train = reports.get("train_step", [])
-  return {
+  blocks = {
     "kernel_summary": render_kernel_summary(kernel),
-    "kernel_w64": render_kernel_table(kernel, 64),
     "kernel_targets": render_kernel_targets(kernel),
     "train_step": render_train_step(train),
     "train_step_targets": render_train_step_targets(train, kernel),
   }
+  for name, render_one in SMALL_REPORTS.items():
+    report = single_report(reports, name)
+    blocks[name] = [NOT_MEASURED] if report is None else render_one(report)
+  return blocks
 
 
 def render(doc, blocks):

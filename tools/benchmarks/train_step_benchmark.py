@@ -28,7 +28,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -38,6 +37,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_report  # noqa: E402  pylint: disable=wrong-import-position
 import train_step_data as data  # noqa: E402  pylint: disable=wrong-import-position
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -196,18 +196,6 @@ def _worker(args):
     json.dump(report, f)
 
 
-def _machine():
-  """'AMD EPYC, 2 CPUs, 23.5 GiB': the CPU model, CPU count and memory of this machine."""
-  model = platform.machine()
-  try:
-    with open("/proc/cpuinfo") as f:
-      model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-  except (OSError, StopIteration):
-    pass
-  memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-  return f"{model}, {os.cpu_count()} CPUs, {memory:.1f} GiB"
-
-
 def summarize(rounds, systems, configs):
   """Rows of the report: per config, each system's median ms, the best peer and the ratio."""
   rows = []
@@ -291,7 +279,7 @@ def main():
     "benchmark": "train_step",
     "command": "tools/benchmarks/train_step_benchmark.py " + " ".join(sys.argv[1:]),
     "date": datetime.date.today().isoformat(),
-    "machine": _machine(),
+    "machine": bench_report.machine(),
     "setup": {"rows": args.rows, "batch": args.batch, "steps": args.steps, "rounds": args.rounds},
     "systems": systems,
     "versions": {s: rounds[0][s].get("versions", {}) for s in systems},

@@ -58,7 +58,8 @@ spawn g++ "${cxx_flags[@]}" "${gtest_includes[@]}" -I "$gtest_root/googletest" \
   -I "$gtest_root/googlemock" -c "$gtest_root/googlemock/src/gmock-all.cc" -o "$build/gmock-all.o"
 spawn g++ "${cxx_flags[@]}" "${gtest_includes[@]}" \
   -c "$gtest_root/googletest/src/gtest_main.cc" -o "$build/gtest_main.o"
-host_sources=(embedding_lookup_cpu embedding_lookup_cpu_double huge_pages input_errors
+host_sources=(embedding_lookup_cpu embedding_lookup_cpu_double embedding_lookup_weighted_cpu
+  huge_pages input_errors
   sparse_update_cpu integer_lookup_cpu)
 for src in "${host_sources[@]}"; do
   spawn g++ "${cxx_flags[@]}" -O3 -c "embedding/kernels/$src.cc" -o "$build/$src.o"

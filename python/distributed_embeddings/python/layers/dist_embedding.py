@@ -121,6 +121,10 @@ class _Feed:
   hotness: int = 1
   one_hot: bool = False
   structure_ok: tf.Tensor = None
+  # Per-id weights, or None: `original_weights` as fed (the structure of `original`), `weights`
+  # aligned with `ids` (dense: [batch, hotness]; ragged: flat), in the variables' dtype.
+  original_weights: object = None
+  weights: tf.Tensor = None
 
 
 def _padded_rows(tensor, parts):
@@ -157,7 +161,22 @@ def _after(feed, dependency):
     ids=wait(feed.ids),
     lengths=wait(feed.lengths),
     batch=wait(feed.batch),
+    original_weights=wait(feed.original_weights),
+    weights=wait(feed.weights),
   )
+
+
+def _weights_as_ids(weights):
+  """Float weights as int64 (their bits), to travel in the ids' collectives."""
+  if weights.dtype == tf.float64:
+    return tf.bitcast(weights, tf.int64)
+  return tf.cast(tf.bitcast(tf.cast(weights, tf.float32), tf.int32), tf.int64)
+
+
+def _weights_from_ids(bits, dtype):
+  if dtype == tf.float64:
+    return tf.bitcast(bits, tf.float64)
+  return tf.cast(tf.bitcast(tf.cast(bits, tf.int32), tf.float32), dtype)
 
 
 class DistributedEmbedding(keras.layers.Layer):
@@ -338,13 +357,25 @@ class DistributedEmbedding(keras.layers.Layer):
 
   # ---- forward -------------------------------------------------------------------------------
 
-  def call(self, inputs):
+  def call(self, inputs, weights=None):
+    """Looks up `inputs` (a list, one per input of `input_table_map`). `weights`: None, or a
+    list as long as `inputs` holding None or per-id weights of that input's structure (see
+    `embedding_lookup`); with several workers weights are data and get no gradient."""
     inputs = list(inputs)
     n_inputs = len(self.plan.input_table_map)
     indices = list(range(n_inputs)) if self.dp_input else self.local_input_indices
+    if weights is not None:
+      weights = list(weights)
+      if len(weights) != len(inputs):
+        raise ValueError(
+          f"DistributedEmbedding: 'weights' must hold one entry (None or a tensor) per input "
+          f"({len(inputs)}); got {len(weights)}."
+        )
+    else:
+      weights = [None] * len(inputs)
     if self.world_size == 1:
       self._check_input_count(inputs)
-      outputs = self._call_one_worker(dict(zip(indices, inputs)))
+      outputs = self._call_one_worker(dict(zip(indices, inputs)), dict(zip(indices, weights)))
       return [self._in_compute_dtype(out) for out in outputs]
     for var in self._shard_vars:
       inner = sparse_updates.backing_variable(var)
@@ -356,8 +387,8 @@ class DistributedEmbedding(keras.layers.Layer):
     try:
       self._check_input_count(inputs)
       feeds = []
-      for at, x in zip(indices, inputs):
-        feeds.append(self._feed(at, x))
+      for at, x, w in zip(indices, inputs, weights):
+        feeds.append(self._feed(at, x, w))
       at = -1
       self._check_static_batch(feeds)
     except (ValueError, TypeError) as error:
@@ -417,29 +448,37 @@ class DistributedEmbedding(keras.layers.Layer):
       return out
     return tf.cast(out, dtype)
 
-  def _lookup(self, variable, ids, combiner, bounds_check="error"):
+  def _lookup(self, variable, ids, combiner, bounds_check="error", weights=None):
     return embedding_lookup_ops.embedding_lookup(
-      variable, ids, combiner=combiner, bounds_check=bounds_check
+      variable, ids, combiner=combiner, weights=weights, bounds_check=bounds_check
     )
 
   # One worker: the lookups of a plain set of Embedding layers, any dense rank included.
 
-  def _call_one_worker(self, by_input):
+  def _call_one_worker(self, by_input, weights_by_input):
     one_hot, leading = set(), {}
+    weights_of = {i: w for i, w in weights_by_input.items() if w is not None}
     for i, x in list(by_input.items()):
       if isinstance(x, (tf.RaggedTensor, tf.SparseTensor)):
         continue
       x = tf.convert_to_tensor(x)
+      w = weights_of.get(i)
+      if w is not None:
+        w = embedding_lookup_ops.dense_weights(w, x, f"DistributedEmbedding: weights of input {i}")
       if x.shape.rank == 1:
         by_input[i] = x[:, tf.newaxis]
         one_hot.add(i)
+        if w is not None:
+          weights_of[i] = w[:, tf.newaxis]
       elif x.shape.rank is not None and x.shape.rank > 2:
         by_input[i] = tf.reshape(x, [-1, tf.shape(x)[-1]])
         leading[i] = tf.shape(x)[:-1]
+        if w is not None:
+          weights_of[i] = tf.reshape(w, [-1, tf.shape(x)[-1]])
       else:
         by_input[i] = x
     entries = [(self._shard_index(t), i) for i, t in enumerate(self.plan.input_table_map)]
-    outputs = self._local_lookups(entries, by_input, check_fused=True)
+    outputs = self._local_lookups(entries, by_input, check_fused=True, weights_of=weights_of)
     for i in one_hot:
       if self.combiners[self.plan.input_table_map[i]] is None:
         outputs[i] = tf.squeeze(outputs[i], axis=1)  # [batch, 1, width] -> [batch, width]
@@ -453,10 +492,12 @@ class DistributedEmbedding(keras.layers.Layer):
         return k
     raise ValueError(f"table {table} is not on worker {self.rank}")
 
-  def _local_lookups(self, entries, ids_of, check_fused=False, unit_bags=False):
+  def _local_lookups(self, entries, ids_of, check_fused=False, unit_bags=False, weights_of=None):
     """Outputs of (local shard index, input index) `entries`, in order. Pooled lookups into one
-    fused variable run as a single kernel call over the concatenated bags. With `unit_bags` the
-    ids of tables without a combiner come as bags of one id each, summed."""
+    fused variable run as a single kernel call over the concatenated bags (weighted ones run on
+    their own). With `unit_bags` the ids of tables without a combiner come as bags of one id
+    each, summed. `weights_of`: {input index: its per-id weights}."""
+    weights_of = weights_of or {}
     outputs = [None] * len(entries)
     fusable = {}
     for e, (k, i) in enumerate(entries):
@@ -468,10 +509,16 @@ class DistributedEmbedding(keras.layers.Layer):
       ids = ids_of[i]
       if self._fused_count[id(var)] > 1:
         ids = self._shifted(ids, offset, shard.rows, i, check_fused)
-      if combiner is not None and self._fused_count[id(var)] > 1 and id_formats.is_bag_batch(ids):
+      weights = weights_of.get(i)
+      if (
+        weights is None
+        and combiner is not None
+        and self._fused_count[id(var)] > 1
+        and id_formats.is_bag_batch(ids)
+      ):
         fusable.setdefault((id(var), combiner), (var, []))[1].append((e, ids))
       else:
-        outputs[e] = self._lookup(var, ids, combiner)
+        outputs[e] = self._lookup(var, ids, combiner, weights=weights)
     for (_, combiner), (var, members) in fusable.items():
       if len(members) == 1:
         ((e, ids),) = members
@@ -512,7 +559,45 @@ class DistributedEmbedding(keras.layers.Layer):
   def _replicated(self, i):
     return self.plan.input_table_map[i] in self.plan.data_parallel_tables
 
-  def _feed(self, i, x):
+  def _feed(self, i, x, w=None):
+    """Input `i` (and its weights `w`, or None) as fed, in the form the exchange needs;
+    Python-level misuse raises here."""
+    feed = self._feed_ids(i, x)
+    if w is None:
+      return feed
+    x = feed.original
+    kinds = (tf.RaggedTensor, tf.SparseTensor)
+    ids_kind = next((k for k in kinds if isinstance(x, k)), None)
+    weights_kind = next((k for k in kinds if isinstance(w, k)), None)
+    if ids_kind is not weights_kind:
+      raise TypeError(
+        f"DistributedEmbedding: weights of input {i} must have the structure of its ids "
+        f"({'a dense tensor' if ids_kind is None else ids_kind.__name__}); got "
+        f"{'a dense tensor' if weights_kind is None else weights_kind.__name__}."
+      )
+    if weights_kind is None:
+      w = embedding_lookup_ops.dense_weights(w, x, f"DistributedEmbedding: weights of input {i}")
+    dtype = w.dtype if weights_kind is None else w.values.dtype
+    if not dtype.is_floating:
+      raise TypeError(
+        f"DistributedEmbedding: weights of input {i} must be floating-point; got {dtype.name}."
+      )
+    feed.original_weights = w
+    feed.structure_ok = tf.logical_and(feed.structure_ok, id_formats.weights_match(x, w))
+    if feed.kind == "replicated":
+      return feed
+    as_dtype = lambda v: tf.cast(v, self.variable_dtype)  # pylint: disable=unnecessary-lambda-assignment
+    if weights_kind is not None:
+      feed.weights = as_dtype(w.values)
+    elif feed.kind == "ragged":  # dense ids of unknown hotness, as ragged
+      feed.weights = as_dtype(tf.reshape(w, [-1]))
+    elif feed.one_hot:
+      feed.weights = as_dtype(w)[:, tf.newaxis]
+    else:
+      feed.weights = as_dtype(w)
+    return feed
+
+  def _feed_ids(self, i, x):
     """Input `i` as fed, in the form the exchange needs; Python-level misuse raises here."""
     t = self.plan.input_table_map[i]
     combiner = self.combiners[t]
@@ -538,7 +623,7 @@ class DistributedEmbedding(keras.layers.Layer):
       ):
         raise ValueError(
           f"DistributedEmbedding: ragged or sparse input {i} of a sharded table "
-          f"must be 2-D and its table must have a combiner ('sum' or 'mean'); "
+          f"must be 2-D and its table must have a combiner ('sum', 'mean' or 'sqrtn'); "
           f"got shape {x.shape}, combiner {combiner!r}."
         )
       feed.kind = "ragged"
@@ -585,7 +670,7 @@ class DistributedEmbedding(keras.layers.Layer):
     # Ragged and sparse ids both travel as CSR, so a mix of the two is fine.
     return _fingerprint(
       [
-        (f.index, f.kind, f.hotness if f.kind == "dense" else -1, f.one_hot)
+        (f.index, f.kind, f.hotness if f.kind == "dense" else -1, f.one_hot, f.weights is not None)
         for f in feeds
         if f.kind != "replicated"
       ]
@@ -651,8 +736,13 @@ class DistributedEmbedding(keras.layers.Layer):
       batch = feeds[0].batch if feeds else tf.constant(0, tf.int64)
     else:
       batch = sharded[0].batch if sharded else tf.constant(-1, tf.int64)
+    # Flat values the value gather sends: ragged ids, and the weights of weighted ones.
     n_values = sum(
-      (tf.size(f.ids, out_type=tf.int64) for f in sharded if f.kind == "ragged"),
+      (
+        tf.size(f.ids, out_type=tf.int64) * (2 if f.weights is not None else 1)
+        for f in sharded
+        if f.kind == "ragged"
+      ),
       tf.constant(0, tf.int64),
     )
     mine = tf.concat(
@@ -791,7 +881,8 @@ class DistributedEmbedding(keras.layers.Layer):
           "DistributedEmbedding: input {} on worker {} is malformed: a RaggedTensor's "
           "row_splits must start at 0, never decrease and end at its number of values; a "
           "SparseTensor's indices must lie inside its dense_shape (at most 2**31 - 1 rows), in "
-          "canonical row-major order (tf.sparse.reorder), each position once.",
+          "canonical row-major order (tf.sparse.reorder), each position once; weights must "
+          "have the structure of their ids.",
           (row[_F_INPUT], worker),
         ),
       ),
@@ -846,12 +937,20 @@ class DistributedEmbedding(keras.layers.Layer):
     for f in feeds:
       if f.kind == "replicated":
         ids, combiner = f.original, self.combiners[self.plan.input_table_map[f.index]]
+        weights = f.original_weights
         squeeze = not isinstance(ids, (tf.RaggedTensor, tf.SparseTensor)) and ids.shape.rank == 1
         if squeeze:
           ids = ids[:, tf.newaxis]
-        if isinstance(ids, tf.SparseTensor):
-          ids = id_formats.to_ragged(ids) if combiner is not None else ids
-        out = self._lookup(self._replicated_vars[self.plan.input_table_map[f.index]], ids, combiner)
+          weights = None if weights is None else weights[:, tf.newaxis]
+        if isinstance(ids, tf.SparseTensor) and combiner is not None:
+          ids = id_formats.to_ragged(ids)
+          if weights is not None:
+            weights = tf.RaggedTensor.from_row_splits(
+              weights.values, ids.row_splits, validate=False
+            )
+        out = self._lookup(
+          self._replicated_vars[self.plan.input_table_map[f.index]], ids, combiner, weights=weights
+        )
         outputs[f.index] = tf.squeeze(out, axis=1) if squeeze and combiner is None else out
 
     sharded = [f for f in feeds if f.kind != "replicated"]
@@ -863,68 +962,92 @@ class DistributedEmbedding(keras.layers.Layer):
         i: (1, True) for i, t in enumerate(self.plan.input_table_map) if self.combiners[t] is None
       }
     if self.dp_input:
-      global_ids = self._gather_ids(sharded, table, block)
+      global_ids, global_weights = self._gather_ids(sharded, table, block)
     else:
-      global_ids = {f.index: self._global_layout(f, block) for f in sharded}
+      global_ids = {f.index: self._global_layout(f, block, f.ids) for f in sharded}
+      global_weights = {
+        f.index: self._global_layout(f, block, f.weights) for f in sharded if f.weights is not None
+      }
     bags = {i: self._bags(by_index[i], ids, valid) for i, ids in global_ids.items()}
+    weight_bags = {i: self._bags(by_index[i], w, valid) for i, w in global_weights.items()}
 
-    after = self._row_slices(bags, shapes, outputs, block, local_batch)
-    self._exchange(bags, shapes, outputs, block, local_batch, after)
+    after = self._row_slices(bags, shapes, outputs, block, local_batch, weight_bags)
+    self._exchange(bags, shapes, outputs, block, local_batch, after, weight_bags)
     return outputs
 
   def _gather_ids(self, sharded, table, block):
-    """{input: its ids of the global batch, laid out in blocks of `block` rows per worker}: a
-    dense [world * block, hotness] matrix, or (row lengths, flat values) for ragged ids."""
+    """({input: its ids of the global batch}, {input: its weights of the global batch}), laid out
+    in blocks of `block` rows per worker: a dense [world * block, hotness] matrix, or (row
+    lengths, flat values) for ragged ids. Weights travel in the ids' two collectives, as their
+    bits (_weights_as_ids)."""
     comm = self.communicator
     dense = [f for f in sharded if f.kind == "dense"]
     ragged = [f for f in sharded if f.kind == "ragged"]
-    columns = [f.ids for f in dense] + [f.lengths[:, tf.newaxis] for f in ragged]
+    dense_weighted = [f for f in dense if f.weights is not None]
+    # The flat-value segments: every ragged input's ids, then the weights of the weighted ones.
+    segments = [(f, f.ids, False) for f in ragged]
+    segments += [(f, _weights_as_ids(f.weights), True) for f in ragged if f.weights is not None]
+    columns = [f.ids for f in dense] + [_weights_as_ids(f.weights) for f in dense_weighted]
+    columns += [f.lengths[:, tf.newaxis] for f, _, _ in segments]
     if not columns:
-      return {}
+      return {}, {}
     local = comm_lib.pad_rows(tf.concat(columns, axis=1), block)
     row, index, length = _padded_rows(local, 1)
     gathered = comm.all_gather(row[0], size_class=index, site=self._site("ids"))
     matrix = tf.reshape(
       tf.reshape(gathered, [self.world_size, -1])[:, :length], [-1, local.shape[1]]
     )
-    out, column = {}, 0
+    out, weights_out, column = {}, {}, 0
     for f in dense:
       out[f.index] = matrix[:, column : column + f.hotness]
       column += f.hotness
-    if ragged:
-      lengths = matrix[:, column:]  # [world * block, inputs]; padding rows have length 0
+    for f in dense_weighted:
+      weights_out[f.index] = _weights_from_ids(
+        matrix[:, column : column + f.hotness], self.variable_dtype
+      )
+      column += f.hotness
+    if segments:
+      lengths = matrix[:, column:]  # [world * block, segments]; padding rows have length 0
       values_class, values_block = comm_lib.size_class(
         tf.maximum(tf.reduce_max(table[:, _F_VALUES]), 1)
       )
       values = comm.all_gather(
-        comm_lib.pad_rows(tf.concat([f.ids for f in ragged], 0), values_block),
+        comm_lib.pad_rows(tf.concat([v for _, v, _ in segments], 0), values_block),
         size_class=values_class,
         site=self._site("values"),
       )
-      # Worker w's values of input j start at w * values_block plus the counts of inputs < j.
-      counts = tf.reduce_sum(tf.reshape(lengths, [self.world_size, -1, len(ragged)]), axis=1)
+      # Worker w's values of segment j start at w * values_block plus the counts of segments < j.
+      counts = tf.reduce_sum(tf.reshape(lengths, [self.world_size, -1, len(segments)]), axis=1)
       starts = tf.range(self.world_size, dtype=tf.int64)[:, tf.newaxis] * values_block + tf.cumsum(
         counts, axis=1, exclusive=True
       )
-      for j, f in enumerate(ragged):
+      for j, (f, _, is_weights) in enumerate(segments):
         positions = tf.ragged.range(starts[:, j], starts[:, j] + counts[:, j]).flat_values
-        out[f.index] = (lengths[:, j], tf.gather(values, positions))
-    return out
+        if is_weights:
+          weights_out[f.index] = (
+            lengths[:, j],
+            _weights_from_ids(tf.gather(values, positions), self.variable_dtype),
+          )
+        else:
+          out[f.index] = (lengths[:, j], tf.gather(values, positions))
+    return out, weights_out
 
-  def _global_layout(self, feed, block):
-    """dp_input=False: this worker's global batch of `feed`, laid out like gathered ids."""
+  def _global_layout(self, feed, block, values):
+    """dp_input=False: this worker's global batch of `feed` (its `values`: ids or weights, aligned
+    with them), laid out like gathered ids."""
     rows = [self.world_size, -1]
     if feed.kind == "dense":
-      per_worker = tf.reshape(feed.ids, [self.world_size, -1, feed.hotness])
+      per_worker = tf.reshape(values, [self.world_size, -1, feed.hotness])
       padded = tf.pad(per_worker, [[0, 0], [0, block - tf.shape(per_worker, tf.int64)[1]], [0, 0]])
       return tf.reshape(padded, [-1, feed.hotness])
     lengths = tf.reshape(feed.lengths, rows)
     lengths = tf.pad(lengths, [[0, 0], [0, block - tf.shape(lengths, tf.int64)[1]]])
-    return tf.reshape(lengths, [-1]), feed.ids
+    return tf.reshape(lengths, [-1]), values
 
   def _bags(self, feed, ids, valid):
-    """The global batch of one input as a RaggedTensor of bags, padding rows empty. Without a
-    combiner every id is a bag of its own, so the lookup keeps one row per id."""
+    """The global batch of one input (its ids, or its weights laid out alike) as a RaggedTensor
+    of bags, padding rows empty. Without a combiner every id is a bag of its own, so the lookup
+    keeps one row per id."""
     combiner = self.combiners[self.plan.input_table_map[feed.index]]
     if isinstance(ids, tuple):
       lengths, values = ids
@@ -937,9 +1060,10 @@ class DistributedEmbedding(keras.layers.Layer):
       values = tf.reshape(tf.boolean_mask(ids, valid), [-1])
     return tf.RaggedTensor.from_row_lengths(values, lengths, validate=False)
 
-  def _row_slices(self, bags, shapes, outputs, block, local_batch):
-    """Row-sliced tables: partial sums over this worker's rows of the global batch, summed
-    across workers in one all-reduce; each worker keeps its local rows."""
+  def _row_slices(self, bags, shapes, outputs, block, local_batch, weight_bags):
+    """Row-sliced tables: partial (weighted) sums over this worker's rows of the global batch,
+    summed across workers in one all-reduce; each worker keeps its local rows, divided for mean
+    and sqrtn by the whole bag's divisor."""
     partials, parts = [], []
     for s, (var, _) in zip(self.local_shards, self._slots):
       if s.kind != "row_slice":
@@ -951,8 +1075,9 @@ class DistributedEmbedding(keras.layers.Layer):
         partial = self._lookup(
           var,
           ids.with_values(ids.values - s.row_begin),
-          "sum" if combiner in (None, "mean") else combiner,
+          "sum",
           bounds_check="skip",
+          weights=weight_bags.get(i),
         )
         hotness = 1 if combiner is not None else shapes.get(i, (1, True))[0]
         partials.append(tf.reshape(partial, [self.world_size * block, hotness * s.width]))
@@ -971,13 +1096,24 @@ class DistributedEmbedding(keras.layers.Layer):
       mine = total[:, offset : offset + width][start : start + local_batch]
       offset += width
       combiner = self.combiners[self.plan.input_table_map[i]]
-      if combiner == "mean":
-        count = ids.row_lengths()[start : start + local_batch]
-        mine = mine / tf.cast(tf.maximum(count, 1), mine.dtype)[:, tf.newaxis]
+      if combiner in ("mean", "sqrtn"):
+        w = weight_bags.get(i)
+        if w is None:
+          total_of_bag = tf.cast(ids.row_lengths(), mine.dtype)
+        else:
+          terms = w.values if combiner == "mean" else w.values * w.values
+          total_of_bag = tf.reduce_sum(w.with_values(terms), axis=1)
+        divisor = total_of_bag[start : start + local_batch]
+        if combiner == "sqrtn":
+          divisor = tf.sqrt(divisor)
+        # An empty bag, or weights whose divisor is zero, give zeros (embedding_lookup's rule).
+        nonzero = tf.not_equal(divisor, 0)[:, tf.newaxis]
+        safe = tf.where(tf.equal(divisor, 0), tf.ones_like(divisor), divisor)[:, tf.newaxis]
+        mine = tf.where(nonzero, mine / safe, tf.zeros_like(mine))
       outputs[i] = self._unflatten(i, [mine], shapes, local_batch)
     return after
 
-  def _exchange(self, bags, shapes, outputs, block, local_batch, after=None):
+  def _exchange(self, bags, shapes, outputs, block, local_batch, after=None, weight_bags=None):
     """Whole tables and column slices: look up the global batch, one all-to-all back.
 
     `after` (a zero computed from the row slices' all-reduce) is added to what this worker sends,
@@ -992,7 +1128,9 @@ class DistributedEmbedding(keras.layers.Layer):
     entries = [(self.local_shards.index(p.shard), p.input_index) for p in mine]
     sends = [
       tf.reshape(out, [self.world_size * block, p.width])
-      for p, out in zip(mine, self._local_lookups(entries, bags, unit_bags=True))
+      for p, out in zip(
+        mine, self._local_lookups(entries, bags, unit_bags=True, weights_of=weight_bags)
+      )
     ]
     dtype = self.variable_dtype
     send = tf.concat(sends, axis=1) if sends else tf.zeros([self.world_size * block, 0], dtype)

@@ -12,6 +12,7 @@ from distributed_embeddings.python.layers.dist_embedding import DistributedEmbed
 from distributed_embeddings.python.layers.dist_embedding import ExchangeLayout
 from distributed_embeddings.python.layers.dist_embedding import Piece
 from distributed_embeddings.python.layers.planner import DistEmbeddingStrategy
+from distributed_embeddings.python.layers.serving import export_for_serving
 from distributed_embeddings.python.parallel.communicator import init_from_env
 from distributed_embeddings.python.training.distributed_training import broadcast_variables
 from distributed_embeddings.python.training.distributed_training import (

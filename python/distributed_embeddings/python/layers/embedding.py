@@ -13,7 +13,7 @@ import tensorflow as tf
 from distributed_embeddings.python.ops import embedding_lookup_ops
 from distributed_embeddings.python.training import sparse_updates
 
-_COMBINERS = (None, "sum", "mean")
+_COMBINERS = (None, "sum", "mean", "sqrtn")
 
 # Keys a stock keras.layers.Embedding config may hold that this layer has no use for.
 _UNSUPPORTED_KERAS_KEYS = (
@@ -45,26 +45,36 @@ def _positive_int(owner, arg, value):
   return number
 
 
-def _native_lookup(table, ids, combiner):
+def _native_lookup(table, ids, combiner, weights=None):
   """The same lookup with TensorFlow's own ops (use_custom_kernel=False)."""
   if isinstance(ids, tf.SparseTensor):
     ids = tf.RaggedTensor.from_sparse(ids)
+    if weights is not None:
+      weights = tf.RaggedTensor.from_sparse(weights)
   if combiner is None:
     if isinstance(ids, tf.RaggedTensor):
-      return tf.ragged.map_flat_values(tf.gather, table, ids)
-    return tf.gather(table, ids)
-  rows = (
-    tf.gather(table, ids)
-    if not isinstance(ids, tf.RaggedTensor)
-    else tf.ragged.map_flat_values(tf.gather, table, ids)
-  )
-  total = tf.reduce_sum(rows, axis=1)
+      rows = tf.ragged.map_flat_values(tf.gather, table, ids)
+    else:
+      rows = tf.gather(table, ids)
+    return rows if weights is None else rows * tf.expand_dims(tf.cast(weights, rows.dtype), -1)
+  if not isinstance(ids, tf.RaggedTensor):
+    ids = tf.RaggedTensor.from_tensor(ids)
+    if weights is not None:
+      weights = tf.RaggedTensor.from_tensor(weights)
+  rows = tf.ragged.map_flat_values(tf.gather, table, ids)
+  if weights is None:
+    weights = tf.ones_like(ids, dtype=table.dtype)
+  weights = tf.cast(weights, table.dtype)
+  total = tf.reduce_sum(rows * tf.expand_dims(weights, -1), axis=1)
   if combiner == "sum":
     return total
-  if isinstance(ids, tf.RaggedTensor):
-    count = tf.cast(tf.maximum(ids.row_lengths(), 1), total.dtype)[:, None]
-    return total / count
-  return tf.reduce_mean(rows, axis=1)
+  divisor = tf.reduce_sum(weights if combiner == "mean" else weights * weights, axis=1)
+  if combiner == "sqrtn":
+    divisor = tf.sqrt(divisor)
+  divisor = divisor[:, None]
+  # An empty or zero-weight bag gives zeros, as the kernels do.
+  safe = tf.where(tf.equal(divisor, 0), tf.ones_like(divisor), divisor)
+  return tf.where(tf.equal(divisor, 0), tf.zeros_like(total), total / safe)
 
 
 @keras.saving.register_keras_serializable(package="distributed_embeddings")
@@ -78,7 +88,7 @@ class Embedding(keras.layers.Layer):
     embeddings_regularizer: Regularizer of the table.
     activity_regularizer: Regularizer of the layer's output.
     embeddings_constraint: Constraint on the table.
-    combiner: None, 'sum' or 'mean'. With a combiner the last input dimension is pooled:
+    combiner: None, 'sum', 'mean' or 'sqrtn'. With a combiner the last input dimension is pooled:
       an N-D tensor (d1..dn), N >= 2, gives (d1..dn-1, output_dim); a 2-D RaggedTensor or
       SparseTensor (batch, hotness) gives (batch, output_dim). Without one the output is
       `inputs.shape + (output_dim,)` and ragged inputs stay ragged.
@@ -86,6 +96,11 @@ class Embedding(keras.layers.Layer):
       ops, e.g. to compare against them.
     weights: Optional `[table]` to start from instead of the initializer.
     **kwargs: Standard layer arguments (`name`, `dtype`, `trainable`, ...).
+
+  Call it as `layer(ids)` or, for weighted bags, `layer(ids, weights=w)`: `w` holds one
+  floating-point weight per id with the structure of `ids` (`embedding_lookup`'s `weights`: a
+  weighted sum, mean or sqrtn, or with no combiner each row scaled by its weight). (The
+  constructor's `weights` is the Keras argument for the initial table, unrelated.)
 
   Under a mixed precision policy the table stays in the variable dtype (float32) and the output
   comes in the compute dtype. Float ids are cast to integers.
@@ -107,7 +122,9 @@ class Embedding(keras.layers.Layer):
     input_dim = _positive_int("Embedding", "input_dim", input_dim)
     output_dim = _positive_int("Embedding", "output_dim", output_dim)
     if combiner not in _COMBINERS:
-      raise ValueError(f"Embedding: 'combiner' must be None, 'sum' or 'mean'; got {combiner!r}.")
+      raise ValueError(
+        f"Embedding: 'combiner' must be None, 'sum', 'mean' or 'sqrtn'; got {combiner!r}."
+      )
     # The table is never cast to the compute dtype: only the pooled output is.
     kwargs["autocast"] = False
     super().__init__(activity_regularizer=activity_regularizer, **kwargs)
@@ -147,12 +164,14 @@ class Embedding(keras.layers.Layer):
       self.build()
     super().set_weights(weights)
 
-  def _lookup(self, ids, combiner):
+  def _lookup(self, ids, combiner, weights=None):
     if self.use_custom_kernel:
-      return embedding_lookup_ops.embedding_lookup(self.embeddings, ids, combiner=combiner)
-    return _native_lookup(self.embeddings.value, ids, combiner)
+      return embedding_lookup_ops.embedding_lookup(
+        self.embeddings, ids, combiner=combiner, weights=weights
+      )
+    return _native_lookup(self.embeddings.value, ids, combiner, weights)
 
-  def call(self, inputs):
+  def call(self, inputs, weights=None):
     if isinstance(inputs, tf.SparseTensor):
       if not inputs.dtype.is_integer:
         inputs = tf.SparseTensor(
@@ -174,7 +193,7 @@ class Embedding(keras.layers.Layer):
         raise ValueError(
           f"Embedding: ragged and sparse inputs must be 2-D; got shape {inputs.shape}."
         )
-      output = self._lookup(inputs, self.combiner)
+      output = self._lookup(inputs, self.combiner, weights)
     elif rank is None:
       raise ValueError("Embedding: inputs must have a known rank.")
     elif self.combiner is not None and rank < 2:
@@ -185,8 +204,13 @@ class Embedding(keras.layers.Layer):
     else:
       # Fold every leading dimension into the batch: 2-D ids of (rows, last dimension).
       last = 1 if (rank < 2 or self.combiner is None) else -1
-      ids_2d = tf.reshape(inputs, [-1, tf.shape(inputs)[-1] if last == -1 else 1])
-      output = self._lookup(ids_2d, self.combiner)
+      shape_2d = [-1, tf.shape(inputs)[-1] if last == -1 else 1]
+      ids_2d = tf.reshape(inputs, shape_2d)
+      weights_2d = None
+      if weights is not None:
+        weights = embedding_lookup_ops.dense_weights(weights, inputs, "Embedding: 'weights'")
+        weights_2d = tf.reshape(weights, shape_2d)
+      output = self._lookup(ids_2d, self.combiner, weights_2d)
       leading = tf.shape(inputs) if self.combiner is None else tf.shape(inputs)[:-1]
       output = tf.reshape(output, tf.concat([leading, [self.output_dim]], axis=0))
       output.set_shape(self.compute_output_shape(inputs.shape))
@@ -200,7 +224,7 @@ class Embedding(keras.layers.Layer):
       return input_shape + (self.output_dim,)
     return input_shape[:-1] + (self.output_dim,)
 
-  def compute_output_spec(self, inputs):
+  def compute_output_spec(self, inputs, weights=None):
     ragged = getattr(inputs, "ragged", False) and self.combiner is None
     return keras.KerasTensor(
       self.compute_output_shape(inputs.shape), dtype=self.compute_dtype, ragged=ragged
@@ -293,7 +317,7 @@ class IntegerLookup(keras.layers.Layer):
       return tf.SparseTensor(inputs.indices, lookup(inputs.values), inputs.dense_shape)
     return lookup(tf.convert_to_tensor(inputs))
 
-  def compute_output_spec(self, inputs):
+  def compute_output_spec(self, inputs, weights=None):
     return keras.KerasTensor(
       inputs.shape,
       dtype="int64",

@@ -16,7 +16,7 @@ _ops = tf.load_op_library(
   os.path.join(os.path.dirname(os.path.abspath(__file__)), "_embedding_ops.so")
 )
 
-_COMBINERS = (None, "sum", "mean")
+_COMBINERS = (None, "sum", "mean", "sqrtn")
 _BOUNDS_CHECKS = ("error", "skip")
 _KERNEL_DTYPES = (tf.float32, tf.float64)
 
@@ -32,11 +32,21 @@ def _resource_variable(param):
   return None
 
 
-def _pooled_lookup(param, ids, row_splits, combiner, bounds_check):
-  """Runs the pooled lookup op on flat `ids` and `row_splits`; returns [batch, width]."""
+def _pooled_lookup(param, ids, row_splits, combiner, bounds_check, weights=None):
+  """Runs the pooled lookup op on flat `ids` and `row_splits` (and flat `weights`, one per id, or
+  None); returns [batch, width]."""
   variable = _resource_variable(param)
   if variable is not None and variable.dtype in _KERNEL_DTYPES:
     resource_variable_ops.variable_accessed(variable)
+    if weights is not None:
+      return _ops.de_resource_weighted_pooled_embedding_lookup(
+        variable.handle,
+        ids,
+        row_splits,
+        tf.cast(weights, variable.dtype),  # also sets the op's dtype
+        combiner=combiner,
+        bounds_check=bounds_check,
+      )
     return _ops.de_resource_pooled_embedding_lookup(
       variable.handle,
       ids,
@@ -46,15 +56,22 @@ def _pooled_lookup(param, ids, row_splits, combiner, bounds_check):
       dtype=variable.dtype,
     )
   table = tf.convert_to_tensor(variable if variable is not None else param)
-  if table.dtype in _KERNEL_DTYPES:
-    return _ops.de_pooled_embedding_lookup(
-      table, ids, row_splits, combiner=combiner, bounds_check=bounds_check
-    )
   # Half-precision tables: accumulate in float32, hand back the table's dtype.
-  output = _ops.de_pooled_embedding_lookup(
-    tf.cast(table, tf.float32), ids, row_splits, combiner=combiner, bounds_check=bounds_check
-  )
-  return tf.cast(output, table.dtype)
+  compute = table if table.dtype in _KERNEL_DTYPES else tf.cast(table, tf.float32)
+  if weights is not None:
+    output = _ops.de_weighted_pooled_embedding_lookup(
+      compute,
+      ids,
+      row_splits,
+      tf.cast(weights, compute.dtype),
+      combiner=combiner,
+      bounds_check=bounds_check,
+    )
+  else:
+    output = _ops.de_pooled_embedding_lookup(
+      compute, ids, row_splits, combiner=combiner, bounds_check=bounds_check
+    )
+  return output if compute is table else tf.cast(output, table.dtype)
 
 
 def _unit_splits(count, dtype):
@@ -67,36 +84,44 @@ def _check_ids_dtype(dtype):
     raise TypeError(f"embedding_lookup: 'ids' must be int32 or int64; got {dtype.name}.")
 
 
-def _lookup_dense(param, ids, width, combiner, bounds_check):
+def _lookup_dense(param, ids, width, combiner, bounds_check, weights):
   ids_shape = tf.shape(ids, out_type=ids.dtype)
   flat_ids = tf.reshape(ids, [-1])
+  flat_weights = None if weights is None else tf.reshape(weights, [-1])
   if combiner is None:
     output = _pooled_lookup(
-      param, flat_ids, _unit_splits(tf.size(flat_ids), ids.dtype), "sum", bounds_check
+      param,
+      flat_ids,
+      _unit_splits(tf.size(flat_ids), ids.dtype),
+      "sum",
+      bounds_check,
+      flat_weights,
     )
     output = tf.reshape(output, tf.concat([tf.cast(ids_shape, tf.int32), tf.shape(output)[1:]], 0))
     output.set_shape(ids.shape.concatenate([width]))
     return output
   # Fixed hotness h: bag b holds ids[b, :], so row_splits = [0, h, 2h, ...].
   row_splits = tf.range(ids_shape[0] + 1, dtype=ids.dtype) * ids_shape[1]
-  output = _pooled_lookup(param, flat_ids, row_splits, combiner, bounds_check)
+  output = _pooled_lookup(param, flat_ids, row_splits, combiner, bounds_check, flat_weights)
   output.set_shape(ids.shape[:1].concatenate([width]))
   return output
 
 
-def _lookup_ragged(param, ids, width, combiner, bounds_check):
+def _lookup_ragged(param, ids, width, combiner, bounds_check, weights):
   if ids.ragged_rank != 1:
     raise ValueError(
       "embedding_lookup: 'ids' must be a 2-D RaggedTensor with one ragged "
       f"dimension; got ragged_rank {ids.ragged_rank}."
     )
   _check_ids_dtype(ids.values.dtype)
-  if combiner is None:
-    splits = _unit_splits(tf.size(ids.values), ids.row_splits.dtype)
-    values = _pooled_lookup(param, ids.values, splits, "sum", bounds_check)
-    values.set_shape(ids.values.shape.concatenate([width]))
-    return ids.with_values(values)
-  output = _pooled_lookup(param, ids.values, ids.row_splits, combiner, bounds_check)
+  values, checks = _weight_values(ids, weights)
+  with tf.control_dependencies(checks):
+    if combiner is None:
+      splits = _unit_splits(tf.size(ids.values), ids.row_splits.dtype)
+      looked_up = _pooled_lookup(param, ids.values, splits, "sum", bounds_check, values)
+      looked_up.set_shape(ids.values.shape.concatenate([width]))
+      return ids.with_values(looked_up)
+    output = _pooled_lookup(param, ids.values, ids.row_splits, combiner, bounds_check, values)
   output.set_shape(ids.shape[:1].concatenate([width]))
   return output
 
@@ -107,25 +132,102 @@ def sparse_row_splits(indices, dense_shape):
   return _ops.de_sparse_row_splits(indices, dense_shape, out_type=tf.int64)
 
 
-def _lookup_sparse(param, ids, width, combiner, bounds_check):
+def _lookup_sparse(param, ids, width, combiner, bounds_check, weights):
   _check_ids_dtype(ids.values.dtype)
   # Validates bounds and canonical order of the indices, and gives the CSR row_splits.
   row_splits = sparse_row_splits(ids.indices, ids.dense_shape)
-  if combiner is None:
-    values = _pooled_lookup(
-      param, ids.values, _unit_splits(tf.size(ids.values), tf.int64), "sum", bounds_check
-    )
-    with tf.control_dependencies([row_splits]):
-      dense_shape = tf.concat([ids.dense_shape, tf.shape(values, out_type=tf.int64)[1:]], axis=0)
-      output = tf.scatter_nd(ids.indices, values, dense_shape)
-    output.set_shape(ids.shape.concatenate([width]))
-    return output
-  output = _pooled_lookup(param, ids.values, row_splits, combiner, bounds_check)
+  values, checks = _weight_values(ids, weights)
+  with tf.control_dependencies(checks):
+    if combiner is None:
+      looked_up = _pooled_lookup(
+        param, ids.values, _unit_splits(tf.size(ids.values), tf.int64), "sum", bounds_check, values
+      )
+      with tf.control_dependencies([row_splits]):
+        dense_shape = tf.concat(
+          [ids.dense_shape, tf.shape(looked_up, out_type=tf.int64)[1:]], axis=0
+        )
+        output = tf.scatter_nd(ids.indices, looked_up, dense_shape)
+      output.set_shape(ids.shape.concatenate([width]))
+      return output
+    output = _pooled_lookup(param, ids.values, row_splits, combiner, bounds_check, values)
   output.set_shape(ids.shape[:1].concatenate([width]))
   return output
 
 
-def embedding_lookup(param, ids, combiner=None, bounds_check="error"):
+def _weight_values(ids, weights):
+  """(flat weights aligned with ragged or sparse `ids`' values, or None; the assertions that
+  they share `ids`' row_splits or indices)."""
+  if weights is None:
+    return None, []
+  if isinstance(ids, tf.RaggedTensor):
+    return weights.values, _same_structure_checks(ids.row_splits, weights.row_splits, "row_splits")
+  return weights.values, _same_structure_checks(ids.indices, weights.indices, "indices")
+
+
+def _same_structure_checks(ids_part, weights_part, name):
+  """Assertions that `weights` has the same `name` (row_splits, indices) as `ids`; errors name
+  both arguments."""
+  message = f"embedding_lookup: 'weights' must have the same {name} as 'ids'"
+  if ids_part is weights_part:
+    return []
+  ids_shape, weights_shape = ids_part.shape, weights_part.shape
+  if ids_shape.is_fully_defined() and weights_shape.is_fully_defined():
+    if ids_shape != weights_shape:
+      raise ValueError(f"{message}; got {name} of shapes {ids_shape} and {weights_shape}.")
+  if tf.executing_eagerly():
+    if tf.shape(ids_part).numpy().tolist() != tf.shape(weights_part).numpy().tolist() or not bool(
+      tf.reduce_all(tf.equal(ids_part, tf.cast(weights_part, ids_part.dtype)))
+    ):
+      raise ValueError(f"{message}.")
+    return []
+  same_shape = tf.reduce_all(tf.equal(tf.shape(ids_part), tf.shape(weights_part)))
+  same = tf.cond(
+    same_shape,
+    lambda: tf.reduce_all(tf.equal(ids_part, tf.cast(weights_part, ids_part.dtype))),
+    lambda: tf.constant(False),
+  )
+  return [tf.debugging.Assert(same, [message])]
+
+
+def dense_weights(weights, ids, what, of="its ids"):
+  """Dense per-id `weights` as a tensor, after checking that their static shape is `ids`'; the
+  ValueError reads "<what> must have the shape of <of> <shape>; got <shape>"."""
+  weights = tf.convert_to_tensor(weights)
+  if weights.shape.rank is not None and not weights.shape.is_compatible_with(ids.shape):
+    raise ValueError(f"{what} must have the shape of {of} {ids.shape}; got {weights.shape}.")
+  return weights
+
+
+def _check_weights(ids, weights):
+  """`weights` as a tensor of the structure of `ids` (dense, ragged or sparse), or None."""
+  if weights is None:
+    return None
+  if isinstance(weights, str):
+    raise TypeError(
+      "embedding_lookup: 'weights' must be a tensor of per-id weights; got a string "
+      f"({weights!r}). Pass bounds_check by keyword."
+    )
+  kind = {tf.RaggedTensor: "tf.RaggedTensor", tf.SparseTensor: "tf.SparseTensor"}
+  ids_kind = next((k for k in kind if isinstance(ids, k)), None)
+  weights_kind = next((k for k in kind if isinstance(weights, k)), None)
+  if ids_kind is not weights_kind:
+    raise TypeError(
+      "embedding_lookup: 'weights' must have the structure of 'ids' "
+      f"({kind.get(ids_kind, 'a dense tensor')}); got {kind.get(weights_kind, 'a dense tensor')}."
+    )
+  if weights_kind is None:
+    weights = dense_weights(weights, ids, "embedding_lookup: 'weights'", "'ids'")
+    dtype = weights.dtype
+  else:
+    dtype = weights.values.dtype
+  if not dtype.is_floating:
+    raise TypeError(
+      f"embedding_lookup: 'weights' must be a floating-point tensor; got {dtype.name}."
+    )
+  return weights
+
+
+def embedding_lookup(param, ids, combiner=None, weights=None, bounds_check="error"):
   """Looks up embeddings of `ids` in `param`, optionally pooling each row of ids.
 
   Args:
@@ -134,24 +236,33 @@ def embedding_lookup(param, ids, combiner=None, bounds_check="error"):
     ids: 2-D int32 or int64 ids: a dense `tf.Tensor` (fixed hotness), a `tf.RaggedTensor` whose
       values and row_splits are the CSR form of the id matrix, or a `tf.SparseTensor` in canonical
       row-major order.
-    combiner: None, 'sum' or 'mean'. With None the result has shape `ids.shape + [width]` (ragged
-      for ragged ids; for sparse ids a dense tensor with zeros where `ids` has no entry). With
-      'sum' or 'mean' each row of ids is reduced and the result is [batch, width]; an empty row
-      gives zeros for both combiners.
+    combiner: None, 'sum', 'mean' or 'sqrtn'. With None the result has shape
+      `ids.shape + [width]` (ragged for ragged ids; for sparse ids a dense tensor with zeros where
+      `ids` has no entry). Otherwise each row of ids (a bag) is reduced and the result is
+      [batch, width]: 'sum' adds the rows, 'mean' divides that by the bag's length and 'sqrtn' by
+      its square root (TensorFlow's `embedding_lookup_sparse` definitions). An empty bag gives
+      zeros for every combiner.
+    weights: None, or one floating-point weight per id with the structure of `ids` (a dense tensor
+      of its shape, a `tf.RaggedTensor` with its row_splits, a `tf.SparseTensor` with its
+      indices). A bag then gives sum(w * row), divided by sum(w) for 'mean' and by
+      sqrt(sum(w * w)) for 'sqrtn'; a bag whose divisor is zero gives zeros, never NaN. With
+      combiner None each row is scaled by its weight.
     bounds_check: 'error' (default) fails on an id outside [0, num_rows); 'skip' lets such ids
-      contribute nothing, and a mean then divides by the number of valid ids.
+      contribute nothing (nor their weights), and a mean then divides by the number of valid ids.
 
   Returns:
     A tensor of `param`'s dtype. Its gradient with respect to `param` is a `tf.IndexedSlices` with
-    each distinct id once.
+    each distinct id once; `weights` get a gradient too.
 
   Raises:
-    TypeError: If `param` is not a tensor or variable, or `ids` is not of an integer type.
-    ValueError: If `ids` is not 2-D, or `combiner` or `bounds_check` is not a known value.
+    TypeError: If `param` is not a tensor or variable, `ids` is not of an integer type, or
+      `weights` is not floating-point or not of the structure of `ids`.
+    ValueError: If `ids` is not 2-D, `weights` does not match `ids`, or `combiner` or
+      `bounds_check` is not a known value.
   """
   if combiner not in _COMBINERS:
     raise ValueError(
-      f"embedding_lookup: 'combiner' must be None, 'sum' or 'mean'; got {combiner!r}."
+      f"embedding_lookup: 'combiner' must be None, 'sum', 'mean' or 'sqrtn'; got {combiner!r}."
     )
   if bounds_check not in _BOUNDS_CHECKS:
     raise ValueError(
@@ -172,13 +283,14 @@ def embedding_lookup(param, ids, combiner=None, bounds_check="error"):
     rank = ids.shape.rank
   if rank != 2:
     raise ValueError(f"embedding_lookup: 'ids' must be 2-D; got shape {ids.shape}.")
+  weights = _check_weights(ids, weights)
 
   if isinstance(ids, tf.RaggedTensor):
-    return _lookup_ragged(param, ids, width, combiner, bounds_check)
+    return _lookup_ragged(param, ids, width, combiner, bounds_check, weights)
   if isinstance(ids, tf.SparseTensor):
-    return _lookup_sparse(param, ids, width, combiner, bounds_check)
+    return _lookup_sparse(param, ids, width, combiner, bounds_check, weights)
   _check_ids_dtype(ids.dtype)
-  return _lookup_dense(param, ids, width, combiner, bounds_check)
+  return _lookup_dense(param, ids, width, combiner, bounds_check, weights)
 
 
 def read_var_no_copy(res_var):
@@ -256,7 +368,79 @@ def _resource_pooled_lookup_grad(op, grad):
   )
 
 
+def _weights_gradient(rows_of, grad, ids, row_splits, weights, num_rows, combiner, bounds_check):
+  """d loss / d weights of a weighted lookup, from TensorFlow ops; `rows_of(ids)` gathers rows.
+
+  With d_j = <grad[bag_j], row_j>, s_b = sum_j w_j d_j and divisor D_b: 'sum' gives d_j, 'mean'
+  (D = sum w) (d_j - s_b / D) / D, 'sqrtn' (D = sqrt(sum w^2)) d_j / D - (s_b / D) w_j / D^2;
+  zero where D is zero (the forward gave zeros) and for skipped ids."""
+  valid = tf.ones_like(ids, tf.bool)
+  if bounds_check == "skip":
+    valid = tf.logical_and(ids >= 0, tf.cast(ids, tf.int64) < num_rows)
+  safe_ids = tf.where(valid, ids, tf.zeros_like(ids))
+  bag = tf.ragged.row_splits_to_segment_ids(row_splits, out_type=tf.int64)
+  d = tf.reduce_sum(rows_of(safe_ids) * tf.gather(grad, bag), axis=1)
+  mask = tf.cast(valid, grad.dtype)
+  if combiner == "sum":
+    return d * mask
+  num_bags = tf.shape(grad, out_type=tf.int64)[0]
+  w = weights * mask
+  total = tf.math.unsorted_segment_sum(w if combiner == "mean" else w * w, bag, num_bags)
+  divisor = total if combiner == "mean" else tf.sqrt(total)
+  divisor = tf.gather(divisor, bag)
+  s = tf.gather(tf.math.unsorted_segment_sum(w * d, bag, num_bags), bag)
+  nonzero = tf.not_equal(divisor, 0)
+  safe = tf.where(nonzero, divisor, tf.ones_like(divisor))
+  if combiner == "mean":
+    grad_w = (d - s / safe) / safe
+  else:
+    grad_w = d / safe - (s / safe) * weights / (safe * safe)
+  return tf.where(nonzero, grad_w, tf.zeros_like(grad_w)) * mask
+
+
+def _string_attr(op, name):
+  value = op.get_attr(name)
+  return value.decode() if isinstance(value, bytes) else value
+
+
+def _weighted_gradient(op, grad, dense_shape, rows_of):
+  combiner = _string_attr(op, "combiner")
+  bounds_check = _string_attr(op, "bounds_check")
+  ids, row_splits, weights = op.inputs[1], op.inputs[2], op.inputs[3]
+  unique_ids, unique_grad = _ops.de_weighted_pooled_embedding_lookup_grad(
+    grad, ids, row_splits, dense_shape[0], weights, combiner=combiner, bounds_check=bounds_check
+  )
+  grads = [tf.IndexedSlices(unique_grad, unique_ids, dense_shape), None, None, None]
+  # Eager tapes say which inputs need no gradient; the weights usually are data.
+  if 3 not in (getattr(op, "skip_input_indices", None) or ()):
+    grads[3] = _weights_gradient(
+      rows_of, grad, ids, row_splits, weights, dense_shape[0], combiner, bounds_check
+    )
+  return grads
+
+
+@framework_ops.RegisterGradient("DeWeightedPooledEmbeddingLookup")
+def _weighted_pooled_lookup_grad(op, grad):
+  table = op.inputs[0]
+  return _weighted_gradient(
+    op, grad, tf.shape(table, out_type=tf.int64), lambda ids: tf.gather(table, ids)
+  )
+
+
+@framework_ops.RegisterGradient("DeResourceWeightedPooledEmbeddingLookup")
+def _resource_weighted_pooled_lookup_grad(op, grad):
+  handle = op.inputs[0]
+  dtype = op.get_attr("dtype")
+  return _weighted_gradient(
+    op,
+    grad,
+    resource_variable_ops.variable_shape(handle, out_type=tf.int64),
+    lambda ids: resource_variable_ops.resource_gather(handle, ids, dtype=dtype),
+  )
+
+
 framework_ops.NotDifferentiable("DePooledEmbeddingLookupGrad")
+framework_ops.NotDifferentiable("DeWeightedPooledEmbeddingLookupGrad")
 framework_ops.NotDifferentiable("DeSparseRowSplits")
 
 framework_ops.NotDifferentiable("DeIntegerLookup")

@@ -101,6 +101,23 @@ def structure_ok(ids):
   return tf.constant(True)
 
 
+def weights_match(ids, weights):
+  """A bool scalar: whether per-id `weights` have the structure of `ids` (the same shape when
+  dense, row_splits when ragged, indices when sparse). Nothing raises."""
+  if isinstance(ids, tf.RaggedTensor):
+    ids_part, weights_part = ids.row_splits, tf.cast(weights.row_splits, ids.row_splits.dtype)
+  elif isinstance(ids, tf.SparseTensor):
+    ids_part, weights_part = ids.indices, weights.indices
+  else:
+    return tf.reduce_all(tf.equal(tf.shape(ids), tf.shape(weights)))
+  same_shape = tf.reduce_all(tf.equal(tf.shape(ids_part), tf.shape(weights_part)))
+  return tf.cond(
+    same_shape,
+    lambda: tf.reduce_all(tf.equal(ids_part, weights_part)),
+    lambda: tf.constant(False),
+  )
+
+
 def to_ragged(ids):
   """2-D ragged or sparse ids as a RaggedTensor with int64 row_splits (the CSR form). Sparse ids
   are validated by the library's own op (bounds and canonical order of the indices)."""
