@@ -10,7 +10,7 @@ kernel_benchmark.py times its graph rows). Paths:
   * torch: `embedding_bag(mode="sum", per_sample_weights=w, sparse=True)` (torch weighs only
            sums), when torch is installed.
 Each table is looked up for WARMUP_SECONDS before timing (page faults, huge-page collapse), and
-torch's OpenMP threads wait passively (OMP_WAIT_POLICY, below).
+torch's OpenMP threads wait passively (OMP_WAIT_POLICY: kernel_benchmark.py says why).
 Repeats interleave the paths (kernel_benchmark.time_interleaved); ratios are per repeat.
 
   .venv/bin/python tools/benchmarks/weighted_lookup_benchmark.py
@@ -25,18 +25,13 @@ import statistics
 import sys
 import time
 
-# torch's OpenMP threads spin for a while after each of its calls by default, and on 2 cores that
-# spinning lands on whatever is timed next (measured: our weighted sum forward at width 16 read
-# 1.44 ms interleaved with torch, 0.87 ms with passive waiting). Set before torch is imported.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import numpy as np
+import tensorflow as tf
 
-import numpy as np  # noqa: E402  pylint: disable=wrong-import-position
-import tensorflow as tf  # noqa: E402  pylint: disable=wrong-import-position
+import distributed_embeddings as de
 
-import distributed_embeddings as de  # noqa: E402  pylint: disable=wrong-import-position
-
-import bench_report  # noqa: E402  pylint: disable=wrong-import-position
-import kernel_benchmark as kb  # noqa: E402  pylint: disable=wrong-import-position
+import bench_report
+import kernel_benchmark as kb  # sets OMP_WAIT_POLICY before it imports torch
 
 WARMUP_SECONDS = 2.0
 
