@@ -4,9 +4,11 @@
 #   cpu   the default build (CPU kernels, op library, Python package, wheel);
 #   cuda  --config=cuda: builds every target with CUDA (kernels, op library, wheel), then runs
 #         only what behaves differently there: the CUDA googletests (GPU cases skip on a machine
-#         without a GPU and fail on one with a GPU that CUDA cannot use) and the lookup tests
-#         against the CUDA-built op library. The rest of the Python suite would repeat the cpu
+#         without a GPU and fail on one with a GPU that CUDA cannot use), the lookup tests
+#         against the CUDA-built op library and its GPU kernel registrations. The rest of the Python suite would repeat the cpu
 #         pass case for case (only when nvcc is installed);
+#   gpu_tf  tools/ci/gpu_tf_suite.sh: the --config=cuda op library under the full tensorflow
+#         wheel, its GPU kernel registrations and every test in tests/;
 #   gpu_suite  tools/gpu/run_gpu_suite.sh, the lent-GPU command, builds and runs (its cases skip);
 #   asan  --config=asan: the C++ kernel tests under AddressSanitizer + UBSan;
 #   consumer  a workspace that vendors this one (tools/ci/consumer_workspace_test.sh);
@@ -43,7 +45,13 @@ run cpu //...
 if [[ -x "${CUDA_PATH:-/usr/local/cuda}/bin/nvcc" ]]; then
   echo "=== bazel build --config=cuda //..." >&2
   bazel build --keep_going --config=cuda //... || status=1
-  run cuda "//embedding/kernels:embedding_lookup_cuda_test //embedding/kernels:integer_lookup_cuda_test //embedding/kernels:sparse_update_cuda_test //tests:embedding_lookup_test" --config=cuda
+  run cuda "//embedding/kernels:embedding_lookup_cuda_test //embedding/kernels:integer_lookup_cuda_test //embedding/kernels:sparse_update_cuda_test //tests:embedding_lookup_test //tests:gpu_registration_test" --config=cuda
+
+  # The same op library under the full tensorflow wheel: its GPU registrations, then every test
+  # of tests/ (the CPU kernels must behave there as under tensorflow-cpu).
+  echo "=== tools/ci/gpu_tf_suite.sh" >&2
+  tools/ci/gpu_tf_suite.sh "${events}/gpu_tf.xml" || status=1
+  runs+=("gpu_tf=xml:${events}/gpu_tf.xml")
 
   # The lent-GPU command builds without Bazel; here its cases skip (no GPU), so it checks that it
   # still builds and runs.

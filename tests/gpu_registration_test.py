@@ -1,0 +1,92 @@
+"""The op library built with --config=cuda registers its GPU kernels as designed, under whichever
+TensorFlow loads it (tensorflow-cpu in the cuda pass, the full tensorflow wheel in
+tools/ci/gpu_tf_suite.sh): every lookup op on the GPU for each table, id and split type, the
+scalars and resource handles its kernels read on the host in host memory, and the ops with no GPU
+kernel (the sparse optimizer updates, the vocabulary state helpers) on the CPU only. No GPU is
+needed: this reads the kernel registry.
+"""
+
+from absl.testing import absltest
+import tensorflow as tf
+from tensorflow.python.framework import kernels
+
+import distributed_embeddings as de  # loads the op library
+
+TABLE_TYPES = {"float32", "float64"}
+ID_TYPES = {"int32", "int64"}
+
+# op: (the attr naming its table type, or None; host-memory arguments of its GPU kernels).
+GPU_OPS = {
+  "DePooledEmbeddingLookup": ("T", set()),
+  "DeResourcePooledEmbeddingLookup": ("dtype", {"resource"}),
+  "DePooledEmbeddingLookupGrad": ("T", {"num_rows"}),
+  "DeWeightedPooledEmbeddingLookup": ("T", set()),
+  "DeResourceWeightedPooledEmbeddingLookup": ("dtype", {"resource"}),
+  "DeWeightedPooledEmbeddingLookupGrad": ("T", {"num_rows"}),
+  "DeSparseRowSplits": (None, {"dense_shape"}),
+  "DeIntegerLookup": (None, {"state"}),
+}
+CPU_ONLY_OPS = [
+  "DeSparseApplySgd",
+  "DeSparseApplyAdagrad",
+  "DeSparseApplyRowwiseAdagrad",
+  "DeSparseApplyLazyAdam",
+  "DeInitialIntegerLookupState",
+  "DeValidateIntegerLookupState",
+]
+
+
+def _constraints(kernel):
+  """{attr: set of allowed dtype names} of one registered kernel."""
+  return {
+    c.name: {tf.as_dtype(t).name for t in c.allowed_values.list.type} for c in kernel.constraint
+  }
+
+
+class GpuRegistrationTest(absltest.TestCase):
+  def _kernels(self, op, device):
+    return [k for k in kernels.get_registered_kernels_for_op(op).kernel if k.device_type == device]
+
+  def test_lookup_ops_register_gpu_kernels_for_every_type(self):
+    for op, (table_attr, host_memory) in GPU_OPS.items():
+      with self.subTest(op=op):
+        gpu = self._kernels(op, "GPU")
+        self.assertNotEmpty(gpu, f"{op} has no GPU kernel")
+        for kernel in gpu:
+          self.assertEqual(set(kernel.host_memory_arg), host_memory, op)
+        if table_attr is None:
+          continue
+        combos = set()
+        for kernel in gpu:
+          types = _constraints(kernel)
+          combos.add(
+            (
+              next(iter(types[table_attr])),
+              next(iter(types["Tindices"])),
+              next(iter(types["Tsplits"])),
+            )
+          )
+        expected = {(t, i, s) for t in TABLE_TYPES for i in ID_TYPES for s in ID_TYPES}
+        self.assertEqual(combos, expected, op)
+        # The CPU has the same kernels.
+        self.assertLen(self._kernels(op, "CPU"), len(gpu), op)
+
+  def test_ops_without_a_gpu_kernel_stay_on_the_cpu(self):
+    for op in CPU_ONLY_OPS:
+      with self.subTest(op=op):
+        self.assertEmpty(self._kernels(op, "GPU"), f"{op} unexpectedly has a GPU kernel")
+        self.assertNotEmpty(self._kernels(op, "CPU"), f"{op} has no CPU kernel")
+
+  def test_lookups_run_on_the_cpu_of_this_tensorflow(self):
+    # The same library's CPU kernels, in this TensorFlow build.
+    table = tf.constant([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])
+    ids = tf.ragged.constant([[0, 2], [1]], dtype=tf.int64)
+    weights = tf.ragged.constant([[0.5, 2.0], [3.0]])
+    self.assertEqual(
+      de.embedding_lookup(table, ids, "sum", weights=weights).numpy().tolist(),
+      [[10.5, 13.0], [9.0, 12.0]],
+    )
+
+
+if __name__ == "__main__":
+  absltest.main()
