@@ -5,8 +5,10 @@
 #   cuda  --config=cuda: builds every target with CUDA (kernels, op library, wheel), then runs
 #         only what behaves differently there: the CUDA googletests (GPU cases skip on a machine
 #         without a GPU and fail on one with a GPU that CUDA cannot use), the lookup tests
-#         against the CUDA-built op library and its GPU kernel registrations. The rest of the Python suite would repeat the cpu
-#         pass case for case (only when nvcc is installed);
+#         against the CUDA-built op library, its GPU kernel registrations and the CUDA wheel
+#         (installs and works in a fresh venv; packing it twice gives the same bytes). The rest
+#         of the Python suite would repeat the cpu pass case for case (only when nvcc is
+#         installed);
 #   gpu_tf  tools/ci/gpu_tf_suite.sh: the --config=cuda op library under the full tensorflow
 #         wheel, its GPU kernel registrations and every test in tests/;
 #   gpu_suite  tools/gpu/run_gpu_suite.sh, the lent-GPU command, builds and runs (its cases skip);
@@ -45,7 +47,7 @@ run cpu //...
 if [[ -x "${CUDA_PATH:-/usr/local/cuda}/bin/nvcc" ]]; then
   echo "=== bazel build --config=cuda //..." >&2
   bazel build --keep_going --config=cuda //... || status=1
-  run cuda "//embedding/kernels:embedding_lookup_cuda_test //embedding/kernels:integer_lookup_cuda_test //embedding/kernels:sparse_update_cuda_test //tests:embedding_lookup_test //tests:gpu_registration_test" --config=cuda
+  run cuda "//embedding/kernels:embedding_lookup_cuda_test //embedding/kernels:integer_lookup_cuda_test //embedding/kernels:sparse_update_cuda_test //tests:embedding_lookup_test //tests:gpu_registration_test //tools/wheel:wheel_test" --config=cuda
 
   # The same op library under the full tensorflow wheel: its GPU registrations, then every test
   # of tests/ (the CPU kernels must behave there as under tensorflow-cpu).
