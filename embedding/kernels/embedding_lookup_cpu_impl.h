@@ -16,6 +16,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstring>
 #include <limits>
 #include <new>
@@ -572,30 +573,38 @@ __attribute__((always_inline)) inline void SumOccurrenceRowsAnyWidth(
 }
 
 // Row u of `unique_grad` = the sum, in occurrence order, of the `source` rows listed in
-// bags[starts[u]] .. bags[starts[u + 1] - 1].
+// bags[starts[u]] .. bags[starts[u + 1] - 1], each times its occurrence's weight
+// weights[positions[k]] unless `weights` is null.
 template <typename T>
-__attribute__((always_inline)) inline void SumGradRowsAnyWidth(const T* source, int64_t width,
-                                                               const int64_t* starts,
-                                                               const int64_t* bags, int64_t u_begin,
-                                                               int64_t u_end, T* unique_grad) {
-  SumOccurrenceRowsAnyWidth<false>(
-      source, width, starts, [bags](int64_t k) { return bags[k]; }, [](int64_t) { return T(1); },
-      u_begin, u_end, unique_grad);
+__attribute__((always_inline)) inline void SumGradRowsAnyWidth(
+    const T* source, int64_t width, const T* weights, const int64_t* starts, const int64_t* bags,
+    const int64_t* positions, int64_t u_begin, int64_t u_end, T* unique_grad) {
+  const auto row_of = [bags](int64_t k) { return bags[k]; };
+  if (weights == nullptr) {
+    SumOccurrenceRowsAnyWidth<false>(
+        source, width, starts, row_of, [](int64_t) { return T(1); }, u_begin, u_end, unique_grad);
+  } else {
+    SumOccurrenceRowsAnyWidth<true>(
+        source, width, starts, row_of, [=](int64_t k) { return weights[positions[k]]; }, u_begin,
+        u_end, unique_grad);
+  }
 }
 
 template <typename T>
-void SumGradRowsPortable(const T* source, int64_t width, const int64_t* starts, const int64_t* bags,
-                         int64_t u_begin, int64_t u_end, T* unique_grad) {
-  SumGradRowsAnyWidth(source, width, starts, bags, u_begin, u_end, unique_grad);
+void SumGradRowsPortable(const T* source, int64_t width, const T* weights, const int64_t* starts,
+                         const int64_t* bags, const int64_t* positions, int64_t u_begin,
+                         int64_t u_end, T* unique_grad) {
+  SumGradRowsAnyWidth(source, width, weights, starts, bags, positions, u_begin, u_end, unique_grad);
 }
 
 #if DE_HAVE_AVX2_CLONES
 template <typename T>
 __attribute__((target("avx2"))) void SumGradRowsAvx2(const T* source, int64_t width,
-                                                     const int64_t* starts, const int64_t* bags,
+                                                     const T* weights, const int64_t* starts,
+                                                     const int64_t* bags, const int64_t* positions,
                                                      int64_t u_begin, int64_t u_end,
                                                      T* unique_grad) {
-  SumGradRowsAnyWidth(source, width, starts, bags, u_begin, u_end, unique_grad);
+  SumGradRowsAnyWidth(source, width, weights, starts, bags, positions, u_begin, u_end, unique_grad);
 }
 #endif
 
@@ -646,11 +655,68 @@ Status PooledLookupForwardCpu(const T* params, int64_t num_rows, int64_t width,
 
 namespace {
 
-// PooledLookupBackwardCpu once the ids are validated.
+// What bag b's weighted sum is divided by: 1 for sum; the sum of its valid ids' weights for mean,
+// the square root of the sum of their squares for sqrtn; 0 when that is zero (the bag gives zeros).
+template <typename T, typename IdT, typename OffsetT>
+T WeightedBagDivisor(const CsrIds<IdT, OffsetT>& csr, const T* weights, int64_t num_rows,
+                     Combiner combiner, int64_t b) {
+  if (combiner == Combiner::kSum) return T(1);
+  T total = T(0);
+  for (int64_t j = csr.row_splits[b]; j < static_cast<int64_t>(csr.row_splits[b + 1]); ++j) {
+    if (!InRange(csr.ids[j], num_rows)) continue;
+    total += combiner == Combiner::kMean ? weights[j] : weights[j] * weights[j];
+  }
+  if (combiner == Combiner::kSqrtn) total = std::sqrt(total);
+  return WeightedDivides(total) ? total : T(0);
+}
+
+// `grad_output` ([batch, width]) with row b divided by divisor_of(b), once per bag, as
+// tf.reduce_mean's gradient divides; a divisor of 0 (a weighted bag that gave zeros) gives zeros.
+template <typename T, typename DivisorOf>
+std::vector<T> DividedByBag(const T* grad_output, int64_t batch, int64_t width,
+                            const DivisorOf& divisor_of) {
+  std::vector<T> scaled(batch * width);
+  for (int64_t b = 0; b < batch; ++b) {
+    const T divisor = divisor_of(b);
+    for (int64_t w = 0; w < width; ++w) {
+      scaled[b * width + w] = divisor == T(0) ? T(0) : grad_output[b * width + w] / divisor;
+    }
+  }
+  return scaled;
+}
+
+// A counting sort of the valid occurrences (unique_of[j] >= 0) by unique id, keeping occurrence
+// order within each: the occurrences of unique id u are entries starts[u] .. starts[u + 1] - 1 of
+// `bags` (each occurrence's bag) and, unless it is null, of `positions` (its position in csr.ids).
+template <typename IdT, typename OffsetT>
+void GroupOccurrencesByUniqueId(const CsrIds<IdT, OffsetT>& csr, const int64_t* unique_of,
+                                int64_t n_unique, std::vector<int64_t>* starts,
+                                std::vector<int64_t>* bags, std::vector<int64_t>* positions) {
+  starts->assign(n_unique + 1, 0);
+  for (int64_t j = 0; j < csr.nnz; ++j) {
+    if (unique_of[j] >= 0) ++(*starts)[unique_of[j] + 1];
+  }
+  for (int64_t u = 0; u < n_unique; ++u) (*starts)[u + 1] += (*starts)[u];
+  bags->resize((*starts)[n_unique]);
+  if (positions != nullptr) positions->resize((*starts)[n_unique]);
+  std::vector<int64_t> cursor(starts->begin(), starts->end() - 1);
+  for (int64_t b = 0; b < csr.batch; ++b) {
+    for (int64_t j = csr.row_splits[b]; j < static_cast<int64_t>(csr.row_splits[b + 1]); ++j) {
+      if (unique_of[j] < 0) continue;
+      const int64_t k = cursor[unique_of[j]]++;
+      (*bags)[k] = b;
+      if (positions != nullptr) (*positions)[k] = j;
+    }
+  }
+}
+
+// The backward pass once the ids are validated, of unweighted bags (`weights` null) or weighted
+// ones (WeightedPooledLookupBackwardCpu).
 template <typename T, typename IdT, typename OffsetT>
 void BackwardValidated(const T* grad_output, int64_t num_rows, int64_t width,
-                       const CsrIds<IdT, OffsetT>& csr, Combiner combiner, IdT* unique_ids,
-                       T* unique_grad, int64_t* num_unique, const ParallelFor& parallel_for) {
+                       const CsrIds<IdT, OffsetT>& csr, const T* weights, Combiner combiner,
+                       IdT* unique_ids, T* unique_grad, int64_t* num_unique,
+                       const ParallelFor& parallel_for) {
   *num_unique = 0;
   if (csr.nnz == 0) return;
 
@@ -661,55 +727,61 @@ void BackwardValidated(const T* grad_output, int64_t num_rows, int64_t width,
   if (n_unique == 0) return;  // Every id skipped (BoundsCheck::kSkip).
 
   // 2. The gradient each occurrence contributes: its bag's output gradient, divided by the bag's
-  //    valid length for mean, its square root for sqrtn (once per bag, as tf.reduce_mean's
-  //    gradient does).
-  const T* source = grad_output;
+  //    divisor: for mean its valid length, for sqrtn that length's square root (weighted: the
+  //    weights' sum, the square root of their squares' sum; zeros where the forward gave zeros).
   std::vector<T> scaled;
+  const T* source = grad_output;
   if (combiner != Combiner::kSum) {
-    scaled.resize(csr.batch * width);
-    for (int64_t b = 0; b < csr.batch; ++b) {
+    scaled = DividedByBag(grad_output, csr.batch, width, [&](int64_t b) {
+      if (weights != nullptr) return WeightedBagDivisor(csr, weights, num_rows, combiner, b);
       int64_t valid = 0;
       for (int64_t j = csr.row_splits[b]; j < static_cast<int64_t>(csr.row_splits[b + 1]); ++j) {
         valid += unique_of[j] >= 0;
       }
-      const bool divide = MeanDivides(valid);
-      const T count = divide ? BagDivisor<T>(valid, combiner == Combiner::kSqrtn) : T(1);
-      for (int64_t w = 0; w < width; ++w) {
-        scaled[b * width + w] =
-            divide ? grad_output[b * width + w] / count : grad_output[b * width + w];
-      }
-    }
+      return MeanDivides(valid) ? BagDivisor<T>(valid, combiner == Combiner::kSqrtn) : T(1);
+    });
     source = scaled.data();
   }
 
-  // 3. Counting sort of occurrences by unique index, keeping occurrence order within each id;
-  //    each occurrence is recorded as its bag, the row of `source` it adds.
-  std::vector<int64_t> starts(n_unique + 1, 0);
-  for (int64_t j = 0; j < csr.nnz; ++j) {
-    if (unique_of[j] >= 0) ++starts[unique_of[j] + 1];
-  }
-  for (int64_t u = 0; u < n_unique; ++u) starts[u + 1] += starts[u];
-  std::vector<int64_t> bags(starts[n_unique]);
-  {
-    std::vector<int64_t> cursor(starts.begin(), starts.end() - 1);
-    for (int64_t b = 0; b < csr.batch; ++b) {
-      for (int64_t j = csr.row_splits[b]; j < static_cast<int64_t>(csr.row_splits[b + 1]); ++j) {
-        if (unique_of[j] >= 0) bags[cursor[unique_of[j]]++] = b;
-      }
-    }
-  }
+  // 3. Occurrences grouped by unique id, each recorded as its bag (the row of `source` it adds)
+  //    and, for weighted bags, its position (its weight).
+  std::vector<int64_t> starts, bags, positions;
+  GroupOccurrencesByUniqueId(csr, unique_of.data(), n_unique, &starts, &bags,
+                             weights != nullptr ? &positions : nullptr);
 
   // 4. Sum each unique id's gradient rows, unique ids split across threads by occurrences.
   const int64_t cost_per_occurrence = width * static_cast<int64_t>(sizeof(T));
   const auto sum_grad_rows = [&](int64_t begin, int64_t end) {
 #if DE_HAVE_AVX2_CLONES
     if (CpuHasAvx2()) {
-      return SumGradRowsAvx2(source, width, starts.data(), bags.data(), begin, end, unique_grad);
+      return SumGradRowsAvx2(source, width, weights, starts.data(), bags.data(), positions.data(),
+                             begin, end, unique_grad);
     }
 #endif
-    SumGradRowsPortable(source, width, starts.data(), bags.data(), begin, end, unique_grad);
+    SumGradRowsPortable(source, width, weights, starts.data(), bags.data(), positions.data(), begin,
+                        end, unique_grad);
   };
   RunParallelBalanced(parallel_for, n_unique, starts.data(), cost_per_occurrence, sum_grad_rows);
+}
+
+// PooledLookupBackwardCpu and WeightedPooledLookupBackwardCpu.
+template <typename T, typename IdT, typename OffsetT>
+Status BackwardCpu(const T* grad_output, int64_t num_rows, int64_t width,
+                   const CsrIds<IdT, OffsetT>& csr, const T* weights, Combiner combiner,
+                   BoundsCheck bounds_check, IdT* unique_ids, T* unique_grad, int64_t* num_unique,
+                   const ParallelFor& parallel_for) {
+  DE_RETURN_IF_ERROR(ValidateCsrIds(csr, num_rows, bounds_check));
+  // The scratch buffers (hash slots, per-id indices) are allocated on this thread; running out
+  // of memory for them is an error for the caller, never std::terminate.
+  try {
+    BackwardValidated(grad_output, num_rows, width, csr, weights, combiner, unique_ids, unique_grad,
+                      num_unique, parallel_for);
+  } catch (const std::bad_alloc&) {
+    *num_unique = 0;
+    return Status::ResourceExhausted("out of memory for the backward pass's scratch buffers (" +
+                                     std::to_string(csr.nnz) + " ids).");
+  }
+  return Status::Ok();
 }
 
 }  // namespace
@@ -719,18 +791,8 @@ Status PooledLookupBackwardCpu(const T* grad_output, int64_t num_rows, int64_t w
                                const CsrIds<IdT, OffsetT>& csr, Combiner combiner,
                                BoundsCheck bounds_check, IdT* unique_ids, T* unique_grad,
                                int64_t* num_unique, const ParallelFor& parallel_for) {
-  DE_RETURN_IF_ERROR(ValidateCsrIds(csr, num_rows, bounds_check));
-  // The scratch buffers (hash slots, per-id indices) are allocated on this thread; running out
-  // of memory for them is an error for the caller, never std::terminate.
-  try {
-    BackwardValidated(grad_output, num_rows, width, csr, combiner, unique_ids, unique_grad,
-                      num_unique, parallel_for);
-  } catch (const std::bad_alloc&) {
-    *num_unique = 0;
-    return Status::ResourceExhausted("out of memory for the backward pass's scratch buffers (" +
-                                     std::to_string(csr.nnz) + " ids).");
-  }
-  return Status::Ok();
+  return BackwardCpu<T>(grad_output, num_rows, width, csr, nullptr, combiner, bounds_check,
+                        unique_ids, unique_grad, num_unique, parallel_for);
 }
 
 template <typename OffsetT>

@@ -11,6 +11,8 @@ import os
 import platform
 import sys
 
+import render_benchmarks  # beside this file: the renderer must read what is written
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -77,9 +79,6 @@ def write(path, benchmark, cmd, rows, **fields):
     json.dump(report, f, indent=1)
     f.write("\n")
   print(f"wrote {path}", flush=True)
-  # The renderer must read what was written (render_benchmarks.py sits beside this file).
-  import render_benchmarks  # pylint: disable=import-outside-toplevel
-
   report["_path"] = os.path.basename(path)
   print("\n".join(render_benchmarks.render_report(report)), flush=True)
   return report

@@ -566,35 +566,22 @@ class DistributedEmbedding(keras.layers.Layer):
     if w is None:
       return feed
     x = feed.original
-    kinds = (tf.RaggedTensor, tf.SparseTensor)
-    ids_kind = next((k for k in kinds if isinstance(x, k)), None)
-    weights_kind = next((k for k in kinds if isinstance(w, k)), None)
-    if ids_kind is not weights_kind:
-      raise TypeError(
-        f"DistributedEmbedding: weights of input {i} must have the structure of its ids "
-        f"({'a dense tensor' if ids_kind is None else ids_kind.__name__}); got "
-        f"{'a dense tensor' if weights_kind is None else weights_kind.__name__}."
-      )
-    if weights_kind is None:
-      w = embedding_lookup_ops.dense_weights(w, x, f"DistributedEmbedding: weights of input {i}")
-    dtype = w.dtype if weights_kind is None else w.values.dtype
-    if not dtype.is_floating:
-      raise TypeError(
-        f"DistributedEmbedding: weights of input {i} must be floating-point; got {dtype.name}."
-      )
+    w = embedding_lookup_ops.check_weights(
+      x, w, f"DistributedEmbedding: weights of input {i}", "its ids"
+    )
     feed.original_weights = w
     feed.structure_ok = tf.logical_and(feed.structure_ok, id_formats.weights_match(x, w))
     if feed.kind == "replicated":
       return feed
-    as_dtype = lambda v: tf.cast(v, self.variable_dtype)  # pylint: disable=unnecessary-lambda-assignment
-    if weights_kind is not None:
-      feed.weights = as_dtype(w.values)
+    if isinstance(w, (tf.RaggedTensor, tf.SparseTensor)):
+      values = w.values
     elif feed.kind == "ragged":  # dense ids of unknown hotness, as ragged
-      feed.weights = as_dtype(tf.reshape(w, [-1]))
+      values = tf.reshape(w, [-1])
     elif feed.one_hot:
-      feed.weights = as_dtype(w)[:, tf.newaxis]
+      values = w[:, tf.newaxis]
     else:
-      feed.weights = as_dtype(w)
+      values = w
+    feed.weights = tf.cast(values, self.variable_dtype)
     return feed
 
   def _feed_ids(self, i, x):

@@ -255,6 +255,26 @@ class Embedding(keras.layers.Layer):
     return super().from_config(config)
 
 
+def map_keys(inputs, lookup):
+  """`lookup` (keys -> ids, elementwise) applied to dense, ragged or sparse `inputs`, keeping
+  their shape, row partitions or indices."""
+  if isinstance(inputs, tf.RaggedTensor):
+    return inputs.with_flat_values(lookup(inputs.flat_values))
+  if isinstance(inputs, tf.SparseTensor):
+    return tf.SparseTensor(inputs.indices, lookup(inputs.values), inputs.dense_shape)
+  return lookup(tf.convert_to_tensor(inputs))
+
+
+def key_ids_spec(inputs):
+  """The int64 ids a key lookup gives for symbolic `inputs`: their shape and format."""
+  return keras.KerasTensor(
+    inputs.shape,
+    dtype="int64",
+    sparse=getattr(inputs, "sparse", False),
+    ragged=getattr(inputs, "ragged", False),
+  )
+
+
 @keras.saving.register_keras_serializable(package="distributed_embeddings")
 class IntegerLookup(keras.layers.Layer):
   """Maps arbitrary integer keys to contiguous ids, building the vocabulary on the fly.
@@ -311,19 +331,10 @@ class IntegerLookup(keras.layers.Layer):
       with tf.device(None if self.use_gpu else "/CPU:0"):
         return embedding_lookup_ops.integer_lookup(self.state, keys, self.max_tokens, insert)
 
-    if isinstance(inputs, tf.RaggedTensor):
-      return inputs.with_flat_values(lookup(inputs.flat_values))
-    if isinstance(inputs, tf.SparseTensor):
-      return tf.SparseTensor(inputs.indices, lookup(inputs.values), inputs.dense_shape)
-    return lookup(tf.convert_to_tensor(inputs))
+    return map_keys(inputs, lookup)
 
-  def compute_output_spec(self, inputs, weights=None):
-    return keras.KerasTensor(
-      inputs.shape,
-      dtype="int64",
-      sparse=getattr(inputs, "sparse", False),
-      ragged=getattr(inputs, "ragged", False),
-    )
+  def compute_output_spec(self, inputs, training=None):
+    return key_ids_spec(inputs)
 
   def set_weights(self, weights):
     """Loads a vocabulary state after checking it whole (InvalidArgumentError if corrupted)."""

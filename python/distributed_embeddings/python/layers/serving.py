@@ -15,6 +15,7 @@ Written under `path`:
 """
 
 import contextlib
+import inspect
 import os
 
 import keras
@@ -121,22 +122,10 @@ class NativeIntegerLookup(keras.layers.Layer):
     self.built = True
 
   def call(self, inputs, training=None):
-    def lookup(keys):
-      return self._table.lookup(tf.cast(keys, tf.int64))
-
-    if isinstance(inputs, tf.RaggedTensor):
-      return inputs.with_flat_values(lookup(inputs.flat_values))
-    if isinstance(inputs, tf.SparseTensor):
-      return tf.SparseTensor(inputs.indices, lookup(inputs.values), inputs.dense_shape)
-    return lookup(tf.convert_to_tensor(inputs))
+    return embedding_lib.map_keys(inputs, lambda keys: self._table.lookup(tf.cast(keys, tf.int64)))
 
   def compute_output_spec(self, inputs, training=None):
-    return keras.KerasTensor(
-      inputs.shape,
-      dtype="int64",
-      sparse=getattr(inputs, "sparse", False),
-      ragged=getattr(inputs, "ragged", False),
-    )
+    return embedding_lib.key_ids_spec(inputs)
 
   def get_config(self):
     config = super().get_config()
@@ -333,8 +322,6 @@ def _native_embedding(layer):
 
 
 def _accepts_training(model):
-  import inspect  # pylint: disable=import-outside-toplevel
-
   try:
     return "training" in inspect.signature(model.call).parameters
   except (TypeError, ValueError):

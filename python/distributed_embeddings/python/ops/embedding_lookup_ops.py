@@ -164,9 +164,20 @@ def _weight_values(ids, weights):
   return weights.values, _same_structure_checks(ids.indices, weights.indices, "indices")
 
 
+def same_values(a, b):
+  """A bool scalar: whether integer tensors `a` and `b` have the same shape and values (`b` cast
+  to `a`'s dtype). Nothing raises, whatever the shapes."""
+  same_shape = tf.reduce_all(tf.equal(tf.shape(a), tf.shape(b)))
+  return tf.cond(
+    same_shape,
+    lambda: tf.reduce_all(tf.equal(a, tf.cast(b, a.dtype))),
+    lambda: tf.constant(False),
+  )
+
+
 def _same_structure_checks(ids_part, weights_part, name):
   """Assertions that `weights` has the same `name` (row_splits, indices) as `ids`; errors name
-  both arguments."""
+  both arguments. Eagerly a ValueError at once."""
   message = f"embedding_lookup: 'weights' must have the same {name} as 'ids'"
   if ids_part is weights_part:
     return []
@@ -174,18 +185,11 @@ def _same_structure_checks(ids_part, weights_part, name):
   if ids_shape.is_fully_defined() and weights_shape.is_fully_defined():
     if ids_shape != weights_shape:
       raise ValueError(f"{message}; got {name} of shapes {ids_shape} and {weights_shape}.")
+  same = same_values(ids_part, weights_part)
   if tf.executing_eagerly():
-    if tf.shape(ids_part).numpy().tolist() != tf.shape(weights_part).numpy().tolist() or not bool(
-      tf.reduce_all(tf.equal(ids_part, tf.cast(weights_part, ids_part.dtype)))
-    ):
+    if not bool(same):
       raise ValueError(f"{message}.")
     return []
-  same_shape = tf.reduce_all(tf.equal(tf.shape(ids_part), tf.shape(weights_part)))
-  same = tf.cond(
-    same_shape,
-    lambda: tf.reduce_all(tf.equal(ids_part, tf.cast(weights_part, ids_part.dtype))),
-    lambda: tf.constant(False),
-  )
   return [tf.debugging.Assert(same, [message])]
 
 
@@ -198,32 +202,25 @@ def dense_weights(weights, ids, what, of="its ids"):
   return weights
 
 
-def _check_weights(ids, weights):
-  """`weights` as a tensor of the structure of `ids` (dense, ragged or sparse), or None."""
-  if weights is None:
-    return None
-  if isinstance(weights, str):
-    raise TypeError(
-      "embedding_lookup: 'weights' must be a tensor of per-id weights; got a string "
-      f"({weights!r}). Pass bounds_check by keyword."
-    )
+def check_weights(ids, weights, what, of="'ids'"):
+  """`weights` (not None) as per-id weights of the structure of `ids`: a tensor of its shape for
+  dense ids, a RaggedTensor or SparseTensor for ragged or sparse ones, floating-point. Misuse is a
+  TypeError or ValueError reading "<what> must ...", the ids named as `of`."""
   kind = {tf.RaggedTensor: "tf.RaggedTensor", tf.SparseTensor: "tf.SparseTensor"}
   ids_kind = next((k for k in kind if isinstance(ids, k)), None)
   weights_kind = next((k for k in kind if isinstance(weights, k)), None)
   if ids_kind is not weights_kind:
     raise TypeError(
-      "embedding_lookup: 'weights' must have the structure of 'ids' "
-      f"({kind.get(ids_kind, 'a dense tensor')}); got {kind.get(weights_kind, 'a dense tensor')}."
+      f"{what} must have the structure of {of} ({kind.get(ids_kind, 'a dense tensor')}); "
+      f"got {kind.get(weights_kind, 'a dense tensor')}."
     )
   if weights_kind is None:
-    weights = dense_weights(weights, ids, "embedding_lookup: 'weights'", "'ids'")
+    weights = dense_weights(weights, ids, what, of)
     dtype = weights.dtype
   else:
     dtype = weights.values.dtype
   if not dtype.is_floating:
-    raise TypeError(
-      f"embedding_lookup: 'weights' must be a floating-point tensor; got {dtype.name}."
-    )
+    raise TypeError(f"{what} must be a floating-point tensor; got {dtype.name}.")
   return weights
 
 
@@ -283,7 +280,13 @@ def embedding_lookup(param, ids, combiner=None, weights=None, bounds_check="erro
     rank = ids.shape.rank
   if rank != 2:
     raise ValueError(f"embedding_lookup: 'ids' must be 2-D; got shape {ids.shape}.")
-  weights = _check_weights(ids, weights)
+  if isinstance(weights, str):
+    raise TypeError(
+      "embedding_lookup: 'weights' must be a tensor of per-id weights; got a string "
+      f"({weights!r}). Pass bounds_check by keyword."
+    )
+  if weights is not None:
+    weights = check_weights(ids, weights, "embedding_lookup: 'weights'")
 
   if isinstance(ids, tf.RaggedTensor):
     return _lookup_ragged(param, ids, width, combiner, bounds_check, weights)

@@ -105,17 +105,10 @@ def weights_match(ids, weights):
   """A bool scalar: whether per-id `weights` have the structure of `ids` (the same shape when
   dense, row_splits when ragged, indices when sparse). Nothing raises."""
   if isinstance(ids, tf.RaggedTensor):
-    ids_part, weights_part = ids.row_splits, tf.cast(weights.row_splits, ids.row_splits.dtype)
-  elif isinstance(ids, tf.SparseTensor):
-    ids_part, weights_part = ids.indices, weights.indices
-  else:
-    return tf.reduce_all(tf.equal(tf.shape(ids), tf.shape(weights)))
-  same_shape = tf.reduce_all(tf.equal(tf.shape(ids_part), tf.shape(weights_part)))
-  return tf.cond(
-    same_shape,
-    lambda: tf.reduce_all(tf.equal(ids_part, weights_part)),
-    lambda: tf.constant(False),
-  )
+    return embedding_lookup_ops.same_values(ids.row_splits, weights.row_splits)
+  if isinstance(ids, tf.SparseTensor):
+    return embedding_lookup_ops.same_values(ids.indices, weights.indices)
+  return embedding_lookup_ops.same_values(tf.shape(ids), tf.shape(weights))
 
 
 def to_ragged(ids):
