@@ -91,11 +91,19 @@ def main():
     # After one collective together, rank 1 dies (or hangs); rank 0's next collective must fail
     # within bounded time, saying why. No launcher watches these workers.
     comm.all_reduce(tf.ones([1]))
+    ready = os.path.join(args.out, "rank0_done_first_collective")
     if comm.rank == 1:
+      # Rank 1 returns from the collective before rank 0 may have received all of it; leaving
+      # then would fail rank 0's first collective instead of its second. Wait for rank 0.
+      deadline = time.monotonic() + 60
+      while not os.path.exists(ready) and time.monotonic() < deadline:
+        time.sleep(0.05)
       if args.mode == "peer_dies":
         os._exit(3)  # pylint: disable=protected-access
       time.sleep(120)
       return 0
+    with open(ready, "w"):
+      pass
     start = time.monotonic()
     try:
       comm.all_reduce(tf.ones([1]))
