@@ -487,6 +487,7 @@ class BadInputTest(test_util.TestCase):
         tf.constant([0, 1], tf.int64),
         tf.constant(5, tf.int64),
         combiner="sum",
+        T=tf.float32,
       )
     with self.assertRaisesRegex(tf.errors.InvalidArgumentError, "'num_rows' must be"):
       ops.de_pooled_embedding_lookup_grad(
@@ -495,6 +496,7 @@ class BadInputTest(test_util.TestCase):
         tf.constant([0, 1], tf.int64),
         tf.constant(-1, tf.int64),
         combiner="sum",
+        T=tf.float32,
       )
     with self.assertRaisesRegex(tf.errors.InvalidArgumentError, "'dense_shape' must hold"):
       ops.de_sparse_row_splits(tf.zeros((0, 2), tf.int64), tf.constant([-3, 2], tf.int64))

@@ -12,7 +12,15 @@ from tensorflow.python.framework import kernels
 
 import distributed_embeddings as de  # loads the op library
 
-TABLE_TYPES = {"float32", "float64"}
+# (table dtype, output dtype): half tables give their own dtype or float32.
+TABLE_OUTPUT_TYPES = {
+  ("float32", "float32"),
+  ("float64", "float64"),
+  ("float16", "float16"),
+  ("float16", "float32"),
+  ("bfloat16", "bfloat16"),
+  ("bfloat16", "float32"),
+}
 ID_TYPES = {"int32", "int64"}
 
 # op: (the attr naming its table type, or None; host-memory arguments of its GPU kernels).
@@ -62,11 +70,12 @@ class GpuRegistrationTest(absltest.TestCase):
           combos.add(
             (
               next(iter(types[table_attr])),
+              next(iter(types["Tout"])),
               next(iter(types["Tindices"])),
               next(iter(types["Tsplits"])),
             )
           )
-        expected = {(t, i, s) for t in TABLE_TYPES for i in ID_TYPES for s in ID_TYPES}
+        expected = {(t, o, i, s) for t, o in TABLE_OUTPUT_TYPES for i in ID_TYPES for s in ID_TYPES}
         self.assertEqual(combos, expected, op)
         # The CPU has the same kernels.
         self.assertLen(self._kernels(op, "CPU"), len(gpu), op)
@@ -86,6 +95,8 @@ class GpuRegistrationTest(absltest.TestCase):
       de.embedding_lookup(table, ids, "sum", weights=weights).numpy().tolist(),
       [[10.5, 13.0], [9.0, 12.0]],
     )
+    half = de.embedding_lookup(tf.cast(table, tf.bfloat16), ids, "sum", output_dtype=tf.float32)
+    self.assertEqual(half.numpy().tolist(), [[6.0, 8.0], [3.0, 4.0]])
 
 
 if __name__ == "__main__":

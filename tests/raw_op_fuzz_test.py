@@ -64,6 +64,8 @@ SPARSE_APPLY = {
 }
 INT_DTYPES = ["int32", "int64"]
 ALL_DTYPES = ["float32", "float64", "int32", "int64", "float16"]
+# Every table dtype the lookup kernels read.
+FLOAT_DTYPES = ["float16", "bfloat16", "float32", "float64"]
 
 
 @st.composite
@@ -155,7 +157,7 @@ def cases(draw):
       # One weight per id (NaN and infinities included) or any tensor at all.
       if structured and draw(st.booleans()):
         case["weights"] = {
-          "dtype": draw(st.sampled_from(["float32", "float64"])),
+          "dtype": draw(st.sampled_from(FLOAT_DTYPES)),
           "shape": [len(ids["values"])],
           "values": draw(
             st.lists(
@@ -166,18 +168,18 @@ def cases(draw):
           ),
         }
       else:
-        case["weights"] = draw(tensors(["float32", "float64", "int32"]))
+        case["weights"] = draw(tensors(FLOAT_DTYPES + ["int32"]))
     if op in ("DePooledEmbeddingLookupGrad", "DeWeightedPooledEmbeddingLookupGrad"):
-      case["grad"] = draw(tensors(["float32", "float64", "int32"]))
+      case["grad"] = draw(tensors(FLOAT_DTYPES + ["int32"]))
       case["num_rows"] = draw(st.sampled_from(EXTREME_VALUES) | st.integers(-2, 9))
+      case["attrs"]["T"] = draw(st.sampled_from(FLOAT_DTYPES))  # the table's
     elif op in ("DePooledEmbeddingLookup", "DeWeightedPooledEmbeddingLookup"):
-      case["params"] = draw(tensors(["float32", "float64", "int32"]))
+      case["params"] = draw(tensors(FLOAT_DTYPES + ["int32"]))
     else:
-      case["variable"] = draw(st.none() | tensors(["float32", "float64", "int64"]))
-      if weighted:  # the op's dtype is the weights'
-        case["variable_dtype"] = draw(st.sampled_from(["float32", "float64"]))
-      else:
-        case["attrs"]["dtype"] = draw(st.sampled_from(["float32", "float64"]))
+      case["variable"] = draw(st.none() | tensors(FLOAT_DTYPES + ["int64"]))
+      case["attrs"]["dtype"] = draw(st.sampled_from(FLOAT_DTYPES))
+      if not weighted:  # a weighted op's output dtype is its weights'
+        case["attrs"]["Tout"] = draw(st.sampled_from(FLOAT_DTYPES))
   elif op == "DeSparseRowSplits":
     case["indices"] = draw(tensors(["int64", "int32"]))
     case["dense_shape"] = draw(tensors(["int64", "int32"], max_rank=1))
@@ -331,7 +333,7 @@ def run(case):
   try:
     if "variable" in case:
       keep.append(variable(case["variable"],
-                           attrs.get("dtype", case.get("variable_dtype", "int64"))))
+                           attrs.get("dtype", "int64")))
     for spec in case.get("variables", []):
       handles.append(variable(spec, case["dtype"]))
     if case.get("alias"):
@@ -421,7 +423,7 @@ class RawOpFuzzTest(absltest.TestCase):
       {
         "op": "DePooledEmbeddingLookupGrad",
         "graph": False,
-        "attrs": {"combiner": "mean", "bounds_check": "error"},
+        "attrs": {"combiner": "mean", "bounds_check": "error", "T": "float32"},
         "grad": {"dtype": "float32", "shape": [1, 2**62], "values": []},
         "ids": {"dtype": "int64", "shape": [3], "values": [0, 1, 2]},
         "row_splits": {"dtype": "int64", "shape": [2], "values": [0, 3]},

@@ -195,6 +195,7 @@ class WeightedLookupTest(parameterized.TestCase, tf.test.TestCase):
         tf.constant(4, tf.int64),
         tf.ones([4]),
         combiner="mean",
+        T=tf.float32,
       )
 
   def test_graph_mode_structure_check(self):

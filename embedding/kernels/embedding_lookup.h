@@ -20,6 +20,7 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "embedding/kernels/half.h"
 #include "embedding/kernels/parallel.h"
 #include "embedding/kernels/status.h"
 
@@ -89,6 +90,26 @@ Status WeightedPooledLookupBackwardCpu(const T* grad_output, int64_t num_rows, i
                                        Combiner combiner, BoundsCheck bounds_check, IdT* unique_ids,
                                        T* unique_grad, int64_t* num_unique,
                                        const ParallelFor& parallel_for = ParallelFor());
+
+// Half-precision tables (half.h): `params` holds Float16 or BFloat16 rows, read in place. A bag
+// is summed in float, in id order, then divided (mean, sqrtn) and rounded once into `output`,
+// whose type is the table's or float. `weights` is null for unweighted bags, else one weight per
+// id of the output's type. Checks, empty bags and divisors follow the functions above.
+template <typename T, typename OutT, typename IdT, typename OffsetT>
+Status HalfPooledLookupForwardCpu(const T* params, int64_t num_rows, int64_t width,
+                                  const CsrIds<IdT, OffsetT>& csr, const OutT* weights,
+                                  Combiner combiner, BoundsCheck bounds_check, OutT* output,
+                                  const ParallelFor& parallel_for = ParallelFor());
+
+// The table's sparse gradient of HalfPooledLookupForwardCpu, laid out as PooledLookupBackwardCpu's:
+// `grad_output` and `weights` (null for unweighted bags) of the forward's output type, each row of
+// `unique_grad` (the table's type) summed in float and rounded once.
+template <typename T, typename GradT, typename IdT, typename OffsetT>
+Status HalfPooledLookupBackwardCpu(const GradT* grad_output, int64_t num_rows, int64_t width,
+                                   const CsrIds<IdT, OffsetT>& csr, const GradT* weights,
+                                   Combiner combiner, BoundsCheck bounds_check, IdT* unique_ids,
+                                   T* unique_grad, int64_t* num_unique,
+                                   const ParallelFor& parallel_for = ParallelFor());
 
 // CooToRowSplitsCpu turns the [nnz, 2] row-major `indices` of a 2-D sparse tensor with dense shape
 // [num_rows_dense, num_cols_dense] into `row_splits` (num_rows_dense + 1 entries). Indices must be

@@ -116,10 +116,11 @@ Status ValidateCsrOnDevice(const CsrIds<IdT, OffsetT>& csr, int64_t num_rows,
   return Status::Ok();
 }
 
-// What bag b's sum is divided by (embedding_lookup.h): 1 when it is not divided; for weighted bags
-// 0 when the bag gives zeros. Unweighted, a mean or sqrtn of 0 or 1 valid ids is not divided.
-template <typename T, typename IdT, typename OffsetT>
-__device__ T BagDivisorOnDevice(const CsrIds<IdT, OffsetT>& csr, int64_t num_rows, const T* weights,
+// What bag b's sum is divided by (embedding_lookup.h), in the accumulator type T: 1 when it is not
+// divided; for weighted bags 0 when the bag gives zeros. Unweighted, a mean or sqrtn of 0 or 1
+// valid ids is not divided.
+template <typename T, typename W, typename IdT, typename OffsetT>
+__device__ T BagDivisorOnDevice(const CsrIds<IdT, OffsetT>& csr, int64_t num_rows, const W* weights,
                                 Combiner combiner, int64_t b) {
   if (combiner == Combiner::kSum) return T(1);
   const bool sqrtn = combiner == Combiner::kSqrtn;
@@ -132,34 +133,38 @@ __device__ T BagDivisorOnDevice(const CsrIds<IdT, OffsetT>& csr, int64_t num_row
   }
   T total = T(0);
   for (int64_t j = begin; j < end; ++j) {
-    if (InRange(csr.ids[j], num_rows)) total += sqrtn ? weights[j] * weights[j] : weights[j];
+    if (!InRange(csr.ids[j], num_rows)) continue;
+    const T weight = Widen(weights[j]);
+    total += sqrtn ? weight * weight : weight;
   }
   if (sqrtn) total = sqrt(total);
   return WeightedDivides(total) ? total : T(0);
 }
 
-// A warp per bag; lane w accumulates columns w, w + 32, ... in id order. `weights` (one per id) is
-// null for unweighted bags.
-template <typename T, typename IdT, typename OffsetT>
+// A warp per bag; lane w accumulates columns w, w + 32, ... in id order, in the table type's
+// accumulator type (float for half tables). `weights` (one per id) is null for unweighted bags.
+template <typename T, typename OutT, typename IdT, typename OffsetT>
 __global__ void ForwardKernel(const T* __restrict__ params, int64_t num_rows, int64_t width,
-                              CsrIds<IdT, OffsetT> csr, const T* __restrict__ weights,
-                              Combiner combiner, T* __restrict__ output) {
+                              CsrIds<IdT, OffsetT> csr, const OutT* __restrict__ weights,
+                              Combiner combiner, OutT* __restrict__ output) {
+  using Acc = AccumulatorOf<T>;
   const int lane = threadIdx.x;
   const int64_t warps = static_cast<int64_t>(gridDim.x) * blockDim.y;
   for (int64_t b = blockIdx.x * static_cast<int64_t>(blockDim.y) + threadIdx.y; b < csr.batch;
        b += warps) {
     const int64_t begin = csr.row_splits[b];
     const int64_t end = csr.row_splits[b + 1];
-    const T divisor = BagDivisorOnDevice(csr, num_rows, weights, combiner, b);
+    const Acc divisor = BagDivisorOnDevice<Acc>(csr, num_rows, weights, combiner, b);
     for (int64_t w = lane; w < width; w += kWarp) {
-      T sum = T(0);
-      for (int64_t j = begin; divisor != T(0) && j < end; ++j) {
+      Acc sum = Acc(0);
+      for (int64_t j = begin; divisor != Acc(0) && j < end; ++j) {
         const IdT id = csr.ids[j];
         if (!InRange(id, num_rows)) continue;
-        const T value = params[static_cast<int64_t>(id) * width + w];
-        sum += weights == nullptr ? value : weights[j] * value;
+        const Acc value = Widen(params[static_cast<int64_t>(id) * width + w]);
+        sum += weights == nullptr ? value : Widen(weights[j]) * value;
       }
-      output[b * width + w] = combiner == Combiner::kSum || divisor == T(0) ? sum : sum / divisor;
+      Store(combiner == Combiner::kSum || divisor == Acc(0) ? sum : sum / divisor,
+            &output[b * width + w]);
     }
   }
 }
@@ -197,9 +202,10 @@ __global__ void PrepareSortKernel(const IdT* ids, int64_t nnz, int64_t num_rows,
   }
 }
 
-// Writes each position's bag and each bag's divisor (BagDivisorOnDevice).
-template <typename T, typename IdT, typename OffsetT>
-__global__ void BagsKernel(CsrIds<IdT, OffsetT> csr, int64_t num_rows, const T* weights,
+// Writes each position's bag and each bag's divisor (BagDivisorOnDevice), in the accumulator type
+// T.
+template <typename T, typename W, typename IdT, typename OffsetT>
+__global__ void BagsKernel(CsrIds<IdT, OffsetT> csr, int64_t num_rows, const W* weights,
                            Combiner combiner, int64_t* bag_of, T* divisor) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t b = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; b < csr.batch;
@@ -207,21 +213,21 @@ __global__ void BagsKernel(CsrIds<IdT, OffsetT> csr, int64_t num_rows, const T* 
     for (int64_t j = csr.row_splits[b]; j < static_cast<int64_t>(csr.row_splits[b + 1]); ++j) {
       bag_of[j] = b;
     }
-    divisor[b] = BagDivisorOnDevice(csr, num_rows, weights, combiner, b);
+    divisor[b] = BagDivisorOnDevice<T>(csr, num_rows, weights, combiner, b);
   }
 }
 
 // A warp per unique id: sums grad_output rows of the bags its occurrences belong to, each divided
-// by its bag's divisor (the CPU kernel's order: divide, then weigh).
-template <typename T, typename IdT>
-__global__ void AccumulateKernel(const T* __restrict__ grad_output, int64_t width,
-                                 const int64_t* __restrict__ sorted_positions,
-                                 const int64_t* __restrict__ run_starts,
-                                 const int* __restrict__ run_lengths,
-                                 const int64_t* __restrict__ num_unique,
-                                 const int64_t* __restrict__ bag_of, const T* __restrict__ divisor,
-                                 const T* __restrict__ weights, bool divide,
-                                 T* __restrict__ unique_grad) {
+// by its bag's divisor (the CPU kernel's order: divide, then weigh), in the accumulator type of the
+// table type T, and stores the sum as a T.
+template <typename T, typename GradT>
+__global__ void AccumulateKernel(
+    const GradT* __restrict__ grad_output, int64_t width,
+    const int64_t* __restrict__ sorted_positions, const int64_t* __restrict__ run_starts,
+    const int* __restrict__ run_lengths, const int64_t* __restrict__ num_unique,
+    const int64_t* __restrict__ bag_of, const AccumulatorOf<T>* __restrict__ divisor,
+    const GradT* __restrict__ weights, bool divide, T* __restrict__ unique_grad) {
+  using Acc = AccumulatorOf<T>;
   const int lane = threadIdx.x;
   const int64_t warps = static_cast<int64_t>(gridDim.x) * blockDim.y;
   for (int64_t u = blockIdx.x * static_cast<int64_t>(blockDim.y) + threadIdx.y; u < *num_unique;
@@ -229,15 +235,15 @@ __global__ void AccumulateKernel(const T* __restrict__ grad_output, int64_t widt
     const int64_t begin = run_starts[u];
     const int64_t end = begin + run_lengths[u];
     for (int64_t w = lane; w < width; w += kWarp) {
-      T sum = T(0);
+      Acc sum = Acc(0);
       for (int64_t k = begin; k < end; ++k) {
         const int64_t j = sorted_positions[k];
         const int64_t b = bag_of[j];
-        T g = grad_output[b * width + w];
-        if (divide) g = divisor[b] == T(0) ? T(0) : g / divisor[b];
-        sum += weights == nullptr ? g : weights[j] * g;
+        Acc g = Widen(grad_output[b * width + w]);
+        if (divide) g = divisor[b] == Acc(0) ? Acc(0) : g / divisor[b];
+        sum += weights == nullptr ? g : Widen(weights[j]) * g;
       }
-      unique_grad[u * width + w] = sum;
+      Store(sum, &unique_grad[u * width + w]);
     }
   }
 }
@@ -283,9 +289,10 @@ __global__ void CooSplitsKernel(const int64_t* indices, int64_t nnz, int64_t num
   }
 }
 
-// Scratch layout of the backward pass; with a null base it only measures.
+// Scratch layout of the backward pass for a table of type T; with a null base it only measures.
 template <typename T, typename IdT>
 struct BackwardScratch {
+  using Acc = AccumulatorOf<T>;
   using Key = SortKey<IdT>;
   ValidationResult* validation;
   Key* keys_in;
@@ -298,7 +305,7 @@ struct BackwardScratch {
   int64_t* run_starts;
   int64_t* num_unique;
   int64_t* bag_of;
-  T* divisor;
+  Acc* divisor;
   void* cub_temp;
   size_t cub_temp_bytes;
   size_t total_bytes;
@@ -327,7 +334,7 @@ struct BackwardScratch {
     run_starts = carver.Take<int64_t>(nnz);
     num_unique = carver.Take<int64_t>(1);
     bag_of = carver.Take<int64_t>(nnz);
-    divisor = carver.Take<T>(batch);
+    divisor = carver.Take<Acc>(batch);
     cub_temp = carver.Take<char>(cub_temp_bytes);
     total_bytes = reinterpret_cast<char*>(carver.Take<char>(0)) - static_cast<char*>(base);
   }
@@ -350,10 +357,10 @@ size_t PooledLookupBackwardCudaWorkspaceBytes(int64_t nnz, int64_t batch) {
 namespace {
 
 // The forward and backward passes; `weights` is null for unweighted bags.
-template <typename T, typename IdT, typename OffsetT>
+template <typename T, typename OutT, typename IdT, typename OffsetT>
 Status ForwardCuda(const T* params, int64_t num_rows, int64_t width,
-                   const CsrIds<IdT, OffsetT>& csr, const T* weights, Combiner combiner,
-                   BoundsCheck bounds_check, T* output, void* workspace, size_t workspace_bytes,
+                   const CsrIds<IdT, OffsetT>& csr, const OutT* weights, Combiner combiner,
+                   BoundsCheck bounds_check, OutT* output, void* workspace, size_t workspace_bytes,
                    cudaStream_t stream) {
   if (workspace_bytes < ValidationWorkspaceBytes()) {
     return Status::Internal("PooledLookupForwardCuda: workspace too small");
@@ -368,9 +375,9 @@ Status ForwardCuda(const T* params, int64_t num_rows, int64_t width,
   return Status::Ok();
 }
 
-template <typename T, typename IdT, typename OffsetT>
-Status BackwardCuda(const T* grad_output, int64_t num_rows, int64_t width,
-                    const CsrIds<IdT, OffsetT>& csr, const T* weights, Combiner combiner,
+template <typename T, typename GradT, typename IdT, typename OffsetT>
+Status BackwardCuda(const GradT* grad_output, int64_t num_rows, int64_t width,
+                    const CsrIds<IdT, OffsetT>& csr, const GradT* weights, Combiner combiner,
                     BoundsCheck bounds_check, IdT* unique_ids, T* unique_grad, int64_t* num_unique,
                     void* workspace, size_t workspace_bytes, cudaStream_t stream) {
   if (csr.nnz > INT_MAX) {
@@ -418,7 +425,7 @@ Status BackwardCuda(const T* grad_output, int64_t num_rows, int64_t width,
                           "cudaMemcpyAsync");
   if (width > 0) {
     const dim3 block(kWarp, kWarpsPerBlock);
-    AccumulateKernel<T, IdT><<<Blocks(*num_unique, kWarpsPerBlock), block, 0, stream>>>(
+    AccumulateKernel<T, GradT><<<Blocks(*num_unique, kWarpsPerBlock), block, 0, stream>>>(
         grad_output, width, s.positions_out, s.run_starts, s.run_lengths, s.num_unique, s.bag_of,
         s.divisor, weights, combiner != Combiner::kSum, unique_grad);
     DE_RETURN_IF_CUDA_ERROR(cudaGetLastError(), "AccumulateKernel launch");
@@ -433,8 +440,8 @@ Status PooledLookupForwardCuda(const T* params, int64_t num_rows, int64_t width,
                                const CsrIds<IdT, OffsetT>& csr, Combiner combiner,
                                BoundsCheck bounds_check, T* output, void* workspace,
                                size_t workspace_bytes, cudaStream_t stream) {
-  return ForwardCuda<T>(params, num_rows, width, csr, nullptr, combiner, bounds_check, output,
-                        workspace, workspace_bytes, stream);
+  return ForwardCuda<T, T>(params, num_rows, width, csr, nullptr, combiner, bounds_check, output,
+                           workspace, workspace_bytes, stream);
 }
 
 template <typename T, typename IdT, typename OffsetT>
@@ -453,8 +460,9 @@ Status PooledLookupBackwardCuda(const T* grad_output, int64_t num_rows, int64_t 
                                 BoundsCheck bounds_check, IdT* unique_ids, T* unique_grad,
                                 int64_t* num_unique, void* workspace, size_t workspace_bytes,
                                 cudaStream_t stream) {
-  return BackwardCuda<T>(grad_output, num_rows, width, csr, nullptr, combiner, bounds_check,
-                         unique_ids, unique_grad, num_unique, workspace, workspace_bytes, stream);
+  return BackwardCuda<T, T>(grad_output, num_rows, width, csr, nullptr, combiner, bounds_check,
+                            unique_ids, unique_grad, num_unique, workspace, workspace_bytes,
+                            stream);
 }
 
 template <typename T, typename IdT, typename OffsetT>
@@ -464,6 +472,27 @@ Status WeightedPooledLookupBackwardCuda(const T* grad_output, int64_t num_rows, 
                                         IdT* unique_ids, T* unique_grad, int64_t* num_unique,
                                         void* workspace, size_t workspace_bytes,
                                         cudaStream_t stream) {
+  return BackwardCuda(grad_output, num_rows, width, csr, weights, combiner, bounds_check,
+                      unique_ids, unique_grad, num_unique, workspace, workspace_bytes, stream);
+}
+
+template <typename T, typename OutT, typename IdT, typename OffsetT>
+Status HalfPooledLookupForwardCuda(const T* params, int64_t num_rows, int64_t width,
+                                   const CsrIds<IdT, OffsetT>& csr, const OutT* weights,
+                                   Combiner combiner, BoundsCheck bounds_check, OutT* output,
+                                   void* workspace, size_t workspace_bytes, cudaStream_t stream) {
+  static_assert(kIsHalf<T>, "HalfPooledLookupForwardCuda reads Float16 or BFloat16 tables");
+  return ForwardCuda(params, num_rows, width, csr, weights, combiner, bounds_check, output,
+                     workspace, workspace_bytes, stream);
+}
+
+template <typename T, typename GradT, typename IdT, typename OffsetT>
+Status HalfPooledLookupBackwardCuda(const GradT* grad_output, int64_t num_rows, int64_t width,
+                                    const CsrIds<IdT, OffsetT>& csr, const GradT* weights,
+                                    Combiner combiner, BoundsCheck bounds_check, IdT* unique_ids,
+                                    T* unique_grad, int64_t* num_unique, void* workspace,
+                                    size_t workspace_bytes, cudaStream_t stream) {
+  static_assert(kIsHalf<T>, "HalfPooledLookupBackwardCuda writes Float16 or BFloat16 gradients");
   return BackwardCuda(grad_output, num_rows, width, csr, weights, combiner, bounds_check,
                       unique_ids, unique_grad, num_unique, workspace, workspace_bytes, stream);
 }
@@ -533,11 +562,37 @@ DE_INSTANTIATE_CUDA_LOOKUP(double, int32_t, int32_t)
 DE_INSTANTIATE_CUDA_LOOKUP(double, int32_t, int64_t)
 DE_INSTANTIATE_CUDA_LOOKUP(double, int64_t, int32_t)
 DE_INSTANTIATE_CUDA_LOOKUP(double, int64_t, int64_t)
+#define DE_INSTANTIATE_HALF_CUDA_LOOKUP(T, OutT, IdT, OffsetT)                                    \
+  template Status HalfPooledLookupForwardCuda(const T*, int64_t, int64_t,                         \
+                                              const CsrIds<IdT, OffsetT>&, const OutT*, Combiner, \
+                                              BoundsCheck, OutT*, void*, size_t, cudaStream_t);   \
+  template Status HalfPooledLookupBackwardCuda(                                                   \
+      const OutT*, int64_t, int64_t, const CsrIds<IdT, OffsetT>&, const OutT*, Combiner,          \
+      BoundsCheck, IdT*, T*, int64_t*, void*, size_t, cudaStream_t);
+
+#define DE_INSTANTIATE_HALF_CUDA_LOOKUP_IDS(T)                                                   \
+  template size_t PooledLookupBackwardCudaWorkspaceBytes<T, int32_t, int32_t>(int64_t, int64_t); \
+  template size_t PooledLookupBackwardCudaWorkspaceBytes<T, int32_t, int64_t>(int64_t, int64_t); \
+  template size_t PooledLookupBackwardCudaWorkspaceBytes<T, int64_t, int32_t>(int64_t, int64_t); \
+  template size_t PooledLookupBackwardCudaWorkspaceBytes<T, int64_t, int64_t>(int64_t, int64_t); \
+  DE_INSTANTIATE_HALF_CUDA_LOOKUP(T, T, int32_t, int32_t)                                        \
+  DE_INSTANTIATE_HALF_CUDA_LOOKUP(T, T, int32_t, int64_t)                                        \
+  DE_INSTANTIATE_HALF_CUDA_LOOKUP(T, T, int64_t, int32_t)                                        \
+  DE_INSTANTIATE_HALF_CUDA_LOOKUP(T, T, int64_t, int64_t)                                        \
+  DE_INSTANTIATE_HALF_CUDA_LOOKUP(T, float, int32_t, int32_t)                                    \
+  DE_INSTANTIATE_HALF_CUDA_LOOKUP(T, float, int32_t, int64_t)                                    \
+  DE_INSTANTIATE_HALF_CUDA_LOOKUP(T, float, int64_t, int32_t)                                    \
+  DE_INSTANTIATE_HALF_CUDA_LOOKUP(T, float, int64_t, int64_t)
+
+DE_INSTANTIATE_HALF_CUDA_LOOKUP_IDS(Float16)
+DE_INSTANTIATE_HALF_CUDA_LOOKUP_IDS(BFloat16)
 template Status CooToRowSplitsCuda(const int64_t*, int64_t, int64_t, int64_t, int32_t*, void*,
                                    size_t, cudaStream_t);
 template Status CooToRowSplitsCuda(const int64_t*, int64_t, int64_t, int64_t, int64_t*, void*,
                                    size_t, cudaStream_t);
 
+#undef DE_INSTANTIATE_HALF_CUDA_LOOKUP_IDS
+#undef DE_INSTANTIATE_HALF_CUDA_LOOKUP
 #undef DE_INSTANTIATE_CUDA_LOOKUP
 
 }  // namespace distributed_embeddings

@@ -59,6 +59,22 @@ Status WeightedPooledLookupBackwardCuda(const T* grad_output, int64_t num_rows, 
                                         void* workspace, size_t workspace_bytes,
                                         cudaStream_t stream);
 
+// Half-precision tables, as HalfPooledLookupForwardCpu and HalfPooledLookupBackwardCpu
+// (embedding_lookup.h): sums in float, rounded once; `weights` null for unweighted bags. The
+// backward's workspace is PooledLookupBackwardCudaWorkspaceBytes<T, IdT, OffsetT>.
+template <typename T, typename OutT, typename IdT, typename OffsetT>
+Status HalfPooledLookupForwardCuda(const T* params, int64_t num_rows, int64_t width,
+                                   const CsrIds<IdT, OffsetT>& csr, const OutT* weights,
+                                   Combiner combiner, BoundsCheck bounds_check, OutT* output,
+                                   void* workspace, size_t workspace_bytes, cudaStream_t stream);
+
+template <typename T, typename GradT, typename IdT, typename OffsetT>
+Status HalfPooledLookupBackwardCuda(const GradT* grad_output, int64_t num_rows, int64_t width,
+                                    const CsrIds<IdT, OffsetT>& csr, const GradT* weights,
+                                    Combiner combiner, BoundsCheck bounds_check, IdT* unique_ids,
+                                    T* unique_grad, int64_t* num_unique, void* workspace,
+                                    size_t workspace_bytes, cudaStream_t stream);
+
 template <typename OffsetT>
 Status CooToRowSplitsCuda(const int64_t* indices, int64_t nnz, int64_t num_rows_dense,
                           int64_t num_cols_dense, OffsetT* row_splits, void* workspace,

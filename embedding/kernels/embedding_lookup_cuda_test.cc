@@ -11,6 +11,7 @@
 
 #include "embedding/kernels/cuda_test_util.h"
 #include "embedding/kernels/embedding_lookup.h"
+#include "embedding/kernels/half_test_util.h"
 #include "embedding/kernels/lookup_test_util.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -22,6 +23,7 @@ using ::distributed_embeddings::testing::CaseSpec;
 using ::distributed_embeddings::testing::ExpectNear;
 using ::distributed_embeddings::testing::ExpectSparseGradient;
 using ::distributed_embeddings::testing::MakeCase;
+using ::distributed_embeddings::testing::ReferenceBackward;
 using ::distributed_embeddings::testing::ReferenceForward;
 using ::distributed_embeddings::testing::StandardSpecs;
 using ::testing::HasSubstr;
@@ -374,6 +376,78 @@ TEST_F(CudaTest, CooToRowSplitsRejectsOutOfOrderAndOutOfBounds) {
   status = CooToRowSplitsCuda(outside.get(), 2, 2, 3, splits.get(), validation.get(),
                               ValidationWorkspaceBytes(), nullptr);
   EXPECT_THAT(status.message(), HasSubstr("got indices[1] = [1, 3]"));
+}
+
+// Half-precision tables: the CUDA kernels against the double reference, as the CPU suite checks
+// them (half_lookup_test.cc).
+template <typename T_, typename OutT_>
+struct HalfTypes {
+  using T = T_;
+  using OutT = OutT_;
+};
+
+template <typename P>
+class HalfLookupCudaTest : public CudaTest {};
+
+using AllHalfTypes = ::testing::Types<HalfTypes<Float16, Float16>, HalfTypes<Float16, float>,
+                                      HalfTypes<BFloat16, BFloat16>, HalfTypes<BFloat16, float>>;
+TYPED_TEST_SUITE(HalfLookupCudaTest, AllHalfTypes);
+
+TYPED_TEST(HalfLookupCudaTest, ForwardAndBackwardMatchReference) {
+  using T = typename TypeParam::T;
+  using OutT = typename TypeParam::OutT;
+  cudaStream_t stream = nullptr;
+  for (const CaseSpec& spec : StandardSpecs(0.1)) {
+    const auto c = testing::MakeHalfCase<T, OutT, int64_t, int32_t>(spec);
+    const auto& exact = c.exact;
+    const int64_t nnz = static_cast<int64_t>(exact.ids.size());
+    DeviceBuffer<T> params(c.params);
+    DeviceBuffer<int64_t> ids(exact.ids);
+    DeviceBuffer<int32_t> splits(exact.row_splits);
+    DeviceBuffer<OutT> weights(c.weights);
+    DeviceBuffer<OutT> grad(c.grad_output);
+    const CsrIds<int64_t, int32_t> csr{ids.get(), nnz, splits.get(), exact.batch()};
+    for (Combiner combiner : {Combiner::kSum, Combiner::kMean, Combiner::kSqrtn}) {
+      for (bool weighted : {false, true}) {
+        SCOPED_TRACE(::testing::Message()
+                     << "seed " << spec.seed << " combiner " << static_cast<int>(combiner)
+                     << " weighted " << weighted);
+        const OutT* w = weighted ? weights.get() : nullptr;
+        DeviceBuffer<OutT> output(exact.batch() * exact.width);
+        DeviceBuffer<char> validation(ValidationWorkspaceBytes());
+        ASSERT_TRUE(HalfPooledLookupForwardCuda(params.get(), exact.num_rows, exact.width, csr, w,
+                                                combiner, BoundsCheck::kSkip, output.get(),
+                                                validation.get(), ValidationWorkspaceBytes(),
+                                                stream)
+                        .ok());
+        testing::ExpectNearRounded(ReferenceForward(exact, combiner, weighted), output.ToHost(),
+                                   spec.max_hotness);
+
+        const int64_t capacity = MaxUniqueIds(nnz, exact.num_rows);
+        DeviceBuffer<int64_t> unique_ids(capacity);
+        DeviceBuffer<T> unique_grad(capacity * exact.width);
+        const size_t bytes =
+            PooledLookupBackwardCudaWorkspaceBytes<T, int64_t, int32_t>(nnz, exact.batch());
+        DeviceBuffer<char> workspace(bytes);
+        int64_t num_unique = -1;
+        ASSERT_TRUE(HalfPooledLookupBackwardCuda(grad.get(), exact.num_rows, exact.width, csr, w,
+                                                 combiner, BoundsCheck::kSkip, unique_ids.get(),
+                                                 unique_grad.get(), &num_unique, workspace.get(),
+                                                 bytes, stream)
+                        .ok());
+        const std::vector<int64_t> host_ids = unique_ids.ToHost(num_unique);
+        const std::vector<T> host_rows = unique_grad.ToHost(num_unique * exact.width);
+        std::vector<T> dense(exact.num_rows * exact.width, testing::FromDouble<T>(0.0));
+        for (int64_t u = 0; u < num_unique; ++u) {
+          ASSERT_TRUE(testing::Valid(host_ids[u], exact.num_rows));
+          for (int64_t k = 0; k < exact.width; ++k) {
+            dense[host_ids[u] * exact.width + k] = host_rows[u * exact.width + k];
+          }
+        }
+        testing::ExpectNearRounded(ReferenceBackward(exact, combiner, weighted), dense, nnz);
+      }
+    }
+  }
 }
 
 }  // namespace

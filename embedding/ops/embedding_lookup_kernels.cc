@@ -2,6 +2,7 @@
 #include "embedding/ops/embedding_lookup_kernels.h"
 
 #include <limits>
+#include <type_traits>
 
 #include "embedding/kernels/huge_pages.h"
 #include "tensorflow/core/framework/register_types.h"
@@ -92,43 +93,54 @@ absl::Status ReadLookupAttrs(tensorflow::OpKernelConstruction* ctx, Combiner* co
   return absl::OkStatus();
 }
 
-template <typename T, typename IdT, typename OffsetT>
-struct LookupFunctor<CPUDevice, T, IdT, OffsetT> {
+template <typename T, typename OutT, typename IdT, typename OffsetT>
+struct LookupFunctor<CPUDevice, T, OutT, IdT, OffsetT> {
   static Status Forward(OpKernelContext* ctx, const T* params, int64_t num_rows, int64_t width,
-                        const CsrIds<IdT, OffsetT>& csr, const T* weights, Combiner combiner,
-                        BoundsCheck bounds_check, T* output) {
+                        const CsrIds<IdT, OffsetT>& csr, const OutT* weights, Combiner combiner,
+                        BoundsCheck bounds_check, OutT* output) {
     // TensorFlow's CPU allocator hands out 4 KiB pages; random row reads want huge ones, and so
     // does the first write of a large output.
     PromoteToHugePages(params, static_cast<size_t>(num_rows * width) * sizeof(T));
-    const FirstWriteAdvice advice(output, static_cast<size_t>(csr.batch * width) * sizeof(T));
-    if (weights != nullptr) {
-      return WeightedPooledLookupForwardCpu(params, num_rows, width, csr, weights, combiner,
-                                            bounds_check, output, CpuParallelFor(ctx));
+    const FirstWriteAdvice advice(output, static_cast<size_t>(csr.batch * width) * sizeof(OutT));
+    if constexpr (kIsHalf<KernelType<T>>) {
+      return HalfPooledLookupForwardCpu(KernelPointer(params), num_rows, width, csr,
+                                        KernelPointer(weights), combiner, bounds_check,
+                                        KernelPointer(output), CpuParallelFor(ctx));
+    } else {
+      static_assert(std::is_same_v<T, OutT>, "float and double tables give their own dtype");
+      if (weights != nullptr) {
+        return WeightedPooledLookupForwardCpu(params, num_rows, width, csr, weights, combiner,
+                                              bounds_check, output, CpuParallelFor(ctx));
+      }
+      return PooledLookupForwardCpu(params, num_rows, width, csr, combiner, bounds_check, output,
+                                    CpuParallelFor(ctx));
     }
-    return PooledLookupForwardCpu(params, num_rows, width, csr, combiner, bounds_check, output,
-                                  CpuParallelFor(ctx));
   }
 
   static Status Backward(OpKernelContext* ctx, const Tensor& grad, int64_t num_rows,
-                         const CsrIds<IdT, OffsetT>& csr, const T* weights, Combiner combiner,
+                         const CsrIds<IdT, OffsetT>& csr, const OutT* weights, Combiner combiner,
                          BoundsCheck bounds_check) {
     const int64_t width = grad.dim_size(1);
     const int64_t capacity = MaxUniqueIds(csr.nnz, num_rows);
     UniqueGradOutputs unique;
     DE_RETURN_IF_ERROR((unique.Allocate<T, IdT>(ctx, capacity, width)));
-    const FirstWriteAdvice advice(unique.grad.flat<T>().data(),
-                                  static_cast<size_t>(capacity * width) * sizeof(T));
+    T* unique_grad = unique.grad.flat<T>().data();
+    const FirstWriteAdvice advice(unique_grad, static_cast<size_t>(capacity * width) * sizeof(T));
+    const OutT* grad_output = grad.flat<OutT>().data();
+    IdT* unique_ids = unique.ids.flat<IdT>().data();
     int64_t num_unique = 0;
-    if (weights != nullptr) {
+    if constexpr (kIsHalf<KernelType<T>>) {
+      DE_RETURN_IF_ERROR(HalfPooledLookupBackwardCpu(
+          KernelPointer(grad_output), num_rows, width, csr, KernelPointer(weights), combiner,
+          bounds_check, unique_ids, KernelPointer(unique_grad), &num_unique, CpuParallelFor(ctx)));
+    } else if (weights != nullptr) {
       DE_RETURN_IF_ERROR(WeightedPooledLookupBackwardCpu(
-          grad.flat<T>().data(), num_rows, width, csr, weights, combiner, bounds_check,
-          unique.ids.flat<IdT>().data(), unique.grad.flat<T>().data(), &num_unique,
-          CpuParallelFor(ctx)));
+          grad_output, num_rows, width, csr, weights, combiner, bounds_check, unique_ids,
+          unique_grad, &num_unique, CpuParallelFor(ctx)));
     } else {
-      DE_RETURN_IF_ERROR(
-          PooledLookupBackwardCpu(grad.flat<T>().data(), num_rows, width, csr, combiner,
-                                  bounds_check, unique.ids.flat<IdT>().data(),
-                                  unique.grad.flat<T>().data(), &num_unique, CpuParallelFor(ctx)));
+      DE_RETURN_IF_ERROR(PooledLookupBackwardCpu(grad_output, num_rows, width, csr, combiner,
+                                                 bounds_check, unique_ids, unique_grad, &num_unique,
+                                                 CpuParallelFor(ctx)));
     }
     unique.SetOutputs(ctx, num_unique);
     return Status::Ok();

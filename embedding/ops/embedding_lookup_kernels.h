@@ -36,17 +36,48 @@ absl::Status CheckWeights(const std::string& op, const tensorflow::Tensor& weigh
 absl::Status ReadLookupAttrs(tensorflow::OpKernelConstruction* ctx, Combiner* combiner,
                              BoundsCheck* bounds_check);
 
+// The kernel library's type for a TensorFlow dtype: its own half types stand for Eigen's, which
+// have the same two-byte layout.
+template <typename T>
+struct KernelTypeOf {
+  using type = T;
+};
+template <>
+struct KernelTypeOf<Eigen::half> {
+  using type = Float16;
+};
+template <>
+struct KernelTypeOf<Eigen::bfloat16> {
+  using type = BFloat16;
+};
+template <typename T>
+using KernelType = typename KernelTypeOf<T>::type;
+
+template <typename T>
+const KernelType<T>* KernelPointer(const T* pointer) {
+  static_assert(sizeof(KernelType<T>) == sizeof(T), "same layout");
+  return reinterpret_cast<const KernelType<T>*>(pointer);
+}
+
+template <typename T>
+KernelType<T>* KernelPointer(T* pointer) {
+  static_assert(sizeof(KernelType<T>) == sizeof(T), "same layout");
+  return reinterpret_cast<KernelType<T>*>(pointer);
+}
+
 // The device-specific halves; specialized in embedding_lookup_kernels.cc (CPU) and
-// embedding_lookup_kernels_gpu.cc (GPU). `weights` (one per id) is null for unweighted bags.
-template <typename Device, typename T, typename IdT, typename OffsetT>
+// embedding_lookup_kernels_gpu.cc (GPU). T is the table's dtype and OutT the output's (T, or
+// float for half tables); `weights` (one per id, of OutT) is null for unweighted bags.
+template <typename Device, typename T, typename OutT, typename IdT, typename OffsetT>
 struct LookupFunctor {
   static Status Forward(tensorflow::OpKernelContext* ctx, const T* params, int64_t num_rows,
-                        int64_t width, const CsrIds<IdT, OffsetT>& csr, const T* weights,
-                        Combiner combiner, BoundsCheck bounds_check, T* output);
-  // Computes the sparse gradient into temporaries of capacity MaxUniqueIds rows and sets
-  // outputs 0 (unique ids) and 1 (their gradient rows) to the filled prefix.
+                        int64_t width, const CsrIds<IdT, OffsetT>& csr, const OutT* weights,
+                        Combiner combiner, BoundsCheck bounds_check, OutT* output);
+  // Computes the sparse gradient (of T) of `grad` (of OutT) into temporaries of capacity
+  // MaxUniqueIds rows and sets outputs 0 (unique ids) and 1 (their gradient rows) to the filled
+  // prefix.
   static Status Backward(tensorflow::OpKernelContext* ctx, const tensorflow::Tensor& grad,
-                         int64_t num_rows, const CsrIds<IdT, OffsetT>& csr, const T* weights,
+                         int64_t num_rows, const CsrIds<IdT, OffsetT>& csr, const OutT* weights,
                          Combiner combiner, BoundsCheck bounds_check);
 };
 
@@ -102,8 +133,8 @@ struct UniqueGradOutputs {
 
 // DePooledEmbeddingLookup (kResource = false) and DeResourcePooledEmbeddingLookup (true); with
 // kWeighted, their weighted forms, whose input 3 is 'weights'.
-template <typename Device, typename T, typename IdT, typename OffsetT, bool kResource,
-          bool kWeighted = false>
+template <typename Device, typename T, typename OutT, typename IdT, typename OffsetT,
+          bool kResource, bool kWeighted = false>
 class PooledLookupOp : public tensorflow::OpKernel {
  public:
   explicit PooledLookupOp(tensorflow::OpKernelConstruction* ctx) : OpKernel(ctx) {
@@ -141,11 +172,11 @@ class PooledLookupOp : public tensorflow::OpKernel {
         ctx, MakeShape(type_string(), "the output [batch, width]", {batch, width}, &output_shape));
     tensorflow::Tensor* output = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, output_shape, &output));
-    OP_REQUIRES_OK(ctx, ToTfStatus(LookupFunctor<Device, T, IdT, OffsetT>::Forward(
+    OP_REQUIRES_OK(ctx, ToTfStatus(LookupFunctor<Device, T, OutT, IdT, OffsetT>::Forward(
                                        ctx, params.flat<T>().data(), params.dim_size(0), width,
                                        CsrFromTensors<IdT, OffsetT>(ids, row_splits),
-                                       WeightsOf<T, kWeighted>(ctx, 3), combiner_, bounds_check_,
-                                       output->flat<T>().data()),
+                                       WeightsOf<OutT, kWeighted>(ctx, 3), combiner_, bounds_check_,
+                                       output->flat<OutT>().data()),
                                    type_string()));
   }
 
@@ -155,7 +186,8 @@ class PooledLookupOp : public tensorflow::OpKernel {
 
 // DePooledEmbeddingLookupGrad; with kWeighted, DeWeightedPooledEmbeddingLookupGrad, whose input 4
 // is 'weights'.
-template <typename Device, typename T, typename IdT, typename OffsetT, bool kWeighted = false>
+template <typename Device, typename T, typename OutT, typename IdT, typename OffsetT,
+          bool kWeighted = false>
 class PooledLookupGradOp : public tensorflow::OpKernel {
  public:
   explicit PooledLookupGradOp(tensorflow::OpKernelConstruction* ctx) : OpKernel(ctx) {
@@ -176,11 +208,12 @@ class PooledLookupGradOp : public tensorflow::OpKernel {
                                   {MaxUniqueIds(ids.NumElements(), num_rows.scalar<int64_t>()()),
                                    grad.dim_size(1)},
                                   &unique_grad_shape));
-    OP_REQUIRES_OK(ctx, ToTfStatus(LookupFunctor<Device, T, IdT, OffsetT>::Backward(
-                                       ctx, grad, num_rows.scalar<int64_t>()(),
-                                       CsrFromTensors<IdT, OffsetT>(ids, row_splits),
-                                       WeightsOf<T, kWeighted>(ctx, 4), combiner_, bounds_check_),
-                                   type_string()));
+    OP_REQUIRES_OK(ctx,
+                   ToTfStatus(LookupFunctor<Device, T, OutT, IdT, OffsetT>::Backward(
+                                  ctx, grad, num_rows.scalar<int64_t>()(),
+                                  CsrFromTensors<IdT, OffsetT>(ids, row_splits),
+                                  WeightsOf<OutT, kWeighted>(ctx, 4), combiner_, bounds_check_),
+                              type_string()));
   }
 
  private:
@@ -211,69 +244,81 @@ class SparseRowSplitsOp : public tensorflow::OpKernel {
   }
 };
 
-// Registers every lookup kernel for one device (DEVICE_CPU with Eigen::ThreadPoolDevice, or
-// DEVICE_GPU with Eigen::GpuDevice). Scalars the kernels read on the host are HostMemory, which
-// is a no-op on the CPU.
-#define DE_REGISTER_LOOKUP_KERNELS(DEVICE, EigenDevice, T, IdT, OffsetT)              \
-  REGISTER_KERNEL_BUILDER(Name("DePooledEmbeddingLookup")                             \
-                              .Device(tensorflow::DEVICE)                             \
-                              .TypeConstraint<T>("T")                                 \
-                              .TypeConstraint<IdT>("Tindices")                        \
-                              .TypeConstraint<OffsetT>("Tsplits"),                    \
-                          PooledLookupOp<EigenDevice, T, IdT, OffsetT, false>);       \
-  REGISTER_KERNEL_BUILDER(Name("DeResourcePooledEmbeddingLookup")                     \
-                              .Device(tensorflow::DEVICE)                             \
-                              .HostMemory("resource")                                 \
-                              .TypeConstraint<T>("dtype")                             \
-                              .TypeConstraint<IdT>("Tindices")                        \
-                              .TypeConstraint<OffsetT>("Tsplits"),                    \
-                          PooledLookupOp<EigenDevice, T, IdT, OffsetT, true>);        \
-  REGISTER_KERNEL_BUILDER(Name("DePooledEmbeddingLookupGrad")                         \
-                              .Device(tensorflow::DEVICE)                             \
-                              .HostMemory("num_rows")                                 \
-                              .TypeConstraint<T>("T")                                 \
-                              .TypeConstraint<IdT>("Tindices")                        \
-                              .TypeConstraint<OffsetT>("Tsplits"),                    \
-                          PooledLookupGradOp<EigenDevice, T, IdT, OffsetT>);          \
-  REGISTER_KERNEL_BUILDER(Name("DeWeightedPooledEmbeddingLookup")                     \
-                              .Device(tensorflow::DEVICE)                             \
-                              .TypeConstraint<T>("T")                                 \
-                              .TypeConstraint<IdT>("Tindices")                        \
-                              .TypeConstraint<OffsetT>("Tsplits"),                    \
-                          PooledLookupOp<EigenDevice, T, IdT, OffsetT, false, true>); \
-  REGISTER_KERNEL_BUILDER(Name("DeResourceWeightedPooledEmbeddingLookup")             \
-                              .Device(tensorflow::DEVICE)                             \
-                              .HostMemory("resource")                                 \
-                              .TypeConstraint<T>("dtype")                             \
-                              .TypeConstraint<IdT>("Tindices")                        \
-                              .TypeConstraint<OffsetT>("Tsplits"),                    \
-                          PooledLookupOp<EigenDevice, T, IdT, OffsetT, true, true>);  \
-  REGISTER_KERNEL_BUILDER(Name("DeWeightedPooledEmbeddingLookupGrad")                 \
-                              .Device(tensorflow::DEVICE)                             \
-                              .HostMemory("num_rows")                                 \
-                              .TypeConstraint<T>("T")                                 \
-                              .TypeConstraint<IdT>("Tindices")                        \
-                              .TypeConstraint<OffsetT>("Tsplits"),                    \
-                          PooledLookupGradOp<EigenDevice, T, IdT, OffsetT, true>);
+// Registers every lookup kernel of one (table dtype T, output dtype OutT, ids, splits) for one
+// device (DEVICE_CPU with Eigen::ThreadPoolDevice, or DEVICE_GPU with Eigen::GpuDevice). Scalars
+// the kernels read on the host are HostMemory, which is a no-op on the CPU.
+#define DE_REGISTER_LOOKUP_KERNELS(DEVICE, EigenDevice, T, OutT, IdT, OffsetT)              \
+  REGISTER_KERNEL_BUILDER(Name("DePooledEmbeddingLookup")                                   \
+                              .Device(tensorflow::DEVICE)                                   \
+                              .TypeConstraint<T>("T")                                       \
+                              .TypeConstraint<OutT>("Tout")                                 \
+                              .TypeConstraint<IdT>("Tindices")                              \
+                              .TypeConstraint<OffsetT>("Tsplits"),                          \
+                          PooledLookupOp<EigenDevice, T, OutT, IdT, OffsetT, false>);       \
+  REGISTER_KERNEL_BUILDER(Name("DeResourcePooledEmbeddingLookup")                           \
+                              .Device(tensorflow::DEVICE)                                   \
+                              .HostMemory("resource")                                       \
+                              .TypeConstraint<T>("dtype")                                   \
+                              .TypeConstraint<OutT>("Tout")                                 \
+                              .TypeConstraint<IdT>("Tindices")                              \
+                              .TypeConstraint<OffsetT>("Tsplits"),                          \
+                          PooledLookupOp<EigenDevice, T, OutT, IdT, OffsetT, true>);        \
+  REGISTER_KERNEL_BUILDER(Name("DePooledEmbeddingLookupGrad")                               \
+                              .Device(tensorflow::DEVICE)                                   \
+                              .HostMemory("num_rows")                                       \
+                              .TypeConstraint<T>("T")                                       \
+                              .TypeConstraint<OutT>("Tout")                                 \
+                              .TypeConstraint<IdT>("Tindices")                              \
+                              .TypeConstraint<OffsetT>("Tsplits"),                          \
+                          PooledLookupGradOp<EigenDevice, T, OutT, IdT, OffsetT>);          \
+  REGISTER_KERNEL_BUILDER(Name("DeWeightedPooledEmbeddingLookup")                           \
+                              .Device(tensorflow::DEVICE)                                   \
+                              .TypeConstraint<T>("T")                                       \
+                              .TypeConstraint<OutT>("Tout")                                 \
+                              .TypeConstraint<IdT>("Tindices")                              \
+                              .TypeConstraint<OffsetT>("Tsplits"),                          \
+                          PooledLookupOp<EigenDevice, T, OutT, IdT, OffsetT, false, true>); \
+  REGISTER_KERNEL_BUILDER(Name("DeResourceWeightedPooledEmbeddingLookup")                   \
+                              .Device(tensorflow::DEVICE)                                   \
+                              .HostMemory("resource")                                       \
+                              .TypeConstraint<T>("dtype")                                   \
+                              .TypeConstraint<OutT>("Tout")                                 \
+                              .TypeConstraint<IdT>("Tindices")                              \
+                              .TypeConstraint<OffsetT>("Tsplits"),                          \
+                          PooledLookupOp<EigenDevice, T, OutT, IdT, OffsetT, true, true>);  \
+  REGISTER_KERNEL_BUILDER(Name("DeWeightedPooledEmbeddingLookupGrad")                       \
+                              .Device(tensorflow::DEVICE)                                   \
+                              .HostMemory("num_rows")                                       \
+                              .TypeConstraint<T>("T")                                       \
+                              .TypeConstraint<OutT>("Tout")                                 \
+                              .TypeConstraint<IdT>("Tindices")                              \
+                              .TypeConstraint<OffsetT>("Tsplits"),                          \
+                          PooledLookupGradOp<EigenDevice, T, OutT, IdT, OffsetT, true>);
 
-#define DE_REGISTER_ALL_LOOKUP_KERNELS(DEVICE, EigenDevice)                 \
-  DE_REGISTER_LOOKUP_KERNELS(DEVICE, EigenDevice, float, int32_t, int32_t)  \
-  DE_REGISTER_LOOKUP_KERNELS(DEVICE, EigenDevice, float, int32_t, int64_t)  \
-  DE_REGISTER_LOOKUP_KERNELS(DEVICE, EigenDevice, float, int64_t, int32_t)  \
-  DE_REGISTER_LOOKUP_KERNELS(DEVICE, EigenDevice, float, int64_t, int64_t)  \
-  DE_REGISTER_LOOKUP_KERNELS(DEVICE, EigenDevice, double, int32_t, int32_t) \
-  DE_REGISTER_LOOKUP_KERNELS(DEVICE, EigenDevice, double, int32_t, int64_t) \
-  DE_REGISTER_LOOKUP_KERNELS(DEVICE, EigenDevice, double, int64_t, int32_t) \
-  DE_REGISTER_LOOKUP_KERNELS(DEVICE, EigenDevice, double, int64_t, int64_t) \
-  REGISTER_KERNEL_BUILDER(Name("DeSparseRowSplits")                         \
-                              .Device(tensorflow::DEVICE)                   \
-                              .HostMemory("dense_shape")                    \
-                              .TypeConstraint<int32_t>("out_type"),         \
-                          SparseRowSplitsOp<EigenDevice, int32_t>);         \
-  REGISTER_KERNEL_BUILDER(Name("DeSparseRowSplits")                         \
-                              .Device(tensorflow::DEVICE)                   \
-                              .HostMemory("dense_shape")                    \
-                              .TypeConstraint<int64_t>("out_type"),         \
+#define DE_REGISTER_LOOKUP_KERNELS_ALL_IDS(DEVICE, EigenDevice, T, OutT)     \
+  DE_REGISTER_LOOKUP_KERNELS(DEVICE, EigenDevice, T, OutT, int32_t, int32_t) \
+  DE_REGISTER_LOOKUP_KERNELS(DEVICE, EigenDevice, T, OutT, int32_t, int64_t) \
+  DE_REGISTER_LOOKUP_KERNELS(DEVICE, EigenDevice, T, OutT, int64_t, int32_t) \
+  DE_REGISTER_LOOKUP_KERNELS(DEVICE, EigenDevice, T, OutT, int64_t, int64_t)
+
+// The (table, output) dtype pairs: float and double tables give their own dtype; half and
+// bfloat16 tables give theirs or float.
+#define DE_REGISTER_ALL_LOOKUP_KERNELS(DEVICE, EigenDevice)                                 \
+  DE_REGISTER_LOOKUP_KERNELS_ALL_IDS(DEVICE, EigenDevice, float, float)                     \
+  DE_REGISTER_LOOKUP_KERNELS_ALL_IDS(DEVICE, EigenDevice, double, double)                   \
+  DE_REGISTER_LOOKUP_KERNELS_ALL_IDS(DEVICE, EigenDevice, Eigen::half, Eigen::half)         \
+  DE_REGISTER_LOOKUP_KERNELS_ALL_IDS(DEVICE, EigenDevice, Eigen::half, float)               \
+  DE_REGISTER_LOOKUP_KERNELS_ALL_IDS(DEVICE, EigenDevice, Eigen::bfloat16, Eigen::bfloat16) \
+  DE_REGISTER_LOOKUP_KERNELS_ALL_IDS(DEVICE, EigenDevice, Eigen::bfloat16, float)           \
+  REGISTER_KERNEL_BUILDER(Name("DeSparseRowSplits")                                         \
+                              .Device(tensorflow::DEVICE)                                   \
+                              .HostMemory("dense_shape")                                    \
+                              .TypeConstraint<int32_t>("out_type"),                         \
+                          SparseRowSplitsOp<EigenDevice, int32_t>);                         \
+  REGISTER_KERNEL_BUILDER(Name("DeSparseRowSplits")                                         \
+                              .Device(tensorflow::DEVICE)                                   \
+                              .HostMemory("dense_shape")                                    \
+                              .TypeConstraint<int64_t>("out_type"),                         \
                           SparseRowSplitsOp<EigenDevice, int64_t>);
 
 }  // namespace distributed_embeddings

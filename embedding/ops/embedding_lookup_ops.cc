@@ -64,8 +64,9 @@ REGISTER_OP("DePooledEmbeddingLookup")
     .Input("params: T")
     .Input("ids: Tindices")
     .Input("row_splits: Tsplits")
-    .Output("output: T")
-    .Attr("T: {float, double}")
+    .Output("output: Tout")
+    .Attr("T: {half, bfloat16, float, double}")
+    .Attr("Tout: {half, bfloat16, float, double} = DT_FLOAT")
     .Attr("Tindices: {int32, int64}")
     .Attr("Tsplits: {int32, int64}")
     .Attr("combiner: {'sum', 'mean', 'sqrtn'}")
@@ -78,6 +79,7 @@ params: [num_rows, width] table.
 ids: the ids of all bags, concatenated.
 row_splits: [batch + 1]; bag b holds ids[row_splits[b]:row_splits[b + 1]].
 output: [batch, width]; an empty bag gives zeros.
+Tout: the output's dtype: T, or float for a half or bfloat16 table (summed in float, rounded once).
 combiner: 'sum', 'mean' or 'sqrtn' (the sum over the square root of the bag's length).
 bounds_check: 'error' rejects ids outside [0, num_rows); 'skip' ignores them.
 )doc");
@@ -86,8 +88,9 @@ REGISTER_OP("DeResourcePooledEmbeddingLookup")
     .Input("resource: resource")
     .Input("ids: Tindices")
     .Input("row_splits: Tsplits")
-    .Output("output: dtype")
-    .Attr("dtype: {float, double}")
+    .Output("output: Tout")
+    .Attr("dtype: {half, bfloat16, float, double}")
+    .Attr("Tout: {half, bfloat16, float, double} = DT_FLOAT")
     .Attr("Tindices: {int32, int64}")
     .Attr("Tsplits: {int32, int64}")
     .Attr("combiner: {'sum', 'mean', 'sqrtn'}")
@@ -98,13 +101,14 @@ DePooledEmbeddingLookup on a resource variable, read in place without copying th
 )doc");
 
 REGISTER_OP("DePooledEmbeddingLookupGrad")
-    .Input("grad: T")
+    .Input("grad: Tout")
     .Input("ids: Tindices")
     .Input("row_splits: Tsplits")
     .Input("num_rows: int64")
     .Output("unique_ids: Tindices")
     .Output("unique_grad: T")
-    .Attr("T: {float, double}")
+    .Attr("T: {half, bfloat16, float, double}")
+    .Attr("Tout: {half, bfloat16, float, double} = DT_FLOAT")
     .Attr("Tindices: {int32, int64}")
     .Attr("Tsplits: {int32, int64}")
     .Attr("combiner: {'sum', 'mean', 'sqrtn'}")
@@ -113,19 +117,20 @@ REGISTER_OP("DePooledEmbeddingLookupGrad")
     .Doc(R"doc(
 The sparse gradient of a pooled lookup: each distinct id with its summed gradient row.
 
-grad: [batch, width], the gradient of the lookup's output.
+grad: [batch, width], the gradient of the lookup's output (of the lookup's Tout).
 num_rows: the number of rows of the table, for the bounds check.
 unique_ids: the distinct ids, each once.
-unique_grad: [num_unique, width].
+unique_grad: [num_unique, width], of the table's dtype T.
 )doc");
 
 REGISTER_OP("DeWeightedPooledEmbeddingLookup")
     .Input("params: T")
     .Input("ids: Tindices")
     .Input("row_splits: Tsplits")
-    .Input("weights: T")
-    .Output("output: T")
-    .Attr("T: {float, double}")
+    .Input("weights: Tout")
+    .Output("output: Tout")
+    .Attr("T: {half, bfloat16, float, double}")
+    .Attr("Tout: {half, bfloat16, float, double} = DT_FLOAT")
     .Attr("Tindices: {int32, int64}")
     .Attr("Tsplits: {int32, int64}")
     .Attr("combiner: {'sum', 'mean', 'sqrtn'}")
@@ -142,9 +147,10 @@ REGISTER_OP("DeResourceWeightedPooledEmbeddingLookup")
     .Input("resource: resource")
     .Input("ids: Tindices")
     .Input("row_splits: Tsplits")
-    .Input("weights: dtype")
-    .Output("output: dtype")
-    .Attr("dtype: {float, double}")
+    .Input("weights: Tout")
+    .Output("output: Tout")
+    .Attr("dtype: {half, bfloat16, float, double}")
+    .Attr("Tout: {half, bfloat16, float, double} = DT_FLOAT")
     .Attr("Tindices: {int32, int64}")
     .Attr("Tsplits: {int32, int64}")
     .Attr("combiner: {'sum', 'mean', 'sqrtn'}")
@@ -155,14 +161,15 @@ DeWeightedPooledEmbeddingLookup on a resource variable, read in place without co
 )doc");
 
 REGISTER_OP("DeWeightedPooledEmbeddingLookupGrad")
-    .Input("grad: T")
+    .Input("grad: Tout")
     .Input("ids: Tindices")
     .Input("row_splits: Tsplits")
     .Input("num_rows: int64")
-    .Input("weights: T")
+    .Input("weights: Tout")
     .Output("unique_ids: Tindices")
     .Output("unique_grad: T")
-    .Attr("T: {float, double}")
+    .Attr("T: {half, bfloat16, float, double}")
+    .Attr("Tout: {half, bfloat16, float, double} = DT_FLOAT")
     .Attr("Tindices: {int32, int64}")
     .Attr("Tsplits: {int32, int64}")
     .Attr("combiner: {'sum', 'mean', 'sqrtn'}")

@@ -103,7 +103,9 @@ class Embedding(keras.layers.Layer):
   constructor's `weights` is the Keras argument for the initial table, unrelated.)
 
   Under a mixed precision policy the table stays in the variable dtype (float32) and the output
-  comes in the compute dtype. Float ids are cast to integers.
+  comes in the compute dtype. With `dtype="float16"` or `"bfloat16"` the table itself is half
+  precision (half the memory) and is read in place: rows are summed in float32 and rounded once.
+  Float ids are cast to integers.
   """
 
   def __init__(
@@ -166,8 +168,9 @@ class Embedding(keras.layers.Layer):
 
   def _lookup(self, ids, combiner, weights=None):
     if self.use_custom_kernel:
+      # Half tables are read as they are; a float32 compute dtype gets their unrounded sums.
       return embedding_lookup_ops.embedding_lookup(
-        self.embeddings, ids, combiner=combiner, weights=weights
+        self.embeddings, ids, combiner=combiner, weights=weights, output_dtype=self.compute_dtype
       )
     return _native_lookup(self.embeddings.value, ids, combiner, weights)
 

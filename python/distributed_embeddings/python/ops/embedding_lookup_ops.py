@@ -18,7 +18,10 @@ _ops = tf.load_op_library(
 
 _COMBINERS = (None, "sum", "mean", "sqrtn")
 _BOUNDS_CHECKS = ("error", "skip")
-_KERNEL_DTYPES = (tf.float32, tf.float64)
+# Table dtypes the kernels read in place. Half and bfloat16 tables are summed in float32; their
+# lookups can also give float32 outputs, rounded once.
+_KERNEL_DTYPES = (tf.float16, tf.bfloat16, tf.float32, tf.float64)
+_HALF_DTYPES = (tf.float16, tf.bfloat16)
 
 
 def _resource_variable(param):
@@ -32,46 +35,63 @@ def _resource_variable(param):
   return None
 
 
-def _pooled_lookup(param, ids, row_splits, combiner, bounds_check, weights=None):
+def _kernel_output_dtype(table_dtype, output_dtype):
+  """The dtype the kernel writes for a table of `table_dtype` when `output_dtype` is asked for:
+  float32 straight from a half table, else the table's own (cast afterwards if need be)."""
+  if table_dtype in _HALF_DTYPES and output_dtype == tf.float32:
+    return tf.float32
+  return table_dtype
+
+
+def _pooled_lookup(param, ids, row_splits, combiner, bounds_check, weights=None, output_dtype=None):
   """Runs the pooled lookup op on flat `ids` and `row_splits` (and flat `weights`, one per id, or
-  None); returns [batch, width]."""
+  None); returns [batch, width] of `output_dtype` (None: the table's)."""
   variable = _resource_variable(param)
   if variable is not None and variable.dtype in _KERNEL_DTYPES:
     resource_variable_ops.variable_accessed(variable)
+    tout = _kernel_output_dtype(variable.dtype, output_dtype)
     if weights is not None:
-      return _ops.de_resource_weighted_pooled_embedding_lookup(
+      output = _ops.de_resource_weighted_pooled_embedding_lookup(
         variable.handle,
         ids,
         row_splits,
-        tf.cast(weights, variable.dtype),  # also sets the op's dtype
+        tf.cast(weights, tout),  # also sets the op's Tout
+        combiner=combiner,
+        bounds_check=bounds_check,
+        dtype=variable.dtype,
+      )
+    else:
+      output = _ops.de_resource_pooled_embedding_lookup(
+        variable.handle,
+        ids,
+        row_splits,
+        combiner=combiner,
+        bounds_check=bounds_check,
+        dtype=variable.dtype,
+        Tout=tout,
+      )
+  else:
+    table = tf.convert_to_tensor(variable if variable is not None else param)
+    # Tables of a dtype the kernels do not read are looked up as float32.
+    compute = table if table.dtype in _KERNEL_DTYPES else tf.cast(table, tf.float32)
+    tout = _kernel_output_dtype(compute.dtype, output_dtype or table.dtype)
+    if weights is not None:
+      output = _ops.de_weighted_pooled_embedding_lookup(
+        compute,
+        ids,
+        row_splits,
+        tf.cast(weights, tout),
         combiner=combiner,
         bounds_check=bounds_check,
       )
-    return _ops.de_resource_pooled_embedding_lookup(
-      variable.handle,
-      ids,
-      row_splits,
-      combiner=combiner,
-      bounds_check=bounds_check,
-      dtype=variable.dtype,
-    )
-  table = tf.convert_to_tensor(variable if variable is not None else param)
-  # Half-precision tables: accumulate in float32, hand back the table's dtype.
-  compute = table if table.dtype in _KERNEL_DTYPES else tf.cast(table, tf.float32)
-  if weights is not None:
-    output = _ops.de_weighted_pooled_embedding_lookup(
-      compute,
-      ids,
-      row_splits,
-      tf.cast(weights, compute.dtype),
-      combiner=combiner,
-      bounds_check=bounds_check,
-    )
-  else:
-    output = _ops.de_pooled_embedding_lookup(
-      compute, ids, row_splits, combiner=combiner, bounds_check=bounds_check
-    )
-  return output if compute is table else tf.cast(output, table.dtype)
+    else:
+      output = _ops.de_pooled_embedding_lookup(
+        compute, ids, row_splits, combiner=combiner, bounds_check=bounds_check, Tout=tout
+      )
+    output_dtype = output_dtype or table.dtype
+  if output_dtype is not None and output.dtype != output_dtype:
+    output = tf.cast(output, output_dtype)
+  return output
 
 
 def _unit_splits(count, dtype):
@@ -84,7 +104,7 @@ def _check_ids_dtype(dtype):
     raise TypeError(f"embedding_lookup: 'ids' must be int32 or int64; got {dtype.name}.")
 
 
-def _lookup_dense(param, ids, width, combiner, bounds_check, weights):
+def _lookup_dense(param, ids, width, combiner, bounds_check, weights, output_dtype):
   ids_shape = tf.shape(ids, out_type=ids.dtype)
   flat_ids = tf.reshape(ids, [-1])
   flat_weights = None if weights is None else tf.reshape(weights, [-1])
@@ -96,18 +116,21 @@ def _lookup_dense(param, ids, width, combiner, bounds_check, weights):
       "sum",
       bounds_check,
       flat_weights,
+      output_dtype,
     )
     output = tf.reshape(output, tf.concat([tf.cast(ids_shape, tf.int32), tf.shape(output)[1:]], 0))
     output.set_shape(ids.shape.concatenate([width]))
     return output
   # Fixed hotness h: bag b holds ids[b, :], so row_splits = [0, h, 2h, ...].
   row_splits = tf.range(ids_shape[0] + 1, dtype=ids.dtype) * ids_shape[1]
-  output = _pooled_lookup(param, flat_ids, row_splits, combiner, bounds_check, flat_weights)
+  output = _pooled_lookup(
+    param, flat_ids, row_splits, combiner, bounds_check, flat_weights, output_dtype
+  )
   output.set_shape(ids.shape[:1].concatenate([width]))
   return output
 
 
-def _lookup_ragged(param, ids, width, combiner, bounds_check, weights):
+def _lookup_ragged(param, ids, width, combiner, bounds_check, weights, output_dtype):
   if ids.ragged_rank != 1:
     raise ValueError(
       "embedding_lookup: 'ids' must be a 2-D RaggedTensor with one ragged "
@@ -118,10 +141,14 @@ def _lookup_ragged(param, ids, width, combiner, bounds_check, weights):
   with tf.control_dependencies(checks):
     if combiner is None:
       splits = _unit_splits(tf.size(ids.values), ids.row_splits.dtype)
-      looked_up = _pooled_lookup(param, ids.values, splits, "sum", bounds_check, values)
+      looked_up = _pooled_lookup(
+        param, ids.values, splits, "sum", bounds_check, values, output_dtype
+      )
       looked_up.set_shape(ids.values.shape.concatenate([width]))
       return ids.with_values(looked_up)
-    output = _pooled_lookup(param, ids.values, ids.row_splits, combiner, bounds_check, values)
+    output = _pooled_lookup(
+      param, ids.values, ids.row_splits, combiner, bounds_check, values, output_dtype
+    )
   output.set_shape(ids.shape[:1].concatenate([width]))
   return output
 
@@ -132,7 +159,7 @@ def sparse_row_splits(indices, dense_shape):
   return _ops.de_sparse_row_splits(indices, dense_shape, out_type=tf.int64)
 
 
-def _lookup_sparse(param, ids, width, combiner, bounds_check, weights):
+def _lookup_sparse(param, ids, width, combiner, bounds_check, weights, output_dtype):
   _check_ids_dtype(ids.values.dtype)
   # Validates bounds and canonical order of the indices, and gives the CSR row_splits.
   row_splits = sparse_row_splits(ids.indices, ids.dense_shape)
@@ -140,7 +167,13 @@ def _lookup_sparse(param, ids, width, combiner, bounds_check, weights):
   with tf.control_dependencies(checks):
     if combiner is None:
       looked_up = _pooled_lookup(
-        param, ids.values, _unit_splits(tf.size(ids.values), tf.int64), "sum", bounds_check, values
+        param,
+        ids.values,
+        _unit_splits(tf.size(ids.values), tf.int64),
+        "sum",
+        bounds_check,
+        values,
+        output_dtype,
       )
       with tf.control_dependencies([row_splits]):
         dense_shape = tf.concat(
@@ -149,7 +182,9 @@ def _lookup_sparse(param, ids, width, combiner, bounds_check, weights):
         output = tf.scatter_nd(ids.indices, looked_up, dense_shape)
       output.set_shape(ids.shape.concatenate([width]))
       return output
-    output = _pooled_lookup(param, ids.values, row_splits, combiner, bounds_check, values)
+    output = _pooled_lookup(
+      param, ids.values, row_splits, combiner, bounds_check, values, output_dtype
+    )
   output.set_shape(ids.shape[:1].concatenate([width]))
   return output
 
@@ -224,7 +259,9 @@ def check_weights(ids, weights, what, of="'ids'"):
   return weights
 
 
-def embedding_lookup(param, ids, combiner=None, weights=None, bounds_check="error"):
+def embedding_lookup(
+  param, ids, combiner=None, weights=None, bounds_check="error", output_dtype=None
+):
   """Looks up embeddings of `ids` in `param`, optionally pooling each row of ids.
 
   Args:
@@ -246,10 +283,14 @@ def embedding_lookup(param, ids, combiner=None, weights=None, bounds_check="erro
       combiner None each row is scaled by its weight.
     bounds_check: 'error' (default) fails on an id outside [0, num_rows); 'skip' lets such ids
       contribute nothing (nor their weights), and a mean then divides by the number of valid ids.
+    output_dtype: None (the table's dtype) or a floating-point dtype for the result. float16 and
+      bfloat16 tables are read in their own dtype and summed in float32; with
+      `output_dtype=tf.float32` their sums come out unrounded (FBGEMM's `output_dtype`), otherwise
+      rounded once to the table's dtype. Any other choice casts the result.
 
   Returns:
-    A tensor of `param`'s dtype. Its gradient with respect to `param` is a `tf.IndexedSlices` with
-    each distinct id once; `weights` get a gradient too.
+    A tensor of `output_dtype`. Its gradient with respect to `param` is a `tf.IndexedSlices` of
+    `param`'s dtype with each distinct id once; `weights` get a gradient too.
 
   Raises:
     TypeError: If `param` is not a tensor or variable, `ids` is not of an integer type, or
@@ -287,13 +328,24 @@ def embedding_lookup(param, ids, combiner=None, weights=None, bounds_check="erro
     )
   if weights is not None:
     weights = check_weights(ids, weights, "embedding_lookup: 'weights'")
+  if output_dtype is not None:
+    try:
+      output_dtype = tf.dtypes.as_dtype(output_dtype)
+    except TypeError:
+      output_dtype = None
+    if output_dtype is None or not output_dtype.is_floating:
+      raise TypeError(
+        "embedding_lookup: 'output_dtype' must be None or a floating-point dtype; got "
+        f"{output_dtype!r}."
+      )
 
+  args = (param, ids, width, combiner, bounds_check, weights, output_dtype)
   if isinstance(ids, tf.RaggedTensor):
-    return _lookup_ragged(param, ids, width, combiner, bounds_check, weights)
+    return _lookup_ragged(*args)
   if isinstance(ids, tf.SparseTensor):
-    return _lookup_sparse(param, ids, width, combiner, bounds_check, weights)
+    return _lookup_sparse(*args)
   _check_ids_dtype(ids.dtype)
-  return _lookup_dense(param, ids, width, combiner, bounds_check, weights)
+  return _lookup_dense(*args)
 
 
 def read_var_no_copy(res_var):
@@ -347,6 +399,11 @@ def row_id_checks(ids, limit, what, limit_text=None):
   return [c for c in checks if c is not None]
 
 
+def _table_dtype(op):
+  """The table dtype of a lookup op (its attr 'T', or 'dtype' for the resource ops)."""
+  return op.get_attr("dtype" if op.inputs[0].dtype == tf.resource else "T")
+
+
 def _sparse_gradient(op, grad, dense_shape):
   unique_ids, unique_grad = _ops.de_pooled_embedding_lookup_grad(
     grad,
@@ -355,6 +412,7 @@ def _sparse_gradient(op, grad, dense_shape):
     dense_shape[0],
     combiner=op.get_attr("combiner"),
     bounds_check=op.get_attr("bounds_check"),
+    T=_table_dtype(op),
   )
   return [tf.IndexedSlices(unique_grad, unique_ids, dense_shape), None, None]
 
@@ -382,7 +440,7 @@ def _weights_gradient(rows_of, grad, ids, row_splits, weights, num_rows, combine
     valid = tf.logical_and(ids >= 0, tf.cast(ids, tf.int64) < num_rows)
   safe_ids = tf.where(valid, ids, tf.zeros_like(ids))
   bag = tf.ragged.row_splits_to_segment_ids(row_splits, out_type=tf.int64)
-  d = tf.reduce_sum(rows_of(safe_ids) * tf.gather(grad, bag), axis=1)
+  d = tf.reduce_sum(tf.cast(rows_of(safe_ids), grad.dtype) * tf.gather(grad, bag), axis=1)
   mask = tf.cast(valid, grad.dtype)
   if combiner == "sum":
     return d * mask
@@ -411,7 +469,14 @@ def _weighted_gradient(op, grad, dense_shape, rows_of):
   bounds_check = _string_attr(op, "bounds_check")
   ids, row_splits, weights = op.inputs[1], op.inputs[2], op.inputs[3]
   unique_ids, unique_grad = _ops.de_weighted_pooled_embedding_lookup_grad(
-    grad, ids, row_splits, dense_shape[0], weights, combiner=combiner, bounds_check=bounds_check
+    grad,
+    ids,
+    row_splits,
+    dense_shape[0],
+    weights,
+    combiner=combiner,
+    bounds_check=bounds_check,
+    T=_table_dtype(op),
   )
   grads = [tf.IndexedSlices(unique_grad, unique_ids, dense_shape), None, None, None]
   # Eager tapes say which inputs need no gradient; the weights usually are data.
