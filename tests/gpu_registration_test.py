@@ -11,6 +11,7 @@ import tensorflow as tf
 from tensorflow.python.framework import kernels
 
 import distributed_embeddings as de  # loads the op library
+from distributed_embeddings.python.parallel import communicator as comm_lib
 
 # (table dtype, output dtype): half tables give their own dtype or float32.
 TABLE_OUTPUT_TYPES = {
@@ -85,6 +86,29 @@ class GpuRegistrationTest(absltest.TestCase):
       with self.subTest(op=op):
         self.assertEmpty(self._kernels(op, "GPU"), f"{op} unexpectedly has a GPU kernel")
         self.assertNotEmpty(self._kernels(op, "CPU"), f"{op} has no CPU kernel")
+
+  def test_gpu_workers_trace_nccl_collectives_on_their_gpu(self):
+    # What init_from_env sets up for worker 1 of 2 on a host with two GPUs: GPU 1 (visible to it
+    # as GPU:0) and NCCL collectives there. Traced, not run: no GPU or cluster is needed.
+    gpu_index, device, hint = comm_lib.worker_placement(1, 2, {})
+    self.assertEqual((1, "GPU:0", "nccl"), (gpu_index, device, hint))
+    comm = comm_lib.Communicator(1, 2, device=device, communication_hint=hint)
+
+    @tf.function
+    def step(x):
+      return comm.all_reduce(x), comm.all_gather(x), comm.all_to_all(x), comm.broadcast(x)
+
+    graph = step.get_concrete_function(tf.TensorSpec([4, 2], tf.float32)).graph
+    collectives = [op for op in graph.get_operations() if op.type.startswith("Collective")]
+    self.assertContainsSubset(
+      {"CollectiveReduceV2", "CollectiveGatherV2", "CollectiveAllToAllV2"},
+      {op.type for op in collectives},
+    )
+    for op in collectives:
+      self.assertEqual(b"nccl", op.get_attr("communication_hint"), op.type)
+      self.assertIn("GPU:0", op.device, op.type)
+    # A CPU host keeps the workers on their CPUs and lets TensorFlow choose (gRPC ring).
+    self.assertEqual((None, "CPU:0", "auto"), comm_lib.worker_placement(1, 0, {}))
 
   def test_lookups_run_on_the_cpu_of_this_tensorflow(self):
     # The same library's CPU kernels, in this TensorFlow build.

@@ -178,6 +178,38 @@ class HalfTableKerasTest(parameterized.TestCase):
     tol = (ROUNDING[tf.as_dtype(dtype)] + FLOAT_SUMS) * (1 + np.abs(expected))
     np.testing.assert_array_less(np.abs(got - expected), tol)
 
+  def test_distributed_embedding_with_a_bfloat16_dtype_keeps_bfloat16_tables(self):
+    from distributed_embeddings import dist_model_parallel as dmp
+
+    rng = np.random.default_rng(5)
+    layers = [de.Embedding(V, 8, combiner="sum"), de.Embedding(40, 4, combiner="mean")]
+    embedding = dmp.DistributedEmbedding(layers, dtype="bfloat16")
+    ids = (rng.integers(0, V, (64, 3)), rng.integers(0, 40, (64, 2)))
+
+    class Model(keras.Model):
+      def __init__(self):
+        super().__init__()
+        self.embedding = embedding
+        self.dense = keras.layers.Dense(1)
+
+      def call(self, inputs):
+        outs = self.embedding(list(inputs))
+        return self.dense(tf.concat([tf.cast(o, tf.float32) for o in outs], axis=1))
+
+    model = Model()
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+    history = model.fit(ids, np.ones((64, 1), "float32"), batch_size=32, epochs=3, verbose=0)
+    self.assertLess(history.history["loss"][-1], history.history["loss"][0])
+    self.assertTrue(embedding.weights)
+    for weight in embedding.weights:
+      self.assertEqual("bfloat16", weight.dtype)
+    # Its outputs are its tables' rows, pooled (one worker: the tables are whole).
+    tables = [np.asarray(w, np.float64) for w in embedding.get_weights()]
+    outs = embedding([tf.constant(ids[0][:4]), tf.constant(ids[1][:4])])
+    for table, out, x, combine in zip(tables, outs, ids, (np.sum, np.mean)):
+      expected = combine(table[x[:4]], axis=1)
+      np.testing.assert_allclose(tf.cast(out, tf.float64).numpy(), expected, rtol=1e-2, atol=1e-2)
+
 
 if __name__ == "__main__":
   absltest.main()

@@ -10,11 +10,15 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <memory>
+#include <cstring>
 #include <new>
 #include <string>
 #include <type_traits>
 #include <vector>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 #include "embedding/kernels/embedding_lookup.h"
 #include "embedding/kernels/embedding_lookup_cpu_impl.h"
@@ -22,6 +26,65 @@
 
 namespace distributed_embeddings {
 namespace {
+
+// The AVX2 build (kF16c) also uses F16C: vcvtph2ps widens eight float16 values at once, and
+// rounding to float16 goes through the compiler's _Float16 (GCC 12+, Clang), one vcvtps2ph.
+// Elsewhere, and for bfloat16 (a shift), half.h's Widen and Store.
+#if DE_HAVE_AVX2_CLONES && defined(__FLT16_MAX__)
+#define DE_HAVE_FLOAT16_TYPE 1
+#else
+#define DE_HAVE_FLOAT16_TYPE 0
+#endif
+
+#if DE_HAVE_AVX2_CLONES
+// sums[w] += row[w] (times `weight` when kWeighted) for a float16 row with F16C, eight values per
+// vcvtph2ps. Its own function with the target, not always_inline: the generic loops that call it
+// have no target of their own, and once they are inlined into the AVX2 build below the compiler
+// may inline this too.
+template <int64_t kWidth, bool kWeighted>
+__attribute__((target("avx2,f16c"))) inline void AddFloat16RowF16c(const Float16* row,
+                                                                   int64_t dynamic_width,
+                                                                   float weight, float* sums) {
+  const int64_t width = kWidth > 0 ? kWidth : dynamic_width;
+  const __m256 scale = _mm256_set1_ps(weight);
+  int64_t w = 0;
+  for (; w + 8 <= width; w += 8) {
+    __m256 value = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + w)));
+    if constexpr (kWeighted) value = _mm256_mul_ps(value, scale);
+    _mm256_storeu_ps(sums + w, _mm256_add_ps(_mm256_loadu_ps(sums + w), value));
+  }
+  if constexpr (kWidth % 8 != 0 || kWidth == 0) {  // the fixed widths are multiples of 8
+    for (; w < width; ++w) sums[w] += kWeighted ? Widen(row[w]) * weight : Widen(row[w]);
+  }
+}
+#endif
+
+// sums[w] += row[w] (times `weight` when kWeighted) for the `width` values of a row, widened.
+template <int64_t kWidth, bool kF16c, bool kWeighted, typename T>
+__attribute__((always_inline)) inline void AddWidenedRow(const T* __restrict row, int64_t width,
+                                                         float weight, float* __restrict sums) {
+#if DE_HAVE_AVX2_CLONES
+  if constexpr (kF16c && std::is_same_v<T, Float16>) {
+    return AddFloat16RowF16c<kWidth, kWeighted>(row, width, weight, sums);
+  }
+#endif
+  for (int64_t w = 0; w < width; ++w) {
+    sums[w] += kWeighted ? Widen(row[w]) * weight : Widen(row[w]);
+  }
+}
+
+// Store in the CPU loops: F16C's vcvtps2ph rounds to nearest even too.
+template <bool kF16c, typename U>
+__attribute__((always_inline)) inline void StoreOnCpu(float value, U* target) {
+#if DE_HAVE_FLOAT16_TYPE
+  if constexpr (kF16c && std::is_same_v<U, Float16>) {
+    const _Float16 native = static_cast<_Float16>(value);
+    std::memcpy(target, &native, sizeof(native));
+    return;
+  }
+#endif
+  Store(value, target);
+}
 
 // What bag b's float sum is divided by (embedding_lookup.h): 1 when it is not divided; 0 when a
 // weighted bag gives zeros.
@@ -51,7 +114,8 @@ __attribute__((always_inline)) inline float HalfBagDivisor(const CsrIds<IdT, Off
 // The bags [bag_begin, bag_end): each valid id's row widened (and, kWeighted, multiplied by its
 // weight, then added) into float sums in id order. kWidth is the width when it is a compile-time
 // constant, 0 otherwise; `sums` has room for a row.
-template <int64_t kWidth, bool kWeighted, typename T, typename OutT, typename IdT, typename OffsetT>
+template <int64_t kWidth, bool kWeighted, bool kF16c, typename T, typename OutT, typename IdT,
+          typename OffsetT>
 __attribute__((always_inline)) inline void HalfForwardBagsImpl(
     const T* __restrict params, int64_t num_rows, int64_t dynamic_width,
     const CsrIds<IdT, OffsetT>& csr, const OutT* __restrict weights, Combiner combiner,
@@ -73,54 +137,50 @@ __attribute__((always_inline)) inline void HalfForwardBagsImpl(
       const IdT id = csr.ids[j];
       if (!InRange(id, num_rows)) continue;  // Only reachable with BoundsCheck::kSkip.
       const T* __restrict row = params + static_cast<int64_t>(id) * width;
-      if constexpr (kWeighted) {
-        const float weight = Widen(weights[j]);
-        for (int64_t w = 0; w < width; ++w) sums[w] += Widen(row[w]) * weight;
-      } else {
-        for (int64_t w = 0; w < width; ++w) sums[w] += Widen(row[w]);
-      }
+      AddWidenedRow<kWidth, kF16c, kWeighted>(row, width, kWeighted ? Widen(weights[j]) : 1.0f,
+                                              sums);
     }
     OutT* __restrict out = output + b * width;
     if (combiner != Combiner::kSum && divisor != 0.0f) {
-      for (int64_t w = 0; w < width; ++w) Store(sums[w] / divisor, out + w);
+      for (int64_t w = 0; w < width; ++w) StoreOnCpu<kF16c>(sums[w] / divisor, out + w);
     } else {
-      for (int64_t w = 0; w < width; ++w) Store(sums[w], out + w);
+      for (int64_t w = 0; w < width; ++w) StoreOnCpu<kF16c>(sums[w], out + w);
     }
   }
 }
 
-template <int64_t kWidth, typename T, typename OutT, typename IdT, typename OffsetT>
+template <int64_t kWidth, bool kF16c, typename T, typename OutT, typename IdT, typename OffsetT>
 __attribute__((always_inline)) inline void HalfForwardBagsWidth(
     const T* params, int64_t num_rows, int64_t width, const CsrIds<IdT, OffsetT>& csr,
     const OutT* weights, Combiner combiner, int64_t bag_begin, int64_t bag_end, OutT* output) {
   if constexpr (kWidth > 0) {
     alignas(kEigenPacketBytes) float sums[kWidth];
     if (weights != nullptr) {
-      return HalfForwardBagsImpl<kWidth, true>(params, num_rows, width, csr, weights, combiner,
-                                               bag_begin, bag_end, sums, output);
+      return HalfForwardBagsImpl<kWidth, true, kF16c>(params, num_rows, width, csr, weights,
+                                                      combiner, bag_begin, bag_end, sums, output);
     }
-    HalfForwardBagsImpl<kWidth, false>(params, num_rows, width, csr, weights, combiner, bag_begin,
-                                       bag_end, sums, output);
+    HalfForwardBagsImpl<kWidth, false, kF16c>(params, num_rows, width, csr, weights, combiner,
+                                              bag_begin, bag_end, sums, output);
   } else {
     std::vector<float> sums(width);
     if (weights != nullptr) {
-      return HalfForwardBagsImpl<0, true>(params, num_rows, width, csr, weights, combiner,
-                                          bag_begin, bag_end, sums.data(), output);
+      return HalfForwardBagsImpl<0, true, kF16c>(params, num_rows, width, csr, weights, combiner,
+                                                 bag_begin, bag_end, sums.data(), output);
     }
-    HalfForwardBagsImpl<0, false>(params, num_rows, width, csr, weights, combiner, bag_begin,
-                                  bag_end, sums.data(), output);
+    HalfForwardBagsImpl<0, false, kF16c>(params, num_rows, width, csr, weights, combiner, bag_begin,
+                                         bag_end, sums.data(), output);
   }
 }
 
-template <typename T, typename OutT, typename IdT, typename OffsetT>
+template <bool kF16c, typename T, typename OutT, typename IdT, typename OffsetT>
 __attribute__((always_inline)) inline void HalfForwardBagsAnyWidth(
     const T* params, int64_t num_rows, int64_t width, const CsrIds<IdT, OffsetT>& csr,
     const OutT* weights, Combiner combiner, int64_t bag_begin, int64_t bag_end, OutT* output) {
   switch (width) {
-#define DE_HALF_FIXED_WIDTH(kWidth)                                                      \
-  case kWidth:                                                                           \
-    return HalfForwardBagsWidth<kWidth>(params, num_rows, width, csr, weights, combiner, \
-                                        bag_begin, bag_end, output);
+#define DE_HALF_FIXED_WIDTH(kWidth)                                                             \
+  case kWidth:                                                                                  \
+    return HalfForwardBagsWidth<kWidth, kF16c>(params, num_rows, width, csr, weights, combiner, \
+                                               bag_begin, bag_end, output);
     DE_HALF_FIXED_WIDTH(16)
     DE_HALF_FIXED_WIDTH(32)
     DE_HALF_FIXED_WIDTH(64)
@@ -128,8 +188,8 @@ __attribute__((always_inline)) inline void HalfForwardBagsAnyWidth(
     DE_HALF_FIXED_WIDTH(256)
 #undef DE_HALF_FIXED_WIDTH
     default:
-      return HalfForwardBagsWidth<0>(params, num_rows, width, csr, weights, combiner, bag_begin,
-                                     bag_end, output);
+      return HalfForwardBagsWidth<0, kF16c>(params, num_rows, width, csr, weights, combiner,
+                                            bag_begin, bag_end, output);
   }
 }
 
@@ -137,20 +197,46 @@ template <typename T, typename OutT, typename IdT, typename OffsetT>
 void HalfForwardBagsPortable(const T* params, int64_t num_rows, int64_t width,
                              const CsrIds<IdT, OffsetT>& csr, const OutT* weights,
                              Combiner combiner, int64_t bag_begin, int64_t bag_end, OutT* output) {
-  HalfForwardBagsAnyWidth(params, num_rows, width, csr, weights, combiner, bag_begin, bag_end,
-                          output);
+  HalfForwardBagsAnyWidth<false>(params, num_rows, width, csr, weights, combiner, bag_begin,
+                                 bag_end, output);
 }
 
 #if DE_HAVE_AVX2_CLONES
-// The same loops with 256-bit instructions; widening is integer work, so AVX2 is all it needs.
+// The same loops with 256-bit instructions, and F16C's float16 widening.
 template <typename T, typename OutT, typename IdT, typename OffsetT>
-__attribute__((target("avx2"))) void HalfForwardBagsAvx2(
+__attribute__((target("avx2,f16c"))) void HalfForwardBagsAvx2(
     const T* params, int64_t num_rows, int64_t width, const CsrIds<IdT, OffsetT>& csr,
     const OutT* weights, Combiner combiner, int64_t bag_begin, int64_t bag_end, OutT* output) {
-  HalfForwardBagsAnyWidth(params, num_rows, width, csr, weights, combiner, bag_begin, bag_end,
-                          output);
+  HalfForwardBagsAnyWidth<true>(params, num_rows, width, csr, weights, combiner, bag_begin, bag_end,
+                                output);
+}
+
+bool CpuHasF16c() {
+  static const bool has_f16c = (__builtin_cpu_init(), __builtin_cpu_supports("f16c"));
+  return has_f16c;
 }
 #endif
+
+// Rounds `n` floats into `target`.
+template <typename T>
+void RoundAllPortable(const float* values, int64_t n, T* target) {
+  for (int64_t i = 0; i < n; ++i) StoreOnCpu<false>(values[i], target + i);
+}
+
+#if DE_HAVE_AVX2_CLONES
+template <typename T>
+__attribute__((target("avx2,f16c"))) void RoundAllAvx2(const float* values, int64_t n, T* target) {
+  for (int64_t i = 0; i < n; ++i) StoreOnCpu<true>(values[i], target + i);
+}
+#endif
+
+template <typename T>
+void RoundAll(const float* values, int64_t n, T* target) {
+#if DE_HAVE_AVX2_CLONES
+  if (CpuHasAvx2() && CpuHasF16c()) return RoundAllAvx2(values, n, target);
+#endif
+  RoundAllPortable(values, n, target);
+}
 
 // `values` (n of them) as floats: the array itself when it holds floats, else widened into
 // `storage`.
@@ -178,7 +264,7 @@ Status HalfPooledLookupForwardCpu(const T* params, int64_t num_rows, int64_t wid
   const int64_t cost_per_id = width * static_cast<int64_t>(sizeof(T));
   const auto forward_bags = [&](int64_t begin, int64_t end) {
 #if DE_HAVE_AVX2_CLONES
-    if (CpuHasAvx2()) {
+    if (CpuHasAvx2() && CpuHasF16c()) {
       return HalfForwardBagsAvx2(params, num_rows, width, csr, weights, combiner, begin, end,
                                  output);
     }
@@ -188,6 +274,68 @@ Status HalfPooledLookupForwardCpu(const T* params, int64_t num_rows, int64_t wid
   RunParallelBalanced(parallel_for, csr.batch, csr.row_splits, cost_per_id, forward_bags);
   return Status::Ok();
 }
+
+namespace {
+
+// Unique rows summed per chunk, in a float buffer this big, before they are rounded.
+constexpr int64_t kChunkFloats = 16384;
+
+// The half backward once the ids are validated: the float backward's steps (unique ids, the
+// output gradient divided per bag, occurrences grouped by unique id), then each thread sums its
+// unique rows in float a chunk at a time and rounds the chunk into `unique_grad`, so no float
+// copy of the whole gradient is ever written.
+template <typename T, typename IdT, typename OffsetT>
+void HalfBackwardValidated(const float* grad_output, int64_t num_rows, int64_t width,
+                           const CsrIds<IdT, OffsetT>& csr, const float* weights, Combiner combiner,
+                           IdT* unique_ids, T* unique_grad, int64_t* num_unique,
+                           const ParallelFor& parallel_for) {
+  *num_unique = 0;
+  if (csr.nnz == 0) return;
+  std::vector<int64_t> unique_of(csr.nnz);
+  IndexUniqueIdsOfCsr(csr, num_rows, unique_of.data(), unique_ids, num_unique);
+  const int64_t n_unique = *num_unique;
+  if (n_unique == 0 || width == 0) return;
+  std::vector<float> scaled;
+  const float* source = grad_output;
+  if (combiner != Combiner::kSum) {
+    scaled = DividedByBag(grad_output, csr.batch, width, [&](int64_t b) {
+      if (weights != nullptr) return WeightedBagDivisor(csr, weights, num_rows, combiner, b);
+      int64_t valid = 0;
+      for (int64_t j = csr.row_splits[b]; j < static_cast<int64_t>(csr.row_splits[b + 1]); ++j) {
+        valid += unique_of[j] >= 0;
+      }
+      return MeanDivides(valid) ? BagDivisor<float>(valid, combiner == Combiner::kSqrtn) : 1.0f;
+    });
+    source = scaled.data();
+  }
+  std::vector<int64_t> starts, bags, positions;
+  GroupOccurrencesByUniqueId(csr, unique_of.data(), n_unique, &starts, &bags,
+                             weights != nullptr ? &positions : nullptr);
+  const int64_t chunk_rows = std::max<int64_t>(1, kChunkFloats / width);
+  const auto sum_and_round = [&](int64_t begin, int64_t end) {
+    std::vector<float> chunk(std::min(end - begin, chunk_rows) * width);
+    for (int64_t first = begin; first < end; first += chunk_rows) {
+      const int64_t rows = std::min(chunk_rows, end - first);
+      // starts shifted to `first`: the summed rows land at the start of the chunk.
+      const int64_t* chunk_starts = starts.data() + first;
+#if DE_HAVE_AVX2_CLONES
+      if (CpuHasAvx2()) {
+        SumGradRowsAvx2(source, width, weights, chunk_starts, bags.data(), positions.data(), 0,
+                        rows, chunk.data());
+      } else
+#endif
+      {
+        SumGradRowsPortable(source, width, weights, chunk_starts, bags.data(), positions.data(), 0,
+                            rows, chunk.data());
+      }
+      RoundAll(chunk.data(), rows * width, unique_grad + first * width);
+    }
+  };
+  RunParallelBalanced(parallel_for, n_unique, starts.data(),
+                      width * static_cast<int64_t>(sizeof(float)), sum_and_round);
+}
+
+}  // namespace
 
 template <typename T, typename GradT, typename IdT, typename OffsetT>
 Status HalfPooledLookupBackwardCpu(const GradT* grad_output, int64_t num_rows, int64_t width,
@@ -203,13 +351,8 @@ Status HalfPooledLookupBackwardCpu(const GradT* grad_output, int64_t num_rows, i
     const float* grad = AsFloats(grad_output, csr.batch * width, &grad_storage);
     const float* float_weights =
         weights == nullptr ? nullptr : AsFloats(weights, csr.nnz, &weights_storage);
-    // Uninitialized: the float backward writes every row it reports.
-    std::unique_ptr<float[]> sums(new float[MaxUniqueIds(csr.nnz, num_rows) * width]);
-    BackwardValidated(grad, num_rows, width, csr, float_weights, combiner, unique_ids, sums.get(),
-                      num_unique, parallel_for);
-    RunParallel(parallel_for, *num_unique, width * 4, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin * width; i < end * width; ++i) Store(sums[i], unique_grad + i);
-    });
+    HalfBackwardValidated(grad, num_rows, width, csr, float_weights, combiner, unique_ids,
+                          unique_grad, num_unique, parallel_for);
   } catch (const std::bad_alloc&) {
     *num_unique = 0;
     return Status::ResourceExhausted("out of memory for the backward pass's scratch buffers (" +

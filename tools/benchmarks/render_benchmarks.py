@@ -15,8 +15,8 @@ Reports, one JSON object per file, told apart by their "benchmark" field:
     systems, versions and rows (one per optimizer, width and hotness);
   * one each (bench_report.py's format) from copy_on_read_benchmark.py, optimizer_step_benchmark.py,
     placement_report.py, main_job_benchmark.py (--suite workers, --suite updates),
-    large_tables_memory.py and weighted_lookup_benchmark.py: SMALL_REPORTS below renders each
-    into the block of its name.
+    large_tables_memory.py, weighted_lookup_benchmark.py and half_table_benchmark.py:
+    SMALL_REPORTS below renders each into the block of its name.
 A block whose report is missing reads "(not yet measured)". Other reports are ignored. Python standard library only, so any python3 can run it:
 
   python3 tools/benchmarks/render_benchmarks.py          # rewrite BENCHMARKS.md in place
@@ -600,6 +600,55 @@ def render_weighted_lookup(report):
   return lines
 
 
+def render_half_table(report):
+  setup = report["setup"]
+  lines = [
+    provenance(report),
+    f"V = {setup['vocab']:,} rows per table, batch {setup['batch']:,}, bags of 1..19 ids, sum,"
+    f" float32 outputs, {setup['rotating_batches']} rotating batches, in graph; median of"
+    f" {setup['repeats']} interleaved repeats, `OMP_WAIT_POLICY={setup.get('omp_wait_policy')}`."
+    " GB/s: table bytes gathered per forward call. Ratios, fwd / fwd+bwd: that path's time / ours"
+    " on the same half table in the same repeat (above 1: ours faster); against float32: our"
+    " float32 table's time / our half table's.",
+    "",
+  ]
+  rows = []
+  for (width, dtype), found in _by_setting(report["rows"], "width", "table").items():
+    paths = {r["path"]: r for r in found}
+    if dtype == "float32":
+      continue
+    ours = paths["ours"]
+    cells = [
+      str(width),
+      dtype,
+      f"{ms(ours['fwd_ms'])} / {ms(ours['fwd_bwd_ms'])}",
+      f"{ours['fwd_gb_s']:.1f}",
+      f"{ratio(ours['vs_float32_fwd'])} / {ratio(ours['vs_float32_fwd_bwd'])}",
+    ]
+    cast = paths.get("cast to float32, then ours")
+    cells.append("-" if cast is None else ratio(cast["ours_speedup_fwd"]))
+    torch = paths.get("torch embedding_bag")
+    cells.append(
+      "-"
+      if torch is None
+      else f"{ratio(torch['ours_speedup_fwd'])} / {ratio(torch['ours_speedup_fwd_bwd'])}"
+    )
+    rows.append(cells)
+  lines += table(
+    [
+      "width",
+      "table",
+      "ours ms, fwd / fwd+bwd",
+      "ours fwd GB/s",
+      "vs our float32 table",
+      "vs casting the table first, fwd",
+      "vs torch embedding_bag (same dtype)",
+    ],
+    rows,
+  )
+  return lines
+
+
 SMALL_REPORTS = {
   "copy_on_read": render_copy_on_read,
   "optimizer_step": render_optimizer_step,
@@ -608,6 +657,7 @@ SMALL_REPORTS = {
   "main_job_updates": render_main_job_updates,
   "large_tables_memory": render_large_tables_memory,
   "weighted_lookup": render_weighted_lookup,
+  "half_table": render_half_table,
 }
 
 
