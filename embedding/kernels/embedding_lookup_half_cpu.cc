@@ -17,6 +17,7 @@
 #include <vector>
 
 #if defined(__x86_64__)
+#include <cpuid.h>
 #include <immintrin.h>
 #endif
 
@@ -211,8 +212,12 @@ __attribute__((target("avx2,f16c"))) void HalfForwardBagsAvx2(
                                 output);
 }
 
+// CPUID leaf 1, ECX bit 29 (older Clangs' __builtin_cpu_supports does not know "f16c").
 bool CpuHasF16c() {
-  static const bool has_f16c = (__builtin_cpu_init(), __builtin_cpu_supports("f16c"));
+  static const bool has_f16c = [] {
+    unsigned int eax = 0, ebx = 0, ecx = 0, edx = 0;
+    return __get_cpuid(1, &eax, &ebx, &ecx, &edx) != 0 && (ecx & (1u << 29)) != 0;
+  }();
   return has_f16c;
 }
 #endif

@@ -21,7 +21,7 @@ trap 'rm -rf "${work}"' EXIT
 kernels="${repo}/embedding/kernels"
 clang++ -std=c++17 -O1 -g -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all \
   -I"${repo}" "${kernels}/fuzz/lookup_fuzzer.cc" "${kernels}/embedding_lookup_cpu.cc" \
-  "${kernels}/embedding_lookup_cpu_double.cc" \
+  "${kernels}/embedding_lookup_cpu_double.cc" "${kernels}/embedding_lookup_half_cpu.cc" \
   "${kernels}/input_errors.cc" "${kernels}/integer_lookup_cpu.cc" -o "${work}/lookup_fuzzer"
 mkdir -p "${work}/corpus"
 start=$(date +%s)

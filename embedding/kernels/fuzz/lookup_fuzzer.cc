@@ -1,4 +1,4 @@
-// libFuzzer target for the CPU entry points of the kernel library.
+// libFuzzer target for the CPU entry points of the kernel library (float and half tables).
 //
 // The input bytes choose sizes, row_splits (often malformed), ids (often out of range), the
 // combiner and the bounds-check mode, and COO indices. Every call must either succeed with the
@@ -79,7 +79,35 @@ void FuzzLookup(Reader& in) {
       PooledLookupBackwardCpu(grad_output.data(), num_rows, width, csr, combiner, mode,
                               unique_ids.data(), unique_grad.data(), &num_unique);
   Check(backward.ok() == valid, "backward validity differs from the reference");
+
+  // The half-table kernels on the same input (small integers and halves: exact in every type):
+  // the same verdict, and where valid the float kernels' results. Weights of one, when given,
+  // change nothing.
+  std::vector<BFloat16> half_params;
+  for (float p : params) half_params.push_back(RoundToBFloat16(p));
+  const std::vector<float> ones(nnz, 1.0f);
+  const float* weights = in.Small(2) ? ones.data() : nullptr;
+  std::vector<float> half_output(batch * width, -1.0f);
+  const Status half_forward = HalfPooledLookupForwardCpu(
+      half_params.data(), num_rows, width, csr, weights, combiner, mode, half_output.data());
+  Check(half_forward.ok() == valid, "half forward validity differs from the reference");
+  std::vector<int64_t> half_ids(capacity);
+  std::vector<Float16> half_grad(capacity * width);
+  int64_t half_unique = -1;
+  const Status half_backward =
+      HalfPooledLookupBackwardCpu(grad_output.data(), num_rows, width, csr, weights, combiner, mode,
+                                  half_ids.data(), half_grad.data(), &half_unique);
+  Check(half_backward.ok() == valid, "half backward validity differs from the reference");
   if (!valid) return;
+  Check(half_output == output, "half forward value");
+  Check(half_unique == num_unique, "half backward unique count");
+  for (int64_t u = 0; u < num_unique; ++u) {
+    Check(half_ids[u] == unique_ids[u], "half backward unique ids");
+    for (int64_t w = 0; w < width; ++w) {
+      Check(std::fabs(Widen(half_grad[u * width + w]) - unique_grad[u * width + w]) < 1e-2,
+            "half gradient value");
+    }
+  }
 
   std::vector<double> dense_grad(num_rows * width, 0.0);
   for (int64_t b = 0; b < batch; ++b) {
