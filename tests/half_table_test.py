@@ -210,6 +210,32 @@ class HalfTableKerasTest(parameterized.TestCase):
       expected = combine(table[x[:4]], axis=1)
       np.testing.assert_allclose(tf.cast(out, tf.float64).numpy(), expected, rtol=1e-2, atol=1e-2)
 
+  def test_bfloat16_tables_export_for_serving_with_and_without_our_ops(self):
+    import os
+    import tempfile
+
+    from distributed_embeddings import dist_model_parallel as dmp
+
+    rng = np.random.default_rng(6)
+    embedding = dmp.DistributedEmbedding(
+      [de.Embedding(V, 8, combiner="sum"), de.Embedding(40, 4, combiner="mean")], dtype="bfloat16"
+    )
+    a, b = keras.Input((3,), dtype="int64"), keras.Input((2,), dtype="int64")
+    pooled = [keras.ops.cast(o, "float32") for o in embedding([a, b])]
+    model = keras.Model([a, b], keras.layers.Dense(1)(keras.layers.Concatenate()(pooled)))
+    model.compile(optimizer="sgd", loss="mse")
+    ids = [rng.integers(0, V, (16, 3)), rng.integers(0, 40, (16, 2))]
+    model.fit(ids, np.ones((16, 1)), epochs=1, verbose=0)
+    want = model.predict(ids, verbose=0)
+    for native_ops in (False, True):
+      path = tempfile.mkdtemp(dir=self.create_tempdir().full_path)
+      dmp.export_for_serving(model, path, native_ops=native_ops)
+      serve = tf.saved_model.load(os.path.join(path, "saved_model")).signatures["serving_default"]
+      names = sorted(serve.structured_input_signature[1])
+      got = next(iter(serve(**{n: tf.constant(x) for n, x in zip(names, ids)}).values()))
+      # TensorFlow's own ops sum the bfloat16 rows in float32 too: the same predictions.
+      np.testing.assert_array_equal(got.numpy(), want, err_msg=f"native_ops={native_ops}")
+
 
 if __name__ == "__main__":
   absltest.main()

@@ -62,19 +62,23 @@ def _native_lookup(table, ids, combiner, weights=None):
     if weights is not None:
       weights = tf.RaggedTensor.from_tensor(weights)
   rows = tf.ragged.map_flat_values(tf.gather, table, ids)
+  # Half tables are summed in float32, as the kernels sum them, and rounded once.
+  dtype = tf.float32 if table.dtype in (tf.float16, tf.bfloat16) else table.dtype
+  if dtype != table.dtype:
+    rows = tf.cast(rows, dtype)
   if weights is None:
-    weights = tf.ones_like(ids, dtype=table.dtype)
-  weights = tf.cast(weights, table.dtype)
+    weights = tf.ones_like(ids, dtype=dtype)
+  weights = tf.cast(weights, dtype)
   total = tf.reduce_sum(rows * tf.expand_dims(weights, -1), axis=1)
   if combiner == "sum":
-    return total
+    return tf.cast(total, table.dtype)
   divisor = tf.reduce_sum(weights if combiner == "mean" else weights * weights, axis=1)
   if combiner == "sqrtn":
     divisor = tf.sqrt(divisor)
   divisor = divisor[:, None]
   # An empty or zero-weight bag gives zeros, as the kernels do.
   safe = tf.where(tf.equal(divisor, 0), tf.ones_like(divisor), divisor)
-  return tf.where(tf.equal(divisor, 0), tf.zeros_like(total), total / safe)
+  return tf.cast(tf.where(tf.equal(divisor, 0), tf.zeros_like(total), total / safe), table.dtype)
 
 
 @keras.saving.register_keras_serializable(package="distributed_embeddings")
