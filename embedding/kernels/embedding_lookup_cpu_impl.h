@@ -710,29 +710,56 @@ void GroupOccurrencesByUniqueId(const CsrIds<IdT, OffsetT>& csr, const int64_t* 
   }
 }
 
-// The backward pass once the ids are validated, of unweighted bags (`weights` null) or weighted
-// ones (WeightedPooledLookupBackwardCpu).
+// Row u - u_begin of `unique_grad`, for u in [u_begin, u_end): SumGradRowsAnyWidth, in the AVX2
+// build where the CPU has it.
+template <typename T>
+void SumGradRows(const T* source, int64_t width, const T* weights, const int64_t* starts,
+                 const int64_t* bags, const int64_t* positions, int64_t u_begin, int64_t u_end,
+                 T* unique_grad) {
+  // starts shifted to u_begin: the summed rows land from the start of unique_grad.
+#if DE_HAVE_AVX2_CLONES
+  if (CpuHasAvx2()) {
+    return SumGradRowsAvx2(source, width, weights, starts + u_begin, bags, positions, 0,
+                           u_end - u_begin, unique_grad);
+  }
+#endif
+  SumGradRowsPortable(source, width, weights, starts + u_begin, bags, positions, 0, u_end - u_begin,
+                      unique_grad);
+}
+
+// What each unique id's gradient row sums (steps 1-3 of BackwardValidated, shared with the
+// half-table backward): the rows of `source` listed in bags[starts[u]] .. bags[starts[u + 1] - 1],
+// weighted by weights[positions[k]] unless `weights` is null.
+template <typename T>
+struct GroupedGradient {
+  std::vector<T> scaled;  // the output gradient divided per bag, when the combiner divides
+  const T* source = nullptr;
+  std::vector<int64_t> starts, bags, positions;
+};
+
+// Writes the unique ids (and their count, 0 when there is nothing to sum) and returns how their
+// gradient rows are made up.
 template <typename T, typename IdT, typename OffsetT>
-void BackwardValidated(const T* grad_output, int64_t num_rows, int64_t width,
-                       const CsrIds<IdT, OffsetT>& csr, const T* weights, Combiner combiner,
-                       IdT* unique_ids, T* unique_grad, int64_t* num_unique,
-                       const ParallelFor& parallel_for) {
+GroupedGradient<T> GroupGradientByUniqueId(const T* grad_output, int64_t num_rows, int64_t width,
+                                           const CsrIds<IdT, OffsetT>& csr, const T* weights,
+                                           Combiner combiner, IdT* unique_ids,
+                                           int64_t* num_unique) {
+  GroupedGradient<T> grouped;
+  grouped.source = grad_output;
   *num_unique = 0;
-  if (csr.nnz == 0) return;
+  if (csr.nnz == 0) return grouped;
 
   // 1. Unique ids in first-occurrence order; -1 marks a skipped invalid id.
   std::vector<int64_t> unique_of(csr.nnz);
   IndexUniqueIdsOfCsr(csr, num_rows, unique_of.data(), unique_ids, num_unique);
   const int64_t n_unique = *num_unique;
-  if (n_unique == 0) return;  // Every id skipped (BoundsCheck::kSkip).
+  if (n_unique == 0) return grouped;  // Every id skipped (BoundsCheck::kSkip).
 
   // 2. The gradient each occurrence contributes: its bag's output gradient, divided by the bag's
   //    divisor: for mean its valid length, for sqrtn that length's square root (weighted: the
   //    weights' sum, the square root of their squares' sum; zeros where the forward gave zeros).
-  std::vector<T> scaled;
-  const T* source = grad_output;
   if (combiner != Combiner::kSum) {
-    scaled = DividedByBag(grad_output, csr.batch, width, [&](int64_t b) {
+    grouped.scaled = DividedByBag(grad_output, csr.batch, width, [&](int64_t b) {
       if (weights != nullptr) return WeightedBagDivisor(csr, weights, num_rows, combiner, b);
       int64_t valid = 0;
       for (int64_t j = csr.row_splits[b]; j < static_cast<int64_t>(csr.row_splits[b + 1]); ++j) {
@@ -740,28 +767,34 @@ void BackwardValidated(const T* grad_output, int64_t num_rows, int64_t width,
       }
       return MeanDivides(valid) ? BagDivisor<T>(valid, combiner == Combiner::kSqrtn) : T(1);
     });
-    source = scaled.data();
+    grouped.source = grouped.scaled.data();
   }
 
   // 3. Occurrences grouped by unique id, each recorded as its bag (the row of `source` it adds)
   //    and, for weighted bags, its position (its weight).
-  std::vector<int64_t> starts, bags, positions;
-  GroupOccurrencesByUniqueId(csr, unique_of.data(), n_unique, &starts, &bags,
-                             weights != nullptr ? &positions : nullptr);
+  GroupOccurrencesByUniqueId(csr, unique_of.data(), n_unique, &grouped.starts, &grouped.bags,
+                             weights != nullptr ? &grouped.positions : nullptr);
+  return grouped;
+}
 
+// The backward pass once the ids are validated, of unweighted bags (`weights` null) or weighted
+// ones (WeightedPooledLookupBackwardCpu).
+template <typename T, typename IdT, typename OffsetT>
+void BackwardValidated(const T* grad_output, int64_t num_rows, int64_t width,
+                       const CsrIds<IdT, OffsetT>& csr, const T* weights, Combiner combiner,
+                       IdT* unique_ids, T* unique_grad, int64_t* num_unique,
+                       const ParallelFor& parallel_for) {
+  const GroupedGradient<T> g = GroupGradientByUniqueId(grad_output, num_rows, width, csr, weights,
+                                                       combiner, unique_ids, num_unique);
+  if (*num_unique == 0) return;
   // 4. Sum each unique id's gradient rows, unique ids split across threads by occurrences.
   const int64_t cost_per_occurrence = width * static_cast<int64_t>(sizeof(T));
   const auto sum_grad_rows = [&](int64_t begin, int64_t end) {
-#if DE_HAVE_AVX2_CLONES
-    if (CpuHasAvx2()) {
-      return SumGradRowsAvx2(source, width, weights, starts.data(), bags.data(), positions.data(),
-                             begin, end, unique_grad);
-    }
-#endif
-    SumGradRowsPortable(source, width, weights, starts.data(), bags.data(), positions.data(), begin,
-                        end, unique_grad);
+    SumGradRows(g.source, width, weights, g.starts.data(), g.bags.data(), g.positions.data(), begin,
+                end, unique_grad + begin * width);
   };
-  RunParallelBalanced(parallel_for, n_unique, starts.data(), cost_per_occurrence, sum_grad_rows);
+  RunParallelBalanced(parallel_for, *num_unique, g.starts.data(), cost_per_occurrence,
+                      sum_grad_rows);
 }
 
 // PooledLookupBackwardCpu and WeightedPooledLookupBackwardCpu.

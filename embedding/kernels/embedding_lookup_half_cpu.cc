@@ -5,8 +5,9 @@
 // sums stay in float, and each output value is rounded once. Bags are split across threads by
 // their number of ids and rows are prefetched a few ids ahead, as in the float kernels; for the
 // common widths the width is a compile-time constant, so the sums live in vector registers.
-// The backward is the float one (BackwardValidated) on the widened output gradient, with each
-// unique row rounded once to the table's type at the end.
+// The backward groups occurrences by unique id as the float one does (GroupGradientByUniqueId),
+// on the widened output gradient, then sums each chunk of unique rows in float and rounds it to
+// the table's type.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -285,58 +286,28 @@ namespace {
 // Unique rows summed per chunk, in a float buffer this big, before they are rounded.
 constexpr int64_t kChunkFloats = 16384;
 
-// The half backward once the ids are validated: the float backward's steps (unique ids, the
-// output gradient divided per bag, occurrences grouped by unique id), then each thread sums its
-// unique rows in float a chunk at a time and rounds the chunk into `unique_grad`, so no float
-// copy of the whole gradient is ever written.
+// The half backward once the ids are validated: the float backward's grouping
+// (GroupGradientByUniqueId), then each thread sums its unique rows in float a chunk at a time and
+// rounds the chunk into `unique_grad`, so no float copy of the whole gradient is ever written.
 template <typename T, typename IdT, typename OffsetT>
 void HalfBackwardValidated(const float* grad_output, int64_t num_rows, int64_t width,
                            const CsrIds<IdT, OffsetT>& csr, const float* weights, Combiner combiner,
                            IdT* unique_ids, T* unique_grad, int64_t* num_unique,
                            const ParallelFor& parallel_for) {
-  *num_unique = 0;
-  if (csr.nnz == 0) return;
-  std::vector<int64_t> unique_of(csr.nnz);
-  IndexUniqueIdsOfCsr(csr, num_rows, unique_of.data(), unique_ids, num_unique);
-  const int64_t n_unique = *num_unique;
-  if (n_unique == 0 || width == 0) return;
-  std::vector<float> scaled;
-  const float* source = grad_output;
-  if (combiner != Combiner::kSum) {
-    scaled = DividedByBag(grad_output, csr.batch, width, [&](int64_t b) {
-      if (weights != nullptr) return WeightedBagDivisor(csr, weights, num_rows, combiner, b);
-      int64_t valid = 0;
-      for (int64_t j = csr.row_splits[b]; j < static_cast<int64_t>(csr.row_splits[b + 1]); ++j) {
-        valid += unique_of[j] >= 0;
-      }
-      return MeanDivides(valid) ? BagDivisor<float>(valid, combiner == Combiner::kSqrtn) : 1.0f;
-    });
-    source = scaled.data();
-  }
-  std::vector<int64_t> starts, bags, positions;
-  GroupOccurrencesByUniqueId(csr, unique_of.data(), n_unique, &starts, &bags,
-                             weights != nullptr ? &positions : nullptr);
+  const GroupedGradient<float> g = GroupGradientByUniqueId(
+      grad_output, num_rows, width, csr, weights, combiner, unique_ids, num_unique);
+  if (*num_unique == 0 || width == 0) return;
   const int64_t chunk_rows = std::max<int64_t>(1, kChunkFloats / width);
   const auto sum_and_round = [&](int64_t begin, int64_t end) {
     std::vector<float> chunk(std::min(end - begin, chunk_rows) * width);
     for (int64_t first = begin; first < end; first += chunk_rows) {
-      const int64_t rows = std::min(chunk_rows, end - first);
-      // starts shifted to `first`: the summed rows land at the start of the chunk.
-      const int64_t* chunk_starts = starts.data() + first;
-#if DE_HAVE_AVX2_CLONES
-      if (CpuHasAvx2()) {
-        SumGradRowsAvx2(source, width, weights, chunk_starts, bags.data(), positions.data(), 0,
-                        rows, chunk.data());
-      } else
-#endif
-      {
-        SumGradRowsPortable(source, width, weights, chunk_starts, bags.data(), positions.data(), 0,
-                            rows, chunk.data());
-      }
-      RoundAll(chunk.data(), rows * width, unique_grad + first * width);
+      const int64_t last = std::min(end, first + chunk_rows);
+      SumGradRows(g.source, width, weights, g.starts.data(), g.bags.data(), g.positions.data(),
+                  first, last, chunk.data());
+      RoundAll(chunk.data(), (last - first) * width, unique_grad + first * width);
     }
   };
-  RunParallelBalanced(parallel_for, n_unique, starts.data(),
+  RunParallelBalanced(parallel_for, *num_unique, g.starts.data(),
                       width * static_cast<int64_t>(sizeof(float)), sum_and_round);
 }
 

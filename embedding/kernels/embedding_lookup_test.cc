@@ -27,6 +27,7 @@ namespace {
 using ::distributed_embeddings::testing::CaseSpec;
 using ::distributed_embeddings::testing::ExpectNear;
 using ::distributed_embeddings::testing::ExpectSparseGradient;
+using ::distributed_embeddings::testing::ForEachCpuLoopBuild;
 using ::distributed_embeddings::testing::MakeCase;
 using ::distributed_embeddings::testing::ReferenceForward;
 using ::distributed_embeddings::testing::StandardSpecs;
@@ -90,18 +91,6 @@ void CheckForwardAndBackward(double invalid_fraction, BoundsCheck mode) {
         }
       }
     }
-  }
-}
-
-// Runs `check` with the CPU kernels' default loops (AVX2 where the CPU has it) and again with the
-// portable ones.
-template <typename Check>
-void ForEachCpuLoopBuild(const Check& check) {
-  for (bool portable : {false, true}) {
-    SCOPED_TRACE(portable ? "portable loops" : "default loops");
-    ForcePortableCpuLoopsForTesting(portable);
-    check();
-    ForcePortableCpuLoopsForTesting(false);
   }
 }
 

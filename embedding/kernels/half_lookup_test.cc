@@ -22,6 +22,7 @@ namespace {
 
 using ::distributed_embeddings::testing::CaseSpec;
 using ::distributed_embeddings::testing::ExpectNearRounded;
+using ::distributed_embeddings::testing::ForEachCpuLoopBuild;
 using ::distributed_embeddings::testing::MakeHalfCase;
 using ::distributed_embeddings::testing::ReferenceBackward;
 using ::distributed_embeddings::testing::ReferenceForward;
@@ -213,16 +214,6 @@ void CheckHalfForwardAndBackward(double invalid_fraction, BoundsCheck mode) {
         }
       }
     }
-  }
-}
-
-template <typename Check>
-void ForEachCpuLoopBuild(const Check& check) {
-  for (bool portable : {false, true}) {
-    SCOPED_TRACE(portable ? "portable loops" : "default loops");
-    ForcePortableCpuLoopsForTesting(portable);
-    check();
-    ForcePortableCpuLoopsForTesting(false);
   }
 }
 

@@ -194,6 +194,18 @@ inline ParallelFor ThreadedParallelFor(int threads) {
   };
 }
 
+// Runs `check` with the CPU kernels' default loops (AVX2 where the CPU has it) and again with the
+// portable ones.
+template <typename Check>
+void ForEachCpuLoopBuild(const Check& check) {
+  for (bool portable : {false, true}) {
+    SCOPED_TRACE(portable ? "portable loops" : "default loops");
+    ForcePortableCpuLoopsForTesting(portable);
+    check();
+    ForcePortableCpuLoopsForTesting(false);
+  }
+}
+
 // Sizes every suite runs: empty batch, empty bags, width 1, widths off multiples of 4 and 32,
 // hotness into the thousands.
 inline std::vector<CaseSpec> StandardSpecs(double invalid_fraction) {
