@@ -54,6 +54,7 @@ OPS = [
   "DeSparseApplyAdagrad",
   "DeSparseApplyRowwiseAdagrad",
   "DeSparseApplyLazyAdam",
+  "DeSparseApplyLookupGrad",
 ]
 # Variables and scalar inputs of each sparse update op.
 SPARSE_APPLY = {
@@ -61,6 +62,13 @@ SPARSE_APPLY = {
   "DeSparseApplyAdagrad": (2, 2),
   "DeSparseApplyRowwiseAdagrad": (2, 2),
   "DeSparseApplyLazyAdam": (3, 4),
+}
+# The fused op's rules: the update op whose variables and scalars each takes.
+LOOKUP_GRAD_RULES = {
+  "sgd": "DeSparseApplySgd",
+  "adagrad": "DeSparseApplyAdagrad",
+  "rowwise_adagrad": "DeSparseApplyRowwiseAdagrad",
+  "lazy_adam": "DeSparseApplyLazyAdam",
 }
 INT_DTYPES = ["int32", "int64"]
 ALL_DTYPES = ["float32", "float64", "int32", "int64", "float16"]
@@ -205,6 +213,73 @@ def cases(draw):
     else:
       case["state"] = draw(tensors(["int64", "int32"], max_rank=2))
     case["attrs"] = {"max_tokens": max_tokens}
+  elif op == "DeSparseApplyLookupGrad":
+    rule = draw(st.sampled_from(sorted(LOOKUP_GRAD_RULES)))
+    num_vars, num_scalars = SPARSE_APPLY[LOOKUP_GRAD_RULES[rule]]
+    if draw(st.integers(0, 5)) == 0:  # a count the rule does not take
+      num_vars, num_scalars = draw(st.integers(1, 4)), draw(st.integers(1, 5))
+    dtype = draw(st.sampled_from(["float32", "float64"]))
+    case["dtype"] = dtype
+    case["attrs"] = dict(lookup_attrs, rule=rule)
+    if structured:  # a real table, state and CSR ids, so cases reach the kernel
+      rows, width = draw(st.integers(0, 5)), draw(st.integers(0, 4))
+      nnz, splits = draw(csr_like())
+      batch = len(splits) - 1
+      table = {"dtype": dtype, "shape": [rows, width], "values": [0.5] * (rows * width)}
+      slot_shape = [rows, 1] if rule == "rowwise_adagrad" else [rows, width]
+      if draw(st.integers(0, 3)) == 0:
+        slot_shape = [draw(st.integers(0, 6)), draw(st.integers(0, 4))]
+      slot = {
+        "dtype": dtype,
+        "shape": slot_shape,
+        "values": [0.1] * (slot_shape[0] * slot_shape[1]),
+      }
+      case["variables"] = [table] + [slot] * (num_vars - 1)
+      element = st.sampled_from(EXTREME_VALUES[:9]) | st.integers(-2, 6)
+      if draw(st.booleans()):
+        element = st.integers(0, max(rows - 1, 0))
+      id_dtype = draw(st.sampled_from(INT_DTYPES))
+      values = draw(st.lists(element, min_size=nnz, max_size=nnz))
+      if id_dtype == "int32":
+        values = [max(min(v, 2**31 - 1), -(2**31)) for v in values]
+      case["ids"] = {"dtype": id_dtype, "shape": [nnz], "values": values}
+      case["row_splits"] = {
+        "dtype": draw(st.sampled_from(INT_DTYPES)),
+        "shape": [len(splits)],
+        "values": splits,
+      }
+      grad_width = width if draw(st.integers(0, 3)) else draw(st.integers(0, 5))
+      case["grad"] = {
+        "dtype": dtype,
+        "shape": [batch, grad_width],
+        "values": draw(
+          st.lists(
+            st.sampled_from([1.0, -2.0, 1e30, float("nan")]) | st.floats(-2, 2),
+            min_size=batch * grad_width,
+            max_size=batch * grad_width,
+          )
+        ),
+      }
+      case["num_rows"] = rows if draw(st.integers(0, 3)) else draw(st.sampled_from(EXTREME_VALUES))
+      if draw(st.booleans()):
+        n = nnz if draw(st.integers(0, 3)) else draw(st.integers(0, 7))
+        case["weights"] = {"dtype": dtype, "shape": [n], "values": [0.5] * n}
+    else:
+      case["variables"] = [
+        draw(st.none() | tensors(["float32", "float64", "int64"])) for _ in range(num_vars)
+      ]
+      case["ids"] = draw(tensors(INT_DTYPES + ["float32"]))
+      case["row_splits"] = draw(tensors(INT_DTYPES + ["float32"]))
+      case["grad"] = draw(tensors(["float32", "float64"]))
+      case["num_rows"] = draw(st.sampled_from(EXTREME_VALUES) | st.integers(-2, 9))
+      if draw(st.booleans()):
+        case["weights"] = draw(tensors(["float32", "float64"]))
+    case["alias"] = num_vars > 1 and draw(st.integers(0, 3)) == 0
+    valid_scalar = {"dtype": dtype, "shape": [], "values": [0.1]}
+    for k in range(num_scalars):
+      case[f"scalar{k}"] = (
+        valid_scalar if structured else draw(st.just(valid_scalar) | tensors([dtype], max_rank=1))
+      )
   elif op in SPARSE_APPLY:
     num_vars, num_scalars = SPARSE_APPLY[op]
     dtype = draw(st.sampled_from(["float32", "float64"]))
@@ -317,6 +392,13 @@ def run(case):
       return ops.de_initial_integer_lookup_state(**attrs)
     if op == "DeValidateIntegerLookupState":
       return ops.de_validate_integer_lookup_state(inputs["state"], **attrs)
+    if op == "DeSparseApplyLookupGrad":
+      scalars = [inputs[k] for k in sorted(k for k in inputs if k.startswith("scalar"))]
+      weights = [inputs["weights"]] if "weights" in inputs else []
+      return ops.de_sparse_apply_lookup_grad(
+          [h.handle if hasattr(h, "handle") else h for h in handles], inputs["grad"],
+          inputs["ids"], inputs["row_splits"], tf.constant(case["num_rows"], tf.int64), weights,
+          scalars, **attrs)
     if op.startswith("DeSparseApply"):
       snake = "de_sparse_apply_" + {"Sgd": "sgd", "Adagrad": "adagrad",
                                     "RowwiseAdagrad": "rowwise_adagrad",

@@ -23,6 +23,7 @@
 
 #include <cstdint>
 
+#include "embedding/kernels/embedding_lookup.h"
 #include "embedding/kernels/parallel.h"
 #include "embedding/kernels/status.h"
 
@@ -61,6 +62,21 @@ template <typename T, typename IdT>
 Status SparseUpdateCpu(SparseRule rule, const SparseHyper<T>& hyper, const SparseTable<T>& table,
                        const IdT* indices, int64_t num_indices, const T* grad,
                        const ParallelFor& parallel_for = ParallelFor());
+
+// The lookup's backward and the update in one pass, as FBGEMM fuses them: the gradient of a
+// pooled lookup's output (`grad_output`, [csr.batch, width], of the bags `csr` with `weights`
+// per id, or none) is summed per distinct id exactly as PooledLookupBackwardCpu
+// (WeightedPooledLookupBackwardCpu) sums it, and each sum goes straight into `rule`'s update of
+// its row, a few rows at a time, so the unique gradient is never written out and read back. The
+// table ends bit for bit where the backward followed by SparseUpdateCpu would put it. The ids are
+// checked as the backward checks them (`bounds_check`), before any memory is written; skipped ids
+// update nothing.
+template <typename T, typename IdT, typename OffsetT>
+Status LookupGradSparseUpdateCpu(SparseRule rule, const SparseHyper<T>& hyper,
+                                 const SparseTable<T>& table, const T* grad_output,
+                                 const CsrIds<IdT, OffsetT>& csr, const T* weights,
+                                 Combiner combiner, BoundsCheck bounds_check,
+                                 const ParallelFor& parallel_for = ParallelFor());
 
 }  // namespace distributed_embeddings
 

@@ -7,6 +7,11 @@
 // is distinct (what the lookup's own backward hands over) a row's gradient is read where it lies;
 // repeated indices are first grouped by a counting sort, and their rows summed in order into a
 // buffer with one row per repeated index.
+//
+// LookupGradSparseUpdateCpu starts from the lookup's output gradient instead: it groups the
+// occurrences by distinct id as the lookup backward does, then each thread sums the gradient of a
+// few distinct ids at a time into a buffer on its stack (small enough to stay in L1) and applies
+// them at once, so the unique gradient never goes out to memory and back.
 #include <cmath>
 #include <new>
 #include <string>
@@ -78,6 +83,23 @@ struct DistinctRows {
   T* sums = nullptr;                // a summed gradient row for each repeated index
 };
 
+// Prefetches what the update of `row` reads and writes: the table's row and its state.
+template <SparseRule kRule, typename T>
+__attribute__((always_inline)) inline void PrefetchUpdatedRow(const SparseTable<T>& table,
+                                                              int64_t row) {
+  const int64_t width = table.width;
+  const int64_t row_bytes = width * static_cast<int64_t>(sizeof(T));
+  PrefetchRow(table.weights + row * width, row_bytes);
+  if constexpr (kRule == SparseRule::kRowwiseAdagrad) {
+    PrefetchLine(reinterpret_cast<const char*>(table.slots[0] + row));
+  } else if constexpr (kRule != SparseRule::kSgd) {
+    PrefetchRow(table.slots[0] + row * width, row_bytes);
+  }
+  if constexpr (kRule == SparseRule::kLazyAdam) {
+    PrefetchRow(table.slots[1] + row * width, row_bytes);
+  }
+}
+
 template <SparseRule kRule, typename T, typename IdT>
 __attribute__((always_inline)) inline void UpdateRowsImpl(const SparseHyper<T>& hyper,
                                                           const SparseTable<T>& table,
@@ -85,21 +107,9 @@ __attribute__((always_inline)) inline void UpdateRowsImpl(const SparseHyper<T>& 
                                                           const T* grad, int64_t begin,
                                                           int64_t end) {
   const int64_t width = table.width;
-  const int64_t row_bytes = width * static_cast<int64_t>(sizeof(T));
-  constexpr bool kPerRow = kRule == SparseRule::kRowwiseAdagrad;
-  const int64_t slot_width = kPerRow ? 1 : width;
+  const int64_t slot_width = kRule == SparseRule::kRowwiseAdagrad ? 1 : width;
   const auto prefetch = [&](int64_t u) {
-    const int64_t row = static_cast<int64_t>(distinct.rows[u]);
-    PrefetchRow(table.weights + row * width, row_bytes);
-    if constexpr (kRule != SparseRule::kSgd) {
-      if constexpr (kPerRow) {
-        PrefetchLine(reinterpret_cast<const char*>(table.slots[0] + row));
-      } else {
-        PrefetchRow(table.slots[0] + row * width, row_bytes);
-      }
-    }
-    if constexpr (kRule == SparseRule::kLazyAdam)
-      PrefetchRow(table.slots[1] + row * width, row_bytes);
+    PrefetchUpdatedRow<kRule>(table, static_cast<int64_t>(distinct.rows[u]));
   };
   for (int64_t u = begin; u < std::min(end, begin + kUpdatePrefetchDistance); ++u) prefetch(u);
   for (int64_t u = begin; u < end; ++u) {
@@ -142,19 +152,30 @@ __attribute__((target("avx2"))) void UpdateRowsAvx2(const SparseHyper<T>& hyper,
 }
 #endif
 
+// UpdateRowsImpl, in the AVX2 build where the CPU has it.
+template <SparseRule kRule, typename T, typename IdT>
+void UpdateRows(const SparseHyper<T>& hyper, const SparseTable<T>& table,
+                const DistinctRows<T, IdT>& distinct, const T* grad, int64_t begin, int64_t end) {
+#if DE_HAVE_AVX2_CLONES
+  if (CpuHasAvx2()) return UpdateRowsAvx2<kRule>(hyper, table, distinct, grad, begin, end);
+#endif
+  UpdateRowsPortable<kRule>(hyper, table, distinct, grad, begin, end);
+}
+
+// A row's cost: its memory traffic, table and state, read and written.
+template <SparseRule kRule, typename T>
+int64_t UpdateCostPerRow(const SparseTable<T>& table) {
+  return 2 * table.width * static_cast<int64_t>(sizeof(T)) * (1 + SparseRuleSlots(kRule));
+}
+
 template <SparseRule kRule, typename T, typename IdT>
 void UpdateDistinctRows(const SparseHyper<T>& hyper, const SparseTable<T>& table,
                         const DistinctRows<T, IdT>& distinct, const T* grad,
                         const ParallelFor& parallel_for) {
   const auto update = [&](int64_t begin, int64_t end) {
-#if DE_HAVE_AVX2_CLONES
-    if (CpuHasAvx2()) return UpdateRowsAvx2<kRule>(hyper, table, distinct, grad, begin, end);
-#endif
-    UpdateRowsPortable<kRule>(hyper, table, distinct, grad, begin, end);
+    UpdateRows<kRule>(hyper, table, distinct, grad, begin, end);
   };
-  // A row's cost: its memory traffic, table and state, read and written.
-  const int64_t cost_per_row =
-      2 * table.width * static_cast<int64_t>(sizeof(T)) * (1 + SparseRuleSlots(kRule));
+  const int64_t cost_per_row = UpdateCostPerRow<kRule>(table);
   if (distinct.starts == nullptr) {
     RunParallel(parallel_for, distinct.count, cost_per_row, update);
   } else {
@@ -221,22 +242,99 @@ void UpdateValidated(SparseRule rule, const SparseHyper<T>& hyper, const SparseT
   }
 }
 
-}  // namespace
+// The fused update's buffer of summed gradient rows, in elements: 8 KB of float32, so a chunk
+// of 32 rows at width 64 stays in L1 between its sum and its update. A row wider than this is
+// summed into one buffer of every distinct id's row, allocated before any thread starts.
+constexpr int64_t kFusedChunkElements = 2048;
 
-template <typename T, typename IdT>
-Status SparseUpdateCpu(SparseRule rule, const SparseHyper<T>& hyper, const SparseTable<T>& table,
-                       const IdT* indices, int64_t num_indices, const T* grad,
-                       const ParallelFor& parallel_for) {
-  if (table.num_rows < 0 || table.width < 0 || num_indices < 0) {
-    return Status::InvalidArgument(
-        "sizes must be non-negative; got num_rows " + std::to_string(table.num_rows) + ", width " +
-        std::to_string(table.width) + ", num_indices " + std::to_string(num_indices) + ".");
+template <SparseRule kRule, typename T, typename IdT>
+void UpdateFromGroupedGradient(const SparseHyper<T>& hyper, const SparseTable<T>& table,
+                               const IdT* unique_ids, int64_t num_unique,
+                               const GroupedGradient<T>& grouped, const T* weights, T* all_sums,
+                               const ParallelFor& parallel_for) {
+  const int64_t width = table.width;
+  const auto update = [&](int64_t begin, int64_t end) {
+    alignas(64) T chunk_sums[kFusedChunkElements];
+    const int64_t chunk = all_sums == nullptr ? kFusedChunkElements / width : end - begin;
+    for (int64_t c = begin; c < end; c += chunk) {
+      const int64_t c_end = std::min(end, c + chunk);
+      // The chunk's first rows are on their way while its gradient is summed.
+      for (int64_t u = c; u < std::min(c_end, c + kUpdatePrefetchDistance); ++u) {
+        PrefetchUpdatedRow<kRule>(table, static_cast<int64_t>(unique_ids[u]));
+      }
+      T* sums = all_sums == nullptr ? chunk_sums : all_sums + c * width;
+      SumGradRows(grouped.source, width, weights, grouped.starts.data(), grouped.bags.data(),
+                  grouped.positions.data(), c, c_end, sums);
+      DistinctRows<T, IdT> rows;
+      rows.rows = unique_ids + c;
+      rows.count = c_end - c;
+      UpdateRows<kRule>(hyper, table, rows, sums, 0, c_end - c);
+    }
+  };
+  // An occurrence's cost: its gradient row read; a distinct id's: its row and state updated.
+  const int64_t cost_per_occurrence =
+      width * static_cast<int64_t>(sizeof(T)) + UpdateCostPerRow<kRule>(table) / 2;
+  RunParallelBalanced(parallel_for, num_unique, grouped.starts.data(), cost_per_occurrence, update);
+}
+
+template <typename T, typename IdT, typename OffsetT>
+void LookupGradUpdateValidated(SparseRule rule, const SparseHyper<T>& hyper,
+                               const SparseTable<T>& table, const T* grad_output,
+                               const CsrIds<IdT, OffsetT>& csr, const T* weights, Combiner combiner,
+                               const ParallelFor& parallel_for) {
+  std::vector<IdT> unique_ids(MaxUniqueIds(csr.nnz, table.num_rows));
+  int64_t num_unique = 0;
+  const GroupedGradient<T> grouped =
+      GroupGradientByUniqueId(grad_output, table.num_rows, table.width, csr, weights, combiner,
+                              unique_ids.data(), &num_unique);
+  if (num_unique == 0) return;
+  std::vector<T> all_sums;
+  if (table.width > kFusedChunkElements) all_sums.resize(num_unique * table.width);
+  T* sums = all_sums.empty() ? nullptr : all_sums.data();
+  const IdT* ids = unique_ids.data();
+  switch (rule) {
+    case SparseRule::kSgd:
+      return UpdateFromGroupedGradient<SparseRule::kSgd>(hyper, table, ids, num_unique, grouped,
+                                                         weights, sums, parallel_for);
+    case SparseRule::kAdagrad:
+      return UpdateFromGroupedGradient<SparseRule::kAdagrad>(hyper, table, ids, num_unique, grouped,
+                                                             weights, sums, parallel_for);
+    case SparseRule::kRowwiseAdagrad:
+      return UpdateFromGroupedGradient<SparseRule::kRowwiseAdagrad>(
+          hyper, table, ids, num_unique, grouped, weights, sums, parallel_for);
+    case SparseRule::kLazyAdam:
+      return UpdateFromGroupedGradient<SparseRule::kLazyAdam>(hyper, table, ids, num_unique,
+                                                              grouped, weights, sums, parallel_for);
+  }
+}
+
+// The table's sizes and the rule's state, checked before anything is read.
+template <typename T>
+Status CheckSparseTable(SparseRule rule, const SparseTable<T>& table) {
+  if (table.num_rows < 0 || table.width < 0) {
+    return Status::InvalidArgument("sizes must be non-negative; got num_rows " +
+                                   std::to_string(table.num_rows) + ", width " +
+                                   std::to_string(table.width) + ".");
   }
   for (int s = 0; s < SparseRuleSlots(rule); ++s) {
     if (table.slots[s] == nullptr && table.num_rows > 0) {
       return Status::InvalidArgument("the rule's state slot " + std::to_string(s) + " is missing.");
     }
   }
+  return Status::Ok();
+}
+
+}  // namespace
+
+template <typename T, typename IdT>
+Status SparseUpdateCpu(SparseRule rule, const SparseHyper<T>& hyper, const SparseTable<T>& table,
+                       const IdT* indices, int64_t num_indices, const T* grad,
+                       const ParallelFor& parallel_for) {
+  if (num_indices < 0) {
+    return Status::InvalidArgument("num_indices must be non-negative; got " +
+                                   std::to_string(num_indices) + ".");
+  }
+  DE_RETURN_IF_ERROR(CheckSparseTable(rule, table));
   // Every index is checked before anything is written.
   for (int64_t j = 0; j < num_indices; ++j) {
     if (!InRange(indices[j], table.num_rows)) {
@@ -257,6 +355,25 @@ Status SparseUpdateCpu(SparseRule rule, const SparseHyper<T>& hyper, const Spars
   return Status::Ok();
 }
 
+template <typename T, typename IdT, typename OffsetT>
+Status LookupGradSparseUpdateCpu(SparseRule rule, const SparseHyper<T>& hyper,
+                                 const SparseTable<T>& table, const T* grad_output,
+                                 const CsrIds<IdT, OffsetT>& csr, const T* weights,
+                                 Combiner combiner, BoundsCheck bounds_check,
+                                 const ParallelFor& parallel_for) {
+  DE_RETURN_IF_ERROR(CheckSparseTable(rule, table));
+  DE_RETURN_IF_ERROR(ValidateCsrIds(csr, table.num_rows, bounds_check));
+  if (csr.nnz == 0 || table.width == 0) return Status::Ok();
+  try {
+    LookupGradUpdateValidated(rule, hyper, table, grad_output, csr, weights, combiner,
+                              parallel_for);
+  } catch (const std::bad_alloc&) {
+    return Status::ResourceExhausted("out of memory for the fused update's scratch buffers (" +
+                                     std::to_string(csr.nnz) + " ids).");
+  }
+  return Status::Ok();
+}
+
 #define DE_INSTANTIATE_SPARSE_UPDATE(T, IdT)                                                \
   template Status SparseUpdateCpu(SparseRule, const SparseHyper<T>&, const SparseTable<T>&, \
                                   const IdT*, int64_t, const T*, const ParallelFor&);
@@ -265,5 +382,19 @@ DE_INSTANTIATE_SPARSE_UPDATE(float, int64_t)
 DE_INSTANTIATE_SPARSE_UPDATE(double, int32_t)
 DE_INSTANTIATE_SPARSE_UPDATE(double, int64_t)
 #undef DE_INSTANTIATE_SPARSE_UPDATE
+
+#define DE_INSTANTIATE_LOOKUP_GRAD_UPDATE(T, IdT, OffsetT)                \
+  template Status LookupGradSparseUpdateCpu(                              \
+      SparseRule, const SparseHyper<T>&, const SparseTable<T>&, const T*, \
+      const CsrIds<IdT, OffsetT>&, const T*, Combiner, BoundsCheck, const ParallelFor&);
+DE_INSTANTIATE_LOOKUP_GRAD_UPDATE(float, int32_t, int32_t)
+DE_INSTANTIATE_LOOKUP_GRAD_UPDATE(float, int32_t, int64_t)
+DE_INSTANTIATE_LOOKUP_GRAD_UPDATE(float, int64_t, int32_t)
+DE_INSTANTIATE_LOOKUP_GRAD_UPDATE(float, int64_t, int64_t)
+DE_INSTANTIATE_LOOKUP_GRAD_UPDATE(double, int32_t, int32_t)
+DE_INSTANTIATE_LOOKUP_GRAD_UPDATE(double, int32_t, int64_t)
+DE_INSTANTIATE_LOOKUP_GRAD_UPDATE(double, int64_t, int32_t)
+DE_INSTANTIATE_LOOKUP_GRAD_UPDATE(double, int64_t, int64_t)
+#undef DE_INSTANTIATE_LOOKUP_GRAD_UPDATE
 
 }  // namespace distributed_embeddings

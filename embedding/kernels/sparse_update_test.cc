@@ -11,30 +11,18 @@
 #include <vector>
 
 #include "embedding/kernels/lookup_test_util.h"
+#include "embedding/kernels/sparse_update_test_util.h"
 #include "gtest/gtest.h"
 
 namespace distributed_embeddings {
 namespace {
 
+using ::distributed_embeddings::testing::Hyper;
+using ::distributed_embeddings::testing::kRules;
+using ::distributed_embeddings::testing::ReferenceRuleRow;
+using ::distributed_embeddings::testing::RuleName;
 using ::distributed_embeddings::testing::ThreadedParallelFor;
-
-struct Hyper {
-  double lr = 0.05, epsilon = 1e-7, beta1 = 0.9, beta2 = 0.999;
-  // Lazy Adam's rate at step 3, as Keras computes it.
-  double AdamRate() const {
-    return lr * std::sqrt(1 - std::pow(beta2, 3)) / (1 - std::pow(beta1, 3));
-  }
-};
-
-template <typename T>
-SparseHyper<T> ToKernel(SparseRule rule, const Hyper& h) {
-  SparseHyper<T> out;
-  out.learning_rate = static_cast<T>(rule == SparseRule::kLazyAdam ? h.AdamRate() : h.lr);
-  out.epsilon = static_cast<T>(h.epsilon);
-  out.one_minus_beta1 = static_cast<T>(1 - h.beta1);
-  out.one_minus_beta2 = static_cast<T>(1 - h.beta2);
-  return out;
-}
+using ::distributed_embeddings::testing::ToKernel;
 
 // A table, its state and a gradient, all random.
 template <typename T, typename IdT>
@@ -100,29 +88,10 @@ void ReferenceUpdate(SparseRule rule, const Hyper& h, const UpdateCase<T, IdT>& 
   for (int64_t r = 0; r < c.num_rows; ++r) {
     const std::vector<double>& g = summed[r];
     if (g.empty()) continue;
-    double* w = weights->data() + r * width;
-    if (rule == SparseRule::kSgd) {
-      for (int64_t k = 0; k < width; ++k) w[k] -= h.lr * g[k];
-    } else if (rule == SparseRule::kAdagrad) {
-      double* a = slot0->data() + r * width;
-      for (int64_t k = 0; k < width; ++k) {
-        a[k] += g[k] * g[k];
-        w[k] -= h.lr * g[k] / std::sqrt(a[k] + h.epsilon);
-      }
-    } else if (rule == SparseRule::kRowwiseAdagrad) {
-      double mean = 0;
-      for (int64_t k = 0; k < width; ++k) mean += g[k] * g[k] / width;
-      (*slot0)[r] += mean;
-      for (int64_t k = 0; k < width; ++k) w[k] -= h.lr * g[k] / std::sqrt((*slot0)[r] + h.epsilon);
-    } else {
-      double* m = slot0->data() + r * width;
-      double* v = slot1->data() + r * width;
-      for (int64_t k = 0; k < width; ++k) {
-        m[k] = h.beta1 * m[k] + (1 - h.beta1) * g[k];
-        v[k] = h.beta2 * v[k] + (1 - h.beta2) * g[k] * g[k];
-        w[k] -= h.AdamRate() * m[k] / (std::sqrt(v[k]) + h.epsilon);
-      }
-    }
+    const int64_t slot_width = SparseRuleSlotsPerRow(rule) ? 1 : width;
+    double* s0 = SparseRuleSlots(rule) > 0 ? slot0->data() + r * slot_width : nullptr;
+    double* s1 = SparseRuleSlots(rule) > 1 ? slot1->data() + r * width : nullptr;
+    ReferenceRuleRow(rule, h, width, g.data(), weights->data() + r * width, s0, s1);
   }
 }
 
@@ -135,23 +104,6 @@ void ExpectAllNear(const std::vector<double>& expected, const std::vector<T>& ac
     ASSERT_NEAR(expected[i], actual[i], tolerance * (1 + std::abs(expected[i])))
         << what << "[" << i << "]";
   }
-}
-
-const SparseRule kRules[] = {SparseRule::kSgd, SparseRule::kAdagrad, SparseRule::kRowwiseAdagrad,
-                             SparseRule::kLazyAdam};
-
-std::string RuleName(SparseRule rule) {
-  switch (rule) {
-    case SparseRule::kSgd:
-      return "sgd";
-    case SparseRule::kAdagrad:
-      return "adagrad";
-    case SparseRule::kRowwiseAdagrad:
-      return "rowwise_adagrad";
-    case SparseRule::kLazyAdam:
-      return "lazy_adam";
-  }
-  return "?";
 }
 
 template <typename T, typename IdT>

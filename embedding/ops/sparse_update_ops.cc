@@ -95,4 +95,55 @@ m, v: the same shape as `var`.
 learning_rate: the step's bias-corrected rate, lr * sqrt(1 - beta2^t) / (1 - beta1^t).
 )doc");
 
+REGISTER_OP("DeSparseApplyLookupGrad")
+    .Input("vars: num_vars * resource")
+    .Input("grad: T")
+    .Input("ids: Tindices")
+    .Input("row_splits: Tsplits")
+    .Input("num_rows: int64")
+    .Input("weights: num_weights * T")
+    .Input("hyper: num_hyper * T")
+    .Attr("rule: {'sgd', 'adagrad', 'rowwise_adagrad', 'lazy_adam'}")
+    .Attr("num_vars: int >= 1")
+    .Attr("num_weights: int >= 0 = 0")
+    .Attr("num_hyper: int >= 1")
+    .Attr("T: {float, double}")
+    .Attr("Tindices: {int32, int64}")
+    .Attr("Tsplits: {int32, int64}")
+    .Attr("combiner: {'sum', 'mean', 'sqrtn'}")
+    .Attr("bounds_check: {'error', 'skip'} = 'error'")
+    .SetShapeFn([](InferenceContext* c) {
+      int num_vars = 0, num_weights = 0, num_hyper = 0;
+      TF_RETURN_IF_ERROR(c->GetAttr("num_vars", &num_vars));
+      TF_RETURN_IF_ERROR(c->GetAttr("num_weights", &num_weights));
+      TF_RETURN_IF_ERROR(c->GetAttr("num_hyper", &num_hyper));
+      ShapeHandle unused;
+      TF_RETURN_IF_ERROR(c->WithRank(c->input(num_vars), 2, &unused));
+      TF_RETURN_IF_ERROR(c->WithRank(c->input(num_vars + 1), 1, &unused));
+      TF_RETURN_IF_ERROR(c->WithRank(c->input(num_vars + 2), 1, &unused));
+      TF_RETURN_IF_ERROR(c->WithRank(c->input(num_vars + 3), 0, &unused));
+      for (int i = 0; i < num_weights; ++i) {
+        TF_RETURN_IF_ERROR(c->WithRank(c->input(num_vars + 4 + i), 1, &unused));
+      }
+      for (int i = 0; i < num_hyper; ++i) {
+        TF_RETURN_IF_ERROR(c->WithRank(c->input(num_vars + 4 + num_weights + i), 0, &unused));
+      }
+      return absl::OkStatus();
+    })
+    .Doc(R"doc(
+A pooled lookup's backward and a sparse optimizer update in one pass: the gradient `grad` of the
+lookup of bags (ids, row_splits, weights) from `vars[0]` is summed per distinct id, as
+DePooledEmbeddingLookupGrad (DeWeightedPooledEmbeddingLookupGrad) sums it, and applied by `rule`
+(the rules of DeSparseApply*) without being written out. The variables end where the gradient op
+followed by the DeSparseApply* op would put them, bit for bit.
+
+vars: the table [num_rows, width], then the rule's state, as the DeSparseApply* op of `rule` takes
+  them; all updated in place under their exclusive locks.
+grad: [batch, width], the gradient of the lookup's output.
+num_rows: the looked-up table's rows; must be the rows of vars[0].
+weights: none, or one weight per id.
+hyper: the DeSparseApply* op's scalars, in its order (sgd: learning_rate; adagrad, rowwise_adagrad:
+  learning_rate, epsilon; lazy_adam: learning_rate, one_minus_beta1, one_minus_beta2, epsilon).
+)doc");
+
 }  // namespace distributed_embeddings

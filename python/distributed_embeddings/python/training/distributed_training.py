@@ -96,9 +96,7 @@ def reduce_gradients(grads, variables, communicator, sparse_as_dense=False):
       out.append(g)
     elif _is_in(v, found):
       out.append(
-        tf.IndexedSlices(g.values / n, g.indices, g.dense_shape)
-        if isinstance(g, tf.IndexedSlices)
-        else g / n
+        sparse_updates.scale_sparse_gradient(g, n) if isinstance(g, tf.IndexedSlices) else g / n
       )
     elif isinstance(g, tf.IndexedSlices) and not sparse_as_dense:
       indices, values = communicator.all_gather_v(

@@ -9,6 +9,12 @@ On the CPU each update is one op of our kernel library (`DeSparseApply*`): it su
 repeated indices, then reads and writes every touched row of the table and its optimizer state
 once, on all threads, under the variables' exclusive locks. Elsewhere (a table on a GPU, a dtype
 the kernels do not take) the same rule runs as TensorFlow ops: gather, arithmetic, scatter.
+
+When the gradient is, untouched, the output of our lookup's gradient op in the graph being built
+(one lookup of the table in a `tf.function` step, as `model.fit` runs it), the update takes that
+op's inputs instead (`DeSparseApplyLookupGrad`): the backward and the update in one pass, as
+FBGEMM fuses them, so the unique gradient is never written out and read back. The gradient op is
+then left without consumers and pruned. Same results, bit for bit.
 """
 
 import os
@@ -54,6 +60,75 @@ def fused_update_available(variable, *slots):
   return variable.dtype in _KERNEL_DTYPES and variable.shape.rank == 2
 
 
+_LOOKUP_GRAD_OPS = ("DePooledEmbeddingLookupGrad", "DeWeightedPooledEmbeddingLookupGrad")
+
+
+def lookup_gradient_op(gradient):
+  """The op of our lookup's backward whose two outputs `gradient` (IndexedSlices) is, unchanged,
+  in the graph being built; None otherwise (eager, a gradient that was scaled, clipped, summed
+  over several lookups or gathered from other workers). DE_FUSED_LOOKUP_UPDATES=0 in the
+  environment (read when a step is traced) gives None always, for comparing the two paths."""
+  if tf.executing_eagerly() or os.environ.get("DE_FUSED_LOOKUP_UPDATES", "1") == "0":
+    return None
+  if not isinstance(gradient, tf.IndexedSlices):
+    return None
+  values, indices = gradient.values, gradient.indices
+  op = values.op
+  if op.type not in _LOOKUP_GRAD_OPS or values.value_index != 1:
+    return None
+  if indices.op is not op or indices.value_index != 0:
+    return None
+  if op.graph is not tf.compat.v1.get_default_graph():
+    return None
+  return op
+
+
+def _apply_from_lookup(rule, gradient, variable, slots, hyper):
+  """Applies `rule` to `variable` (and its state `slots`) with one DeSparseApplyLookupGrad in
+  place of the gradient op that made `gradient`; False (nothing built) where that cannot be."""
+  op = lookup_gradient_op(gradient)
+  if op is None:
+    return False
+  # The fused kernel takes the lookup's output gradient in the table's dtype.
+  if op.get_attr("T") != variable.dtype or op.get_attr("Tout") != variable.dtype:
+    return False
+  grad, ids, row_splits, num_rows = op.inputs[0], op.inputs[1], op.inputs[2], op.inputs[3]
+  weights = [op.inputs[4]] if op.type == "DeWeightedPooledEmbeddingLookupGrad" else []
+  _ops.de_sparse_apply_lookup_grad(
+    [variable.handle] + [s.handle for s in slots],
+    grad,
+    ids,
+    row_splits,
+    num_rows,
+    weights,
+    hyper,
+    rule=rule,
+    combiner=op.get_attr("combiner"),
+    bounds_check=op.get_attr("bounds_check"),
+  )
+  return True
+
+
+def scale_sparse_gradient(gradient, scale):
+  """`gradient` (IndexedSlices) with its values divided by `scale`. A gradient straight from our
+  lookup's backward is rebuilt from the lookup's output gradient divided by `scale` instead, so the
+  update can still fuse with the backward: the same numbers when `scale` is a power of two (the
+  worker counts of most jobs), within rounding otherwise."""
+  op = lookup_gradient_op(gradient)
+  if op is None:
+    return tf.IndexedSlices(gradient.values / scale, gradient.indices, gradient.dense_shape)
+  inputs = list(op.inputs)
+  inputs[0] = inputs[0] / tf.cast(scale, inputs[0].dtype)
+  attrs = dict(
+    combiner=op.get_attr("combiner"), bounds_check=op.get_attr("bounds_check"), T=op.get_attr("T")
+  )
+  if op.type == "DeWeightedPooledEmbeddingLookupGrad":
+    indices, values = _ops.de_weighted_pooled_embedding_lookup_grad(*inputs, **attrs)
+  else:
+    indices, values = _ops.de_pooled_embedding_lookup_grad(*inputs, **attrs)
+  return tf.IndexedSlices(values, indices, gradient.dense_shape)
+
+
 def unique_rows(gradient, dtype):
   """A sparse gradient's row indices, each once, and its values summed per row in `dtype` (the
   variable's, as Keras's dense gradient would be: float16 pieces under mixed precision would lose
@@ -72,6 +147,8 @@ def sgd_step(optimizer, gradient, variable, learning_rate):
   variable = backing_variable(variable)
   lr = tf.cast(learning_rate, variable.dtype)
   if fused_update_available(variable):
+    if _apply_from_lookup("sgd", gradient, variable, [], [lr]):
+      return
     _ops.de_sparse_apply_sgd(
       variable.handle, gradient.indices, tf.cast(gradient.values, variable.dtype), lr
     )
@@ -105,6 +182,9 @@ def _adagrad_rows(optimizer, gradient, variable, learning_rate, rowwise):
   lr = tf.cast(learning_rate, variable.dtype)
   epsilon = tf.cast(optimizer.epsilon, variable.dtype)
   if fused_update_available(variable, accumulator):
+    rule = "rowwise_adagrad" if rowwise else "adagrad"
+    if _apply_from_lookup(rule, gradient, variable, [accumulator], [lr, epsilon]):
+      return
     op = _ops.de_sparse_apply_rowwise_adagrad if rowwise else _ops.de_sparse_apply_adagrad
     op(
       variable.handle,
@@ -147,6 +227,14 @@ def lazy_adam_step(optimizer, gradient, variable, learning_rate):
   beta_2_power = tf.pow(tf.cast(optimizer.beta_2, dtype), local_step)
   alpha = lr * tf.sqrt(1 - beta_2_power) / (1 - beta_1_power)
   if not optimizer.amsgrad and fused_update_available(variable, momentum, velocity):
+    hyper = [
+      alpha,
+      tf.cast(1 - optimizer.beta_1, dtype),
+      tf.cast(1 - optimizer.beta_2, dtype),
+      tf.cast(optimizer.epsilon, dtype),
+    ]
+    if _apply_from_lookup("lazy_adam", gradient, variable, [momentum, velocity], hyper):
+      return
     _ops.de_sparse_apply_lazy_adam(
       variable.handle,
       momentum.handle,
