@@ -7,9 +7,10 @@ settings round by round, so a burst of load on this shared machine lands on all 
 
   --suite workers   the tiny preset on 1, 2 and 4 workers (`balanced` placement, sparse Adagrad)
   --suite updates   one worker, the small preset (two rounds) and the medium preset's first 60
-                    steps, with our fused sparse update kernels (DE_FUSED_SPARSE_UPDATES=1, the
-                    default), without them (=0: the same rows-only rule in TF gather/scatter ops)
-                    and, on the small preset, stock Keras tables and optimizer
+                    steps, with our update kernels and the lookup's backward fused into them (the
+                    default), the kernels after a separate backward (DE_FUSED_LOOKUP_UPDATES=0),
+                    no kernels (DE_FUSED_SPARSE_UPDATES=0: the same rows-only rule in TF
+                    gather/scatter ops) and, on the small preset, stock Keras tables and optimizer
 
   .venv/bin/python tools/benchmarks/main_job_benchmark.py --suite workers
   .venv/bin/python tools/benchmarks/main_job_benchmark.py --quick    # smoke test: tiny, 20 steps
@@ -34,8 +35,9 @@ MAIN_JOB = os.path.join(bench_report.REPO, "examples", "synthetic_dlrm.py")
 def suite_runs(suite, rounds):
   """[(round, setting)]: setting = {preset, workers, steps, update}, alternating per round.
 
-  update: "fused" (our kernels), "tf_ops" (DE_FUSED_SPARSE_UPDATES=0) or "stock" (Keras
-  Embedding tables and Keras's Adagrad: `--embeddings stock`)."""
+  update: "fused" (our kernels, the backward fused in), "two_pass" (DE_FUSED_LOOKUP_UPDATES=0),
+  "tf_ops" (DE_FUSED_SPARSE_UPDATES=0) or "stock" (Keras Embedding tables and Keras's Adagrad:
+  `--embeddings stock`)."""
   if suite == "workers":
     settings = [{"preset": "tiny", "workers": n, "steps": 0, "update": "fused"} for n in (1, 2, 4)]
     return [(r, s) for r in range(rounds) for s in (settings if r % 2 == 0 else settings[::-1])]
@@ -44,8 +46,8 @@ def suite_runs(suite, rounds):
     # every step (minutes per run): small only.
     runs = []
     for preset, steps, preset_rounds, updates in (
-      ("small", 0, rounds, ("fused", "tf_ops", "stock")),
-      ("medium", 60, 1, ("fused", "tf_ops")),
+      ("small", 0, rounds, ("fused", "two_pass", "tf_ops", "stock")),
+      ("medium", 60, 1, ("fused", "two_pass", "tf_ops")),
     ):
       for r in range(preset_rounds):
         order = updates if r % 2 == 0 else updates[::-1]
@@ -63,6 +65,7 @@ def run_main_job(setting):
   env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   env.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")  # what the launcher sets for several workers
   env["DE_FUSED_SPARSE_UPDATES"] = "0" if setting["update"] == "tf_ops" else "1"
+  env["DE_FUSED_LOOKUP_UPDATES"] = "0" if setting["update"] == "two_pass" else "1"
   with tempfile.TemporaryDirectory() as out_dir:
     cmd = [sys.executable, MAIN_JOB, "--preset", setting["preset"]]
     cmd += ["--workers", str(setting["workers"]), "--out_dir", out_dir, "--min_auc", "0"]

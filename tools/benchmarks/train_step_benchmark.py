@@ -4,8 +4,11 @@ One step is a pooled (sum) lookup of one 1M-row table for a batch of 8192 bags, 
 `sum(y * y)`, its backward pass and the optimizer's update of the touched rows; the grid is
 train_step_data.py's (SGD, Adagrad, row-wise Adagrad, lazy Adam; widths 16/64/256; hotness 1, 10
 and power-law). Systems, each in its own process, on identical tables and ids from one seed:
-  * ours:      `embedding_lookup` + `DistributedOptimizer` (our fused update kernels), one
-               tf.function call per step with the batch passed as arguments, as `model.fit` does;
+  * ours:      `embedding_lookup` + `DistributedOptimizer`, one tf.function call per step with
+               the batch passed as arguments, as `model.fit` does: the lookup's backward fused
+               with the optimizer's update (DeSparseApplyLookupGrad);
+  * ours_two_pass: the same with DE_FUSED_LOOKUP_UPDATES=0: the backward writes the unique
+               gradient, then the update kernel reads it (not a peer: what the fusion gains);
   * tf:        TF's native ragged gather + `reduce_sum` with Keras's own optimizer (Keras has no
                lazy Adam: its Adam updates the whole table; no row-wise Adagrad);
   * torch:     `embedding_bag(sparse=True)` + `torch.optim` (train_step_peers.py);
@@ -48,6 +51,8 @@ WARMUP_STEPS, WARMUP_SECONDS = 5, 1.5
 # A slow configuration (Keras's whole-table Adagrad on a 1 GB table) runs fewer steps, at least
 # this many, within about this many seconds per round.
 MIN_STEPS, SECONDS_PER_CONFIG = 3, 1.0
+# Our two variants; neither is a peer of the other.
+OURS = ("ours", "ours_two_pass")
 
 
 def _tf_step(system, table, optimizer_name, hp):
@@ -72,9 +77,9 @@ def _tf_step(system, table, optimizer_name, hp):
     base = de.RowwiseAdagrad(lr, hp["initial_accumulator"], hp["epsilon"])
   else:
     base = keras.optimizers.Adam(lr, hp["beta1"], hp["beta2"], hp["epsilon"])
-  if system == "ours":
+  if system in OURS:
     optimizer = dmp.DistributedOptimizer(base, lazy_sparse_updates=optimizer_name == "lazy_adam")
-    note = "fused update kernel"
+    note = "backward fused with the update" if system == "ours" else "backward, then update"
   else:
     optimizer = base
     note = "Keras Adam: whole-table update" if optimizer_name == "lazy_adam" else "Keras optimizer"
@@ -84,7 +89,7 @@ def _tf_step(system, table, optimizer_name, hp):
   def step(values, row_splits):
     ids = tf.RaggedTensor.from_row_splits(values, row_splits, validate=False)
     with tf.GradientTape() as tape:
-      if system == "ours":
+      if system in OURS:
         y = de.embedding_lookup(var, ids, combiner="sum")
       else:
         y = tf.reduce_sum(tf.ragged.map_flat_values(tf.nn.embedding_lookup, var, ids), axis=1)
@@ -174,12 +179,13 @@ def _run_round(system, configs, args):
     "--out",
     out,
   ]
-  if system in ("ours", "tf"):
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+  if system in OURS + ("tf",):
     command = [sys.executable, os.path.abspath(__file__), "--worker", system] + common
+    env["DE_FUSED_LOOKUP_UPDATES"] = "0" if system == "ours_two_pass" else "1"
   else:
     peers = os.path.join(HERE, "train_step_peers.py")
     command = [_python_for(system), peers, "--system", system, "--repeats", "1"] + common
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
   subprocess.run(command, check=True, env=env)
   with open(out) as f:
     report = json.load(f)
@@ -212,12 +218,12 @@ def summarize(rounds, systems, configs):
             notes[s] = r.get("note", "")
             if r["supported"]:
               times[s].append(r["median_ms"])
-    peers = [s for s in systems if s != "ours" and times[s]]
+    peers = [s for s in systems if s not in OURS and times[s]]
     ratios = []
     best_name = None
     for k, by_system in enumerate(rounds):
       within = {s: times[s][k] for s in systems if len(times[s]) > k}
-      peer_times = {s: t for s, t in within.items() if s != "ours"}
+      peer_times = {s: t for s, t in within.items() if s not in OURS}
       if "ours" in within and peer_times:
         ratios.append(min(peer_times.values()) / within["ours"])
     if peers:
@@ -249,9 +255,9 @@ def main():
   parser.add_argument("--optimizers", default=",".join(data.OPTIMIZERS))
   parser.add_argument("--widths", default=",".join(str(w) for w in data.WIDTHS))
   parser.add_argument("--hotness", default=",".join(data.HOTNESS))
-  parser.add_argument("--systems", default="ours,tf,torch,fbgemm")
+  parser.add_argument("--systems", default="ours,ours_two_pass,tf,torch,fbgemm")
   parser.add_argument("--out", default=os.path.join(REPO, "runs", "bench", "train_step.json"))
-  parser.add_argument("--worker", choices=("ours", "tf"), help=argparse.SUPPRESS)
+  parser.add_argument("--worker", choices=OURS + ("tf",), help=argparse.SUPPRESS)
   parser.add_argument("--configs", help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.worker:

@@ -2,9 +2,9 @@
 
 For SGD at one width (the training-step benchmark's table, batch and ids), four tf.functions with
 the batch as arguments, timed in interleaved repeats: an empty step (TF's cost per call), the
-forward lookup, forward + backward, and the whole step with the fused update. Differences give
-each part's cost; the backward's unique gradient is what a backward fused with the update (as
-FBGEMM's) would neither write nor read back.
+forward lookup, forward + backward, the whole step (the backward fused with the update), and the
+whole step in two passes (DE_FUSED_LOOKUP_UPDATES=0: the backward writes the unique gradient,
+the update reads it back). Differences give each part's cost.
 
   .venv/bin/python tools/benchmarks/train_step_breakdown.py [--width 64] [--hotness 1,10]
   .venv/bin/python tools/benchmarks/train_step_breakdown.py --quick    # smoke test
@@ -62,8 +62,14 @@ def parts(var, optimizer):
     "forward": forward_only,
     "forward+backward": forward_backward,
     "whole SGD step": whole_step,
+    "two-pass SGD step": whole_step,
   }
-  return {name: tf.function(f, input_signature=SIGNATURE) for name, f in functions.items()}
+  traced = {name: tf.function(f, input_signature=SIGNATURE) for name, f in functions.items()}
+  # The optimizer reads the switch when the step is traced.
+  os.environ["DE_FUSED_LOOKUP_UPDATES"] = "0"
+  traced["two-pass SGD step"].get_concrete_function()
+  del os.environ["DE_FUSED_LOOKUP_UPDATES"]
+  return traced
 
 
 def main():
@@ -78,9 +84,10 @@ def main():
     rows, batch, calls, warmup, args.repeats = 1000, 64, 2, 0.0, 1
   print(f"rows {rows}, batch {batch}, width {args.width}; ms per call, median of {args.repeats}")
   print(
-    "| hotness | empty step | forward | forward+backward | whole SGD step | unique gradient MB |"
+    "| hotness | empty step | forward | forward+backward | whole SGD step | two-pass SGD step |"
+    " unique gradient MB |"
   )
-  print("|---|---|---|---|---|---|")
+  print("|---|---|---|---|---|---|---|")
   for hotness in args.hotness.split(","):
     batches = data.make_batches(0, rows, batch, hotness, data.ROTATING_BATCHES)
     inputs = [
