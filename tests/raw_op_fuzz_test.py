@@ -119,6 +119,16 @@ def csr_like(draw):
   return nnz, splits
 
 
+def table_and_state(draw, dtype, rows, width, num_vars, per_row):
+  """A sparse update's variables: the table, then its state, sometimes of a wrong shape."""
+  table = {"dtype": dtype, "shape": [rows, width], "values": [0.5] * (rows * width)}
+  slot_shape = [rows, 1] if per_row else [rows, width]
+  if draw(st.integers(0, 3)) == 0:
+    slot_shape = [draw(st.integers(0, 6)), draw(st.integers(0, 4))]
+  slot = {"dtype": dtype, "shape": slot_shape, "values": [0.1] * (slot_shape[0] * slot_shape[1])}
+  return [table] + [slot] * (num_vars - 1)
+
+
 @st.composite
 def cases(draw):
   op = draw(st.sampled_from(OPS))
@@ -225,16 +235,9 @@ def cases(draw):
       rows, width = draw(st.integers(0, 5)), draw(st.integers(0, 4))
       nnz, splits = draw(csr_like())
       batch = len(splits) - 1
-      table = {"dtype": dtype, "shape": [rows, width], "values": [0.5] * (rows * width)}
-      slot_shape = [rows, 1] if rule == "rowwise_adagrad" else [rows, width]
-      if draw(st.integers(0, 3)) == 0:
-        slot_shape = [draw(st.integers(0, 6)), draw(st.integers(0, 4))]
-      slot = {
-        "dtype": dtype,
-        "shape": slot_shape,
-        "values": [0.1] * (slot_shape[0] * slot_shape[1]),
-      }
-      case["variables"] = [table] + [slot] * (num_vars - 1)
+      case["variables"] = table_and_state(
+        draw, dtype, rows, width, num_vars, rule == "rowwise_adagrad"
+      )
       element = st.sampled_from(EXTREME_VALUES[:9]) | st.integers(-2, 6)
       if draw(st.booleans()):
         element = st.integers(0, max(rows - 1, 0))
@@ -286,16 +289,8 @@ def cases(draw):
     case["dtype"] = dtype
     if structured:  # well-formed shapes, extreme indices, sometimes a wrong slot shape
       rows, width, n = draw(st.integers(0, 5)), draw(st.integers(0, 4)), draw(st.integers(0, 6))
-      table = {"dtype": dtype, "shape": [rows, width], "values": [0.5] * (rows * width)}
-      slot_shape = [rows, 1] if op == "DeSparseApplyRowwiseAdagrad" else [rows, width]
-      if draw(st.integers(0, 3)) == 0:
-        slot_shape = [draw(st.integers(0, 6)), draw(st.integers(0, 4))]
-      slot = {
-        "dtype": dtype,
-        "shape": slot_shape,
-        "values": [0.1] * (slot_shape[0] * slot_shape[1]),
-      }
-      case["variables"] = [table] + [slot] * (num_vars - 1)
+      per_row = op == "DeSparseApplyRowwiseAdagrad"
+      case["variables"] = table_and_state(draw, dtype, rows, width, num_vars, per_row)
       element = st.sampled_from(EXTREME_VALUES) | st.integers(-2, 6)
       if draw(st.booleans()):  # every index in range: the update itself runs
         element = st.integers(0, max(rows - 1, 0))

@@ -21,6 +21,7 @@ using ::distributed_embeddings::testing::Hyper;
 using ::distributed_embeddings::testing::kRules;
 using ::distributed_embeddings::testing::ReferenceRuleRow;
 using ::distributed_embeddings::testing::RuleName;
+using ::distributed_embeddings::testing::SparseTableOf;
 using ::distributed_embeddings::testing::ThreadedParallelFor;
 using ::distributed_embeddings::testing::ToKernel;
 
@@ -33,13 +34,7 @@ struct UpdateCase {
   std::vector<T> grad;
 
   SparseTable<T> Table(SparseRule rule) {
-    SparseTable<T> table;
-    table.weights = weights.data();
-    table.num_rows = num_rows;
-    table.width = width;
-    if (SparseRuleSlots(rule) > 0) table.slots[0] = slot0.data();
-    if (SparseRuleSlots(rule) > 1) table.slots[1] = slot1.data();
-    return table;
+    return SparseTableOf(rule, num_rows, width, weights, slot0, slot1);
   }
 };
 

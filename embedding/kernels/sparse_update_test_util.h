@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "embedding/kernels/sparse_update.h"
 
@@ -28,6 +29,20 @@ SparseHyper<T> ToKernel(SparseRule rule, const Hyper& h) {
   out.one_minus_beta1 = static_cast<T>(1 - h.beta1);
   out.one_minus_beta2 = static_cast<T>(1 - h.beta2);
   return out;
+}
+
+// The kernel's view of a table and the state `rule` keeps (slots it does not use stay null).
+template <typename T>
+SparseTable<T> SparseTableOf(SparseRule rule, int64_t num_rows, int64_t width,
+                             std::vector<T>& weights, std::vector<T>& slot0,
+                             std::vector<T>& slot1) {
+  SparseTable<T> table;
+  table.weights = weights.data();
+  table.num_rows = num_rows;
+  table.width = width;
+  if (SparseRuleSlots(rule) > 0) table.slots[0] = slot0.data();
+  if (SparseRuleSlots(rule) > 1) table.slots[1] = slot1.data();
+  return table;
 }
 
 // One row's update by `rule` with its summed gradient `g`: `w` the row, `s0` its first state
