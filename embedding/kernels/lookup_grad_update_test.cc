@@ -23,8 +23,9 @@ using ::distributed_embeddings::testing::Hyper;
 using ::distributed_embeddings::testing::kRules;
 using ::distributed_embeddings::testing::LookupCase;
 using ::distributed_embeddings::testing::MakeCase;
+using ::distributed_embeddings::testing::MaxOccurrences;
 using ::distributed_embeddings::testing::ReferenceBackward;
-using ::distributed_embeddings::testing::ReferenceRuleRow;
+using ::distributed_embeddings::testing::ReferenceRuleAt;
 using ::distributed_embeddings::testing::RuleName;
 using ::distributed_embeddings::testing::SparseTableOf;
 using ::distributed_embeddings::testing::StandardSpecs;
@@ -106,27 +107,11 @@ void Reference(SparseRule rule, const Hyper& h, const TableState<T>& s,
   for (IdT id : c.ids) {
     if (Valid(static_cast<int64_t>(id), c.num_rows)) touched[static_cast<int64_t>(id)] = true;
   }
-  const int64_t width = c.width;
-  const int64_t slot_width = SparseRuleSlotsPerRow(rule) ? 1 : width;
   for (int64_t r = 0; r < c.num_rows; ++r) {
-    if (!touched[r]) continue;
-    double* s0 = SparseRuleSlots(rule) > 0 ? slot0->data() + r * slot_width : nullptr;
-    double* s1 = SparseRuleSlots(rule) > 1 ? slot1->data() + r * width : nullptr;
-    ReferenceRuleRow(rule, h, width, grad.data() + r * width, weights->data() + r * width, s0, s1);
-  }
-}
-
-// How often the most frequent valid id occurs: its gradient row sums that many terms in T.
-template <typename T, typename IdT, typename OffsetT>
-int64_t MaxOccurrences(const LookupCase<T, IdT, OffsetT>& c) {
-  std::vector<int64_t> count(c.num_rows, 0);
-  int64_t most = 1;
-  for (IdT id : c.ids) {
-    if (Valid(static_cast<int64_t>(id), c.num_rows)) {
-      most = std::max(most, ++count[static_cast<int64_t>(id)]);
+    if (touched[r]) {
+      ReferenceRuleAt(rule, h, c.width, grad.data() + r * c.width, r, weights, slot0, slot1);
     }
   }
-  return most;
 }
 
 template <typename T>

@@ -156,18 +156,26 @@ void ExpectNear(const std::vector<double>& expected, const std::vector<T>& actua
   }
 }
 
+// How often the most frequent valid id occurs (at least 1): its gradient row sums that many terms.
+template <typename T, typename IdT, typename OffsetT>
+int64_t MaxOccurrences(const LookupCase<T, IdT, OffsetT>& c) {
+  std::map<int64_t, int64_t> occurrences;
+  int64_t most = 1;
+  for (IdT id : c.ids) {
+    if (!Valid(static_cast<int64_t>(id), c.num_rows)) continue;
+    most = std::max(most, ++occurrences[static_cast<int64_t>(id)]);
+  }
+  return most;
+}
+
 // Checks the sparse gradient (unique ids + rows) against the dense reference gradient.
 template <typename T, typename IdT, typename OffsetT>
 void ExpectSparseGradient(const LookupCase<T, IdT, OffsetT>& c, Combiner combiner,
                           const std::vector<IdT>& unique_ids, const std::vector<T>& unique_grad,
                           int64_t num_unique, int64_t max_hotness, bool weighted = false) {
   std::set<int64_t> expected_ids;
-  std::map<int64_t, int64_t> occurrences;
-  int64_t max_occurrences = 1;
   for (IdT id : c.ids) {
-    if (!Valid(static_cast<int64_t>(id), c.num_rows)) continue;
-    expected_ids.insert(static_cast<int64_t>(id));
-    max_occurrences = std::max(max_occurrences, ++occurrences[static_cast<int64_t>(id)]);
+    if (Valid(static_cast<int64_t>(id), c.num_rows)) expected_ids.insert(static_cast<int64_t>(id));
   }
   ASSERT_EQ(num_unique, static_cast<int64_t>(expected_ids.size()));
   std::set<int64_t> seen;
@@ -179,7 +187,7 @@ void ExpectSparseGradient(const LookupCase<T, IdT, OffsetT>& c, Combiner combine
     for (int64_t w = 0; w < c.width; ++w) dense[id * c.width + w] = unique_grad[u * c.width + w];
   }
   // Each row sums one term per occurrence of its id: the error grows with the most frequent id.
-  ExpectNear(ReferenceBackward(c, combiner, weighted), dense, max_occurrences);
+  ExpectNear(ReferenceBackward(c, combiner, weighted), dense, MaxOccurrences(c));
 }
 
 // A ParallelFor over std::threads, so tests exercise the multi-threaded split.

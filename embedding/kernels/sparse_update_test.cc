@@ -19,7 +19,7 @@ namespace {
 
 using ::distributed_embeddings::testing::Hyper;
 using ::distributed_embeddings::testing::kRules;
-using ::distributed_embeddings::testing::ReferenceRuleRow;
+using ::distributed_embeddings::testing::ReferenceRuleAt;
 using ::distributed_embeddings::testing::RuleName;
 using ::distributed_embeddings::testing::SparseTableOf;
 using ::distributed_embeddings::testing::ThreadedParallelFor;
@@ -83,10 +83,7 @@ void ReferenceUpdate(SparseRule rule, const Hyper& h, const UpdateCase<T, IdT>& 
   for (int64_t r = 0; r < c.num_rows; ++r) {
     const std::vector<double>& g = summed[r];
     if (g.empty()) continue;
-    const int64_t slot_width = SparseRuleSlotsPerRow(rule) ? 1 : width;
-    double* s0 = SparseRuleSlots(rule) > 0 ? slot0->data() + r * slot_width : nullptr;
-    double* s1 = SparseRuleSlots(rule) > 1 ? slot1->data() + r * width : nullptr;
-    ReferenceRuleRow(rule, h, width, g.data(), weights->data() + r * width, s0, s1);
+    ReferenceRuleAt(rule, h, width, g.data(), r, weights, slot0, slot1);
   }
 }
 

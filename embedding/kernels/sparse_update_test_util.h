@@ -70,6 +70,17 @@ inline void ReferenceRuleRow(SparseRule rule, const Hyper& h, int64_t width, con
   }
 }
 
+// ReferenceRuleRow on row `r` of a table and its state held whole: [rows, width] weights, the
+// rule's slots of one value per element (row-wise Adagrad: per row); unused slots may be empty.
+inline void ReferenceRuleAt(SparseRule rule, const Hyper& h, int64_t width, const double* g,
+                            int64_t r, std::vector<double>* weights, std::vector<double>* slot0,
+                            std::vector<double>* slot1) {
+  const int64_t slot_width = SparseRuleSlotsPerRow(rule) ? 1 : width;
+  double* s0 = SparseRuleSlots(rule) > 0 ? slot0->data() + r * slot_width : nullptr;
+  double* s1 = SparseRuleSlots(rule) > 1 ? slot1->data() + r * width : nullptr;
+  ReferenceRuleRow(rule, h, width, g, weights->data() + r * width, s0, s1);
+}
+
 constexpr SparseRule kRules[] = {SparseRule::kSgd, SparseRule::kAdagrad,
                                  SparseRule::kRowwiseAdagrad, SparseRule::kLazyAdam};
 

@@ -216,7 +216,8 @@ def DistributedOptimizer(
   hence opt-in; it is an error for other optimizers. Dense variables always get Keras's update.
   In a traced step, a table's gradient that comes straight from our lookup is applied by a kernel
   that also does the lookup's backward, so the summed gradient is never written out (same
-  numbers; see `sparse_updates`). On one worker the wrapper does no communication and only changes how sparse gradients apply.
+  numbers; see `sparse_updates`). On one worker the wrapper does no communication and only
+  changes how sparse gradients apply.
 
   The keyword arguments are the reference (Horovod) API's: `sparse_as_dense` all-reduces sparse
   gradients of replicated variables densely; `name`, `device_dense`, `device_sparse` and

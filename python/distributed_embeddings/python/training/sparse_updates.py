@@ -83,6 +83,11 @@ def lookup_gradient_op(gradient):
   return op
 
 
+def _lookup_attrs(op):
+  """The combiner and bounds check of a lookup-gradient op, as its op wrappers take them."""
+  return dict(combiner=op.get_attr("combiner"), bounds_check=op.get_attr("bounds_check"))
+
+
 def _apply_from_lookup(rule, gradient, variable, slots, hyper):
   """Applies `rule` to `variable` (and its state `slots`) with one DeSparseApplyLookupGrad in
   place of the gradient op that made `gradient`; False (nothing built) where that cannot be."""
@@ -103,8 +108,7 @@ def _apply_from_lookup(rule, gradient, variable, slots, hyper):
     weights,
     hyper,
     rule=rule,
-    combiner=op.get_attr("combiner"),
-    bounds_check=op.get_attr("bounds_check"),
+    **_lookup_attrs(op),
   )
   return True
 
@@ -119,9 +123,7 @@ def scale_sparse_gradient(gradient, scale):
     return tf.IndexedSlices(gradient.values / scale, gradient.indices, gradient.dense_shape)
   inputs = list(op.inputs)
   inputs[0] = inputs[0] / tf.cast(scale, inputs[0].dtype)
-  attrs = dict(
-    combiner=op.get_attr("combiner"), bounds_check=op.get_attr("bounds_check"), T=op.get_attr("T")
-  )
+  attrs = dict(_lookup_attrs(op), T=op.get_attr("T"))
   if op.type == "DeWeightedPooledEmbeddingLookupGrad":
     indices, values = _ops.de_weighted_pooled_embedding_lookup_grad(*inputs, **attrs)
   else:
@@ -241,10 +243,7 @@ def lazy_adam_step(optimizer, gradient, variable, learning_rate):
       velocity.handle,
       gradient.indices,
       tf.cast(gradient.values, dtype),
-      alpha,
-      tf.cast(1 - optimizer.beta_1, dtype),
-      tf.cast(1 - optimizer.beta_2, dtype),
-      tf.cast(optimizer.epsilon, dtype),
+      *hyper,
     )
     return
   indices, values = unique_rows(gradient, dtype)
