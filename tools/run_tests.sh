@@ -6,12 +6,14 @@
 #         only what behaves differently there: the CUDA googletests (GPU cases skip on a machine
 #         without a GPU and fail on one with a GPU that CUDA cannot use), the lookup tests
 #         against the CUDA-built op library, its GPU kernel registrations and the CUDA wheel
-#         (installs and works in a fresh venv; packing it twice gives the same bytes). The rest
-#         of the Python suite would repeat the cpu pass case for case (only when nvcc is
-#         installed);
+#         (installs and works in a fresh venv; packing it twice gives the same bytes), what the
+#         op library carries and links (tests/cuda_device_code_test.py) and the runtime stub. The
+#         rest of the Python suite would repeat the cpu pass case for case. The toolchain is the
+#         hermetic CUDA 12 one that ensure_env.sh --cuda installs: no system CUDA, no GPU;
 #   gpu_tf  tools/ci/gpu_tf_suite.sh: the --config=cuda op library under the full tensorflow
 #         wheel, its GPU kernel registrations and every test in tests/;
-#   gpu_suite  tools/gpu/run_gpu_suite.sh, the lent-GPU command, builds and runs (its cases skip);
+#   gpu_suite  tools/gpu/run_gpu_suite.sh, the lent-GPU command, builds and runs (its cases skip;
+#         only where nvcc is installed);
 #   asan  --config=asan: the C++ kernel tests under AddressSanitizer + UBSan;
 #   consumer  a workspace that vendors this one (tools/ci/consumer_workspace_test.sh);
 #   format  clang-format and ruff report nothing to change (tools/ci/check_format.py);
@@ -21,7 +23,7 @@ set -uo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "${repo}"
-tools/bootstrap/ensure_env.sh || exit 1
+tools/bootstrap/ensure_env.sh --cuda || exit 1
 
 events="$(mktemp -d)"
 trap 'rm -rf "${events}"' EXIT
@@ -44,19 +46,21 @@ run() {  # run NAME "PATTERN..." [BAZEL FLAGS...]
 }
 
 run cpu //...
-if [[ -x "${CUDA_PATH:-/usr/local/cuda}/bin/nvcc" ]]; then
-  echo "=== bazel build --config=cuda //..." >&2
-  bazel build --keep_going --config=cuda //... || status=1
-  run cuda "//embedding/kernels:embedding_lookup_cuda_test //embedding/kernels:integer_lookup_cuda_test //embedding/kernels:sparse_update_cuda_test //tests:embedding_lookup_test //tests:gpu_registration_test //tools/wheel:wheel_test" --config=cuda
+# The CUDA passes need no GPU and no system CUDA: ensure_env.sh --cuda installed the hermetic
+# toolchain (CUDA_PATH may name another toolkit).
+echo "=== bazel build --config=cuda //..." >&2
+bazel build --keep_going --config=cuda //... || status=1
+run cuda "//embedding/kernels:embedding_lookup_cuda_test //embedding/kernels:integer_lookup_cuda_test //embedding/kernels:sparse_update_cuda_test //tests:embedding_lookup_test //tests:gpu_registration_test //tests:cuda_device_code_test //third_party/cuda:cudart_stub_test //tools/wheel:wheel_test" --config=cuda
 
-  # The same op library under the full tensorflow wheel: its GPU registrations, then every test
-  # of tests/ (the CPU kernels must behave there as under tensorflow-cpu).
-  echo "=== tools/ci/gpu_tf_suite.sh" >&2
-  tools/ci/gpu_tf_suite.sh "${events}/gpu_tf.xml" || status=1
-  runs+=("gpu_tf=xml:${events}/gpu_tf.xml")
+# The same op library under the full tensorflow wheel: its GPU registrations, then every test
+# of tests/ (the CPU kernels must behave there as under tensorflow-cpu).
+echo "=== tools/ci/gpu_tf_suite.sh" >&2
+tools/ci/gpu_tf_suite.sh "${events}/gpu_tf.xml" || status=1
+runs+=("gpu_tf=xml:${events}/gpu_tf.xml")
 
-  # The lent-GPU command builds without Bazel; here its cases skip (no GPU), so it checks that it
-  # still builds and runs.
+# The lent-GPU command builds with nvcc and without Bazel; here its cases skip (no GPU), so it
+# checks that it still builds and runs. Only where an nvcc is installed (a GPU machine has one).
+if command -v nvcc >/dev/null 2>&1 || [[ -x /usr/local/cuda/bin/nvcc ]]; then
   echo "=== tools/gpu/run_gpu_suite.sh --no-benchmark" >&2
   failure=""
   DE_REQUIRE_GPU=0 OUT="${events}/gpu-suite" bash tools/gpu/run_gpu_suite.sh --no-benchmark >&2 ||

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The package under the full TensorFlow wheel (tensorflow==2.21.0, the GPU build, which also runs
-# on a machine without a GPU): the op library built with --config=cuda (CPU and GPU kernels, the
-# CUDA runtime linked statically) is staged with the Python package, and every test in tests/ runs
+# on a machine without a GPU) and the CUDA 12 runtime wheel it is used with: the op library built
+# with --config=cuda (CPU and GPU kernels; its runtime stub registers them with that libcudart) is
+# staged with the Python package, and every test in tests/ runs
 # under that TensorFlow with the venv's python (no Bazel), gpu_registration_test first. An
 # undefined symbol or an ABI clash fails the first import; the CPU kernels must then behave as
 # they do under tensorflow-cpu.
