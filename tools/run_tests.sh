@@ -58,13 +58,15 @@ echo "=== tools/ci/gpu_tf_suite.sh" >&2
 tools/ci/gpu_tf_suite.sh "${events}/gpu_tf.xml" || status=1
 runs+=("gpu_tf=xml:${events}/gpu_tf.xml")
 
-# The lent-GPU command builds with nvcc and without Bazel; here its cases skip (no GPU), so it
-# checks that it still builds and runs. Only where an nvcc is installed (a GPU machine has one).
+# The lent-GPU command builds with nvcc and without Bazel, and runs the hermetic build's CUDA tests
+# that prepare_carry.sh puts beside it; here their cases skip (no GPU), so this checks that both
+# still build and run. Only where an nvcc is installed (a GPU machine has one).
 if command -v nvcc >/dev/null 2>&1 || [[ -x /usr/local/cuda/bin/nvcc ]]; then
-  echo "=== tools/gpu/run_gpu_suite.sh --no-benchmark" >&2
+  echo "=== tools/gpu/prepare_carry.sh; tools/gpu/run_gpu_suite.sh --no-benchmark" >&2
   failure=""
-  DE_REQUIRE_GPU=0 OUT="${events}/gpu-suite" bash tools/gpu/run_gpu_suite.sh --no-benchmark >&2 ||
-    failure='<failure message="tools/gpu/run_gpu_suite.sh failed"/>'
+  { bash tools/gpu/prepare_carry.sh &&
+    DE_REQUIRE_GPU=0 OUT="${events}/gpu-suite" bash tools/gpu/run_gpu_suite.sh --no-benchmark; } >&2 ||
+    failure='<failure message="tools/gpu/prepare_carry.sh or run_gpu_suite.sh failed"/>'
   [[ -z "${failure}" ]] || status=1
   printf '%s\n' '<testsuites><testsuite name="gpu_suite" tests="1">' \
     "<testcase classname=\"gpu_suite\" name=\"builds_without_bazel\">${failure}</testcase>" \

@@ -77,7 +77,8 @@ def _cuda_configure_impl(repository_ctx):
     else:
         _missing(repository_ctx, ("--config=cuda needs a CUDA toolkit, but %s has neither " +
                                   "bin/nvcc nor bin/ptxas; run tools/bootstrap/ensure_env.sh " +
-                                  "--cuda (the pinned CUDA 12 from PyPI) or set CUDA_PATH.") % root)
+                                  "--cuda (the pinned CUDA 12 from PyPI), then " +
+                                  "`bazel sync --configure`, or set CUDA_PATH.") % root)
         return
 
     repository_ctx.symlink(root + "/include", "include")
@@ -158,5 +159,7 @@ cuda_configure = repository_rule(
     implementation = _cuda_configure_impl,
     attrs = {"cuda_path": attr.string(doc = "The toolkit's root; empty: see the module docstring.")},
     environ = ["CUDA_PATH", "CUDA_CLANG"],
+    # Re-run by `bazel sync --configure`, e.g. after installing the toolchain.
+    configure = True,
     local = True,
 )

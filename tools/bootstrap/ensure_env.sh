@@ -47,6 +47,13 @@ fi
 
 if ((with_cuda)); then
   # Reinstalled only when the pins change (the root's version.txt carries their hash).
+  cuda_root="${repo}/.toolchains/cuda-12.5"
+  before="$(head -1 "${cuda_root}/version.txt" 2>/dev/null || true)"
   "${venv}/bin/python3" "${repo}/tools/bootstrap/cuda_toolchain.py" \
-    "${repo}/tools/bootstrap/requirements-cuda.txt" "${repo}/.toolchains/cuda-12.5"
+    "${repo}/tools/bootstrap/requirements-cuda.txt" "${cuda_root}"
+  if [[ "$(head -1 "${cuda_root}/version.txt")" != "${before}" && -d "${repo}/.bazel" ]]; then
+    # An earlier build of this checkout configured CUDA without this root: configure again.
+    log "installed the CUDA toolchain in ${cuda_root}; bazel sync --configure"
+    (cd "${repo}" && bazel sync --configure >/dev/null 2>&1) || true
+  fi
 fi

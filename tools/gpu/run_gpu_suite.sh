@@ -9,7 +9,8 @@
 #   DE_REQUIRE_GPU=0 bash tools/gpu/run_gpu_suite.sh --no-benchmark   # build check without a GPU
 #
 # googletest comes from $GTEST_ROOT, else .gpu-deps/googletest (tools/gpu/prepare_carry.sh copies
-# Debian's sources there, about 4 MB, to carry along), else /usr/src/googletest. Compute
+# Debian's sources there, about 4 MB, to carry along), else /usr/src/googletest. The suites in
+# .gpu-deps/hermetic (prepare_carry.sh: the hermetic clang build of our wheel) run as well. Compute
 # capabilities: $DE_CUDA_ARCHS (default "80 90": A100, H100/H200). Without a GPU the tests skip,
 # which counts as a failure unless DE_REQUIRE_GPU=0: a GPU machine must never pass by skipping.
 set -euo pipefail
@@ -83,10 +84,21 @@ join
 echo "run_gpu_suite: built in $(($(date +%s) - start)) s" >&2
 
 status=0
+reports=()
 for suite in "${suites[@]}"; do
   "$build/$suite" --gtest_output="json:$out/$suite.json" || status=1
+  reports+=("$suite")
 done
-python3 - "$out" "${suites[@]}" <<'PY'
+# The same suites as the hermetic CUDA 12 build of the wheel compiled them (prepare_carry.sh),
+# with the runtime stub finding the carried libcudart.so.12 on the loader's path.
+for binary in .gpu-deps/hermetic/*_test; do
+  [[ -x "$binary" ]] || continue
+  suite="hermetic-$(basename "$binary")"
+  LD_LIBRARY_PATH="$PWD/.gpu-deps/hermetic" "$binary" --gtest_output="json:$out/$suite.json" ||
+    status=1
+  reports+=("$suite")
+done
+python3 - "$out" "${reports[@]}" <<'PY'
 import json, sys
 out, suites = sys.argv[1], sys.argv[2:]
 counts = {"passed": 0, "failed": 0, "skipped": 0}
