@@ -91,7 +91,7 @@ def _cuda_configure_impl(repository_ctx):
     if compiler == "nvcc":
         version = repository_ctx.execute([str(nvcc), "--version"]).stdout.strip().split("\n")[-1]
         # What this nvcc can build for (CUDA 13 dropped sm_60 and sm_70, for one).
-        listed = repository_ctx.execute([str(nvcc), "--list-gpu-code"]).stdout.replace("\n", " ").split(" ")
+        listed = repository_ctx.execute([str(nvcc), "--list-gpu-code"]).stdout.strip().splitlines()
         nvcc_capabilities = [code[3:] for code in listed if code.startswith("sm_")]
         cudart = """\
 cc_library(

@@ -61,9 +61,12 @@ Fn Symbol(const char* name) {
   return handle ? reinterpret_cast<Fn>(dlsym(handle, name)) : nullptr;
 }
 
+// The runtime's own NAME, typed as our declaration of it; null without a runtime.
+#define DE_CUDART_SYMBOL(name) Symbol<decltype(&name)>(#name)
+
 // Calls the runtime's NAME with ARGS, or returns kUnavailable.
-#define DE_CUDART_FORWARD(name, ...)                     \
-  static const auto fn = Symbol<decltype(&name)>(#name); \
+#define DE_CUDART_FORWARD(name, ...)             \
+  static const auto fn = DE_CUDART_SYMBOL(name); \
   return fn ? fn(__VA_ARGS__) : kUnavailable
 
 // Handed out by __cudaRegisterFatBinary without a runtime: a non-null handle that the other
@@ -87,25 +90,24 @@ cudaError_t __cudaPopCallConfiguration(dim3* grid_dim, dim3* block_dim, size_t* 
                                        void* stream);
 
 void** __cudaRegisterFatBinary(void* fatbin) {
-  static const auto fn = Symbol<decltype(&__cudaRegisterFatBinary)>("__cudaRegisterFatBinary");
+  static const auto fn = DE_CUDART_SYMBOL(__cudaRegisterFatBinary);
   return fn ? fn(fatbin) : &unregistered_fatbin;
 }
 
 void __cudaRegisterFatBinaryEnd(void** handle) {
-  static const auto fn =
-      Symbol<decltype(&__cudaRegisterFatBinaryEnd)>("__cudaRegisterFatBinaryEnd");
+  static const auto fn = DE_CUDART_SYMBOL(__cudaRegisterFatBinaryEnd);
   if (fn && handle != &unregistered_fatbin) fn(handle);
 }
 
 void __cudaUnregisterFatBinary(void** handle) {
-  static const auto fn = Symbol<decltype(&__cudaUnregisterFatBinary)>("__cudaUnregisterFatBinary");
+  static const auto fn = DE_CUDART_SYMBOL(__cudaUnregisterFatBinary);
   if (fn && handle != &unregistered_fatbin) fn(handle);
 }
 
 void __cudaRegisterFunction(void** handle, const char* host_function, char* device_function,
                             const char* device_name, int thread_limit, uint3* thread_id,
                             uint3* block_id, dim3* block_dim, dim3* grid_dim, int* warp_size) {
-  static const auto fn = Symbol<decltype(&__cudaRegisterFunction)>("__cudaRegisterFunction");
+  static const auto fn = DE_CUDART_SYMBOL(__cudaRegisterFunction);
   if (fn && handle != &unregistered_fatbin) {
     fn(handle, host_function, device_function, device_name, thread_limit, thread_id, block_id,
        block_dim, grid_dim, warp_size);
@@ -114,8 +116,7 @@ void __cudaRegisterFunction(void** handle, const char* host_function, char* devi
 
 unsigned __cudaPushCallConfiguration(dim3 grid_dim, dim3 block_dim, size_t shared_mem,
                                      void* stream) {
-  static const auto fn =
-      Symbol<decltype(&__cudaPushCallConfiguration)>("__cudaPushCallConfiguration");
+  static const auto fn = DE_CUDART_SYMBOL(__cudaPushCallConfiguration);
   // Non-zero tells the launch stub to skip the launch; cudaLaunchKernel is not reached then.
   return fn ? fn(grid_dim, block_dim, shared_mem, stream) : 1;
 }
@@ -135,14 +136,14 @@ cudaError_t cudaGetLastError() { DE_CUDART_FORWARD(cudaGetLastError); }
 cudaError_t cudaPeekAtLastError() { DE_CUDART_FORWARD(cudaPeekAtLastError); }
 
 const char* cudaGetErrorString(cudaError_t error) {
-  static const auto fn = Symbol<decltype(&cudaGetErrorString)>("cudaGetErrorString");
+  static const auto fn = DE_CUDART_SYMBOL(cudaGetErrorString);
   if (fn) return fn(error);
   return error == kUnavailable ? "the CUDA runtime (libcudart.so.12) could not be loaded"
                                : "unknown CUDA error (the CUDA runtime is not loaded)";
 }
 
 cudaError_t cudaGetDeviceCount(int* count) {
-  static const auto fn = Symbol<decltype(&cudaGetDeviceCount)>("cudaGetDeviceCount");
+  static const auto fn = DE_CUDART_SYMBOL(cudaGetDeviceCount);
   if (!fn) {
     *count = 0;
     return kUnavailable;

@@ -1,8 +1,7 @@
 // The runtime stub of hermetic CUDA builds: it finds the real libcudart.so.12 (here the
-// toolchain's, through the test's RUNPATH), forwards to it, and a kernel compiled by clang and
-// packed by
-// //tools/cuda:fatbinary registers and launches through it: on a GPU it computes the right
-// values, without one the launch fails with the runtime's own error instead of crashing.
+// toolchain's, through the test's RUNPATH) and forwards to it. A kernel compiled by clang and
+// packed by fatbinary (tools/cuda) registers and launches through it: on a GPU it computes the
+// right values, without one the launch fails with the runtime's own error instead of crashing.
 #include <cuda_runtime_api.h>
 #include <dlfcn.h>
 
