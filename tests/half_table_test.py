@@ -152,20 +152,26 @@ class HalfTableLookupTest(parameterized.TestCase):
 class HalfTableKerasTest(parameterized.TestCase):
   @parameterized.parameters("float16", "bfloat16")
   def test_layer_keeps_a_half_table_and_trains_with_fit(self, dtype):
+    keras.utils.set_random_seed(3)
     rng = np.random.default_rng(3)
     ids = rng.integers(0, V, (256, 4))
-    target = rng.standard_normal((256, 1)).astype("float32")
+    # A target the model can fit (a per-id score, pooled), so that the loss must fall; a random
+    # target left the drop to the luck of the unseeded initializers.
+    score = rng.standard_normal(V)
+    target = score[ids].mean(axis=1, keepdims=True).astype("float32")
     embedding = de.Embedding(V, 8, combiner="mean", dtype=dtype)
     inputs = keras.Input((4,), dtype="int64")
     pooled = embedding(inputs)
     outputs = keras.layers.Dense(1, dtype="float32")(keras.ops.cast(pooled, "float32"))
     model = keras.Model(inputs, outputs)
+    # Plain SGD: Keras's Adam keeps its moments in the variable's dtype, and in float16 its epsilon
+    # underflows (stock keras.layers.Embedding diverges the same way).
     model.compile(optimizer=keras.optimizers.SGD(0.5), loss="mse")
     self.assertEqual(embedding.embeddings.dtype, dtype)
     before = embedding.embeddings.numpy().astype(np.float64)
-    history = model.fit(ids, target, batch_size=64, epochs=4, verbose=0)
+    history = model.fit(ids, target, batch_size=16, epochs=6, verbose=0)
     self.assertEqual(embedding.embeddings.dtype, dtype)
-    self.assertLess(history.history["loss"][-1], history.history["loss"][0])
+    self.assertLess(history.history["loss"][-1], 0.5 * history.history["loss"][0])
     # Only looked-up rows moved.
     moved = np.any(embedding.embeddings.numpy().astype(np.float64) != before, axis=1)
     self.assertTrue(moved.any())
